@@ -1,0 +1,3 @@
+from localmix.cli.app import main
+
+main()

@@ -1,0 +1,87 @@
+"""The built-in synthetic models (`tiny-mistral`, `tiny-mixtral`): built locally, offline, in
+seconds: synth checkpoint -> convert (f16) -> quantize -> store. A rebuild reuses what exists."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localmix import settings
+from localmix.errors import UsageError
+from localmix.store import Manifest
+
+_TOKENIZER_FOR_FORMAT = {"v1": "v1", "v2": "v1", "v3": "v3", "v3-tekken": "tekken", "v7": "v3"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Progress: a build stage starts (`synth`, `convert`, `quantize`, `register`) or is reused."""
+
+    name: str
+    detail: str = ""
+    reused: bool = False
+
+
+def build(
+    name: str,
+    quant: str = "Q4_K_M",
+    *,
+    threads: int | None = None,
+    on_stage: Callable[[Stage], None] | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+) -> Manifest:
+    """Build (or reuse) a synthetic catalog model at a quant and return its manifest."""
+    from localmix import catalog, gguffile, quantize, store, synth
+    from localmix.convert import convert
+
+    spec = catalog.load().get(name)
+    if not spec.synthetic:
+        raise UsageError(f"{spec.name} is not a built-in synthetic model", hint="pull it instead")
+    stage = on_stage or (lambda s: None)
+    existing = [m for m in store.find(spec.name) if m.quant == quant.upper()]
+    if existing:
+        stage(Stage("register", existing[0].ref, reused=True))
+        return existing[0]
+    with store.lock(f"build-{spec.name}"):
+        ckpt = settings.synth_dir() / spec.name
+        if (ckpt / ".complete").exists():
+            stage(Stage("synth", str(ckpt), reused=True))
+        else:
+            stage(Stage("synth", f"{spec.architecture} {spec.synthetic}"))
+            synth.checkpoint(
+                ckpt,
+                arch=spec.architecture,
+                size=spec.synthetic,
+                tokenizer=_TOKENIZER_FOR_FORMAT[spec.chat_format],
+                seed=0,
+            )
+            (ckpt / ".complete").write_text("ok\n")
+        with store.tmp_file() as f16, store.tmp_file() as quantized:
+            stage(Stage("convert", "f16"))
+            convert(ckpt, f16, outtype="f16", progress=on_progress)
+            stage(Stage("quantize", quant.upper()))
+            quantize.quantize(f16, quantized, quant, threads=threads, progress=on_progress)
+            info = gguffile.inspect(quantized)
+            stage(Stage("register", f"{spec.name}:{quant.upper()}"))
+            manifest = Manifest(
+                name=spec.name,
+                quant=quant.upper(),
+                path=str(quantized),
+                size=info.file_size,
+                sha256=store.sha256_file(quantized),
+                architecture=spec.architecture,
+                chat_format=spec.chat_format,
+                context_length=info.context_length,
+                parameters=info.n_params,
+                source=f"synth:{spec.name}",
+                created=time.time(),
+            )
+            return store.add(manifest, src=quantized)
+
+
+def checkpoint_dir(name: str) -> Path:
+    """Where the synthetic checkpoint of a built-in model lives."""
+    return settings.synth_dir() / name

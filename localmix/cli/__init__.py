@@ -1,0 +1,1 @@
+"""The command-line edge: parse, call one library function, render."""

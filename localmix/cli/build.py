@@ -1,0 +1,92 @@
+"""convert / quantize / synth: building GGUF files, with progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from localmix.cli.options import OutputOpt, QuantOpt, ThreadsOpt
+
+
+def convert_command(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory (HF or Mistral-native).")],
+    output: OutputOpt = None,
+    outtype: Annotated[
+        str, typer.Option("--outtype", help="f16, bf16, f32 or q8_0.", case_sensitive=False)
+    ] = "f16",
+) -> None:
+    """Convert a Hugging Face or Mistral-native checkpoint to GGUF (streaming, bounded memory)."""
+    from localmix.cli import render
+    from localmix.convert import convert
+
+    out = output or Path.cwd() / f"{src.resolve().name}.{outtype.upper()}.gguf"
+    with render.steps() as bar:
+        task = bar.add_task("converting", total=None, detail="")
+
+        def show(event: object) -> None:
+            bar.update(
+                task,
+                completed=event.index,  # type: ignore[attr-defined]
+                total=event.total,  # type: ignore[attr-defined]
+                detail=event.tensor_name,  # type: ignore[attr-defined]
+            )
+
+        path = convert(src, out, outtype=outtype.lower(), progress=show)
+    render.err_console().print(f"wrote {path} ({render.human_size(path.stat().st_size)})")
+
+
+def quantize_command(
+    src: Annotated[str, typer.Argument(help="A GGUF file, or a model in the store.")],
+    output: OutputOpt = None,
+    qtype: QuantOpt = "Q4_K_M",
+    threads: ThreadsOpt = None,
+    allow_requantize: Annotated[
+        bool,
+        typer.Option("--allow-requantize", help="Quantize an already-quantized store model."),
+    ] = False,
+) -> None:
+    """Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default."""
+    from localmix import quantize as q
+    from localmix.cli import render
+
+    kind = q.quant_type(qtype)
+    with render.steps() as bar:
+        task = bar.add_task(f"quantizing to {kind.name}", total=None, detail="")
+
+        def show(event: q.QuantizeEvent) -> None:
+            bar.update(task, completed=event.index, total=event.total, detail=event.tensor)
+
+        path = Path(src)
+        if path.suffix == ".gguf" or path.exists():
+            out = output or path.with_name(f"{path.stem.rsplit('.', 1)[0]}.{kind.name}.gguf")
+            result = q.quantize(path, out, kind.name, threads=threads, progress=show)
+        else:
+            manifest = q.quantize_model(
+                src, kind.name, threads=threads, progress=show, allow_requantize=allow_requantize
+            )
+            result = manifest.file
+    render.err_console().print(f"wrote {result} ({render.human_size(result.stat().st_size)})")
+
+
+def synth_command(
+    out: Annotated[Path, typer.Argument(help="Directory for the checkpoint.")],
+    arch: Annotated[str, typer.Option(help="mistral or mixtral.")] = "mistral",
+    size: Annotated[str, typer.Option(help="tiny, small, 125m or 1b.")] = "tiny",
+    tokenizer: Annotated[str, typer.Option(help="v1, v3 or tekken.")] = "v1",
+    layout: Annotated[str, typer.Option(help="hf or mistral (native).")] = "hf",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a random-weight checkpoint with a real Mistral tokenizer (for demos and tests)."""
+    from localmix.cli import render
+    from localmix.synth import checkpoint
+
+    path = checkpoint(out, arch=arch, size=size, tokenizer=tokenizer, layout=layout, seed=seed)
+    render.err_console().print(f"wrote {arch} {size} checkpoint to {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert_command)
+    app.command("quantize")(quantize_command)
+    app.command("synth")(synth_command)

@@ -1,0 +1,104 @@
+"""list / show / rm / du: the store, seen from the terminal."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from localmix.cli.options import JsonOpt, ModelArg
+
+
+def list_command(
+    json_out: JsonOpt = False,
+    available: Annotated[
+        bool, typer.Option("--available", "-a", help="Show the catalog instead of the store.")
+    ] = False,
+) -> None:
+    """List installed models (or, with --available, the catalog)."""
+    from localmix import catalog, store
+    from localmix.cli import render
+
+    if available:
+        specs = list(catalog.load().models.values())
+        if json_out:
+            render.print_json(specs)
+            return
+        render.console().print(render.catalog_table(specs))
+        return
+    models = store.list_models()
+    if json_out:
+        render.print_json([m.to_json() for m in models])
+        return
+    if not models:
+        render.err_console().print(
+            "no models yet: try `localmix demo`, or `localmix pull mistral`", style="dim"
+        )
+        return
+    render.console().print(render.models_table(models))
+
+
+def show_command(name: ModelArg, json_out: JsonOpt = False) -> None:
+    """Show a model's architecture, size, quant, context, tensor types, chat format and source."""
+    from localmix import store
+    from localmix.cli import render
+    from localmix.gguffile import inspect
+
+    manifest = store.get(name)
+    info = inspect(manifest.file)
+    if json_out:
+        render.print_json(
+            {
+                "manifest": manifest.to_json(),
+                "architecture": info.architecture,
+                "parameters": info.n_params,
+                "context_length": info.context_length,
+                "block_count": info.block_count,
+                "expert_count": info.expert_count,
+                "file_size": info.file_size,
+                "quant": info.quant,
+                "tensor_types": info.type_histogram(),
+            }
+        )
+        return
+    render.console().print(render.show_panel(manifest, info))
+
+
+def rm_command(
+    name: ModelArg,
+    purge_cache: Annotated[
+        bool,
+        typer.Option("--purge-cache", help="Also delete its files from the shared HF cache."),
+    ] = False,
+) -> None:
+    """Remove a model (all its quants unless NAME:QUANT) and the files localmix owns."""
+    from localmix import store
+    from localmix.cli import render
+
+    removed = store.remove(name)
+    if purge_cache:
+        from localmix import hub
+
+        for manifest in removed:
+            hub.purge(manifest)
+    for manifest in removed:
+        render.err_console().print(f"removed {manifest.ref}")
+
+
+def du_command(json_out: JsonOpt = False) -> None:
+    """Disk used by the store: owned files, referenced files, leftovers, free space."""
+    from localmix import store
+    from localmix.cli import render
+
+    usage = store.du()
+    if json_out:
+        render.print_json(usage)
+        return
+    render.console().print(render.usage_table(usage))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("list")(list_command)
+    app.command("show")(show_command)
+    app.command("rm")(rm_command)
+    app.command("du")(du_command)

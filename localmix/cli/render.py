@@ -1,0 +1,230 @@
+"""The one output layer: rich consoles, sizes, tables, progress and --json output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+_consoles: dict[str, Console] = {}
+
+
+def _make(stderr: bool) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def console() -> Console:
+    """Results go to stdout."""
+    if "out" not in _consoles:
+        _consoles["out"] = _make(stderr=False)
+    return _consoles["out"]
+
+
+def err_console() -> Console:
+    """Progress, notices and errors go to stderr, so stdout stays clean for pipes."""
+    if "err" not in _consoles:
+        _consoles["err"] = _make(stderr=True)
+    return _consoles["err"]
+
+
+def human_size(n_bytes: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def human_count(n: float) -> str:
+    """7241732096 -> '7.24B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def print_json(value: Any) -> None:
+    """Records, lists and dicts as JSON on stdout (no colors, so pipes get plain JSON)."""
+    sys.stdout.write(json.dumps(_plain(value), indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def progress(transient: bool = False) -> Iterator[Progress]:
+    """A rich progress display on stderr: description, bar, counts, speed, ETA."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console(), transient=transient) as bar:
+        yield bar
+
+
+@contextmanager
+def steps(transient: bool = False) -> Iterator[Progress]:
+    """A rich progress display for counted steps (tensors, tests), not bytes."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}", style="dim"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console(), transient=transient) as bar:
+        yield bar
+
+
+def models_table(models: list[Any]) -> Any:
+    """The store as a table: name, quant, size, architecture, context, source, age."""
+    import time
+
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "QUANT", "SIZE", "ARCH", "PARAMS", "CONTEXT", "SOURCE", "CREATED"):
+        table.add_column(column, justify="right" if column in ("SIZE", "PARAMS") else "left")
+    for m in models:
+        age = max(0.0, time.time() - m.created)
+        when = (
+            f"{int(age // 86400)}d ago"
+            if age >= 86400
+            else f"{int(age // 3600)}h ago"
+            if age >= 3600
+            else f"{int(age // 60)}m ago"
+        )
+        table.add_row(
+            m.name,
+            m.quant,
+            human_size(m.size),
+            m.architecture,
+            human_count(m.parameters),
+            str(m.context_length),
+            m.source + ("" if m.owned else " (ref)"),
+            when,
+        )
+    return table
+
+
+def catalog_table(specs: list[Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "PARAMS", "FORMAT", "CONTEXT", "GATED", "ALIASES", "DESCRIPTION"):
+        table.add_column(column)
+    for s in sorted(specs, key=lambda s: s.name):
+        table.add_row(
+            s.name,
+            s.parameters,
+            s.chat_format,
+            str(s.context_length),
+            "yes" if s.gated else "",
+            ", ".join(s.aliases),
+            s.description,
+        )
+    return table
+
+
+def show_panel(manifest: Any, info: Any) -> Any:
+    """`localmix show`: the model's facts and its tensor-type histogram."""
+    from rich.console import Group
+    from rich.table import Table
+
+    facts = Table(box=None, show_header=False)
+    facts.add_column(style="bold")
+    facts.add_column()
+    rows = [
+        ("name", manifest.ref),
+        ("architecture", f"{info.architecture} ({manifest.architecture})"),
+        ("parameters", f"{human_count(info.n_params)} ({info.n_params:,})"),
+        ("layers", str(info.block_count)),
+        ("experts", f"{info.expert_count} (top-{info.key('expert_used_count', 0)})")
+        if info.expert_count
+        else ("experts", "dense"),
+        ("quant", info.quant),
+        ("file size", f"{human_size(info.file_size)} ({info.file_size:,} bytes)"),
+        ("context", f"{info.context_length} tokens"),
+        ("chat format", manifest.chat_format or "from the GGUF's template"),
+        ("source", manifest.source),
+        ("file", manifest.path + ("" if manifest.owned else "  (not owned: rm keeps it)")),
+        ("sha256", manifest.sha256),
+    ]
+    for key, value in rows:
+        facts.add_row(key, value)
+    histogram = Table(title="tensor types", box=None, header_style="bold", title_justify="left")
+    histogram.add_column("TYPE")
+    histogram.add_column("TENSORS", justify="right")
+    histogram.add_column("BYTES", justify="right")
+    per_type: dict[str, int] = {}
+    for tensor in info.tensors:
+        per_type[tensor.type_name] = per_type.get(tensor.type_name, 0) + tensor.n_bytes
+    for type_name, count in info.type_histogram().items():
+        histogram.add_row(type_name, str(count), human_size(per_type[type_name]))
+    return Group(facts, "", histogram)
+
+
+def usage_table(usage: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    table.add_column("MODEL")
+    table.add_column("SIZE", justify="right")
+    table.add_column("")
+    for ref, size, owned in usage.models:
+        table.add_row(ref, human_size(size), "" if owned else "referenced (HF cache or elsewhere)")
+    table.add_section()
+    table.add_row("owned by localmix", human_size(usage.owned_bytes), "")
+    table.add_row("referenced", human_size(usage.referenced_bytes), "")
+    table.add_row("leftovers in tmp/", human_size(usage.tmp_bytes), "")
+    table.add_row("free on disk", human_size(usage.free_bytes), "")
+    return table

@@ -1,0 +1,92 @@
+"""The LocalmixError family: what a user can act on, each family with its own exit code.
+
+Library code raises these; only the CLI turns them into `error:` / `hint:` lines and an exit code.
+Exit codes (one per family):
+
+    1  LocalmixError (anything else we anticipated)
+    2  UsageError (a bad option value)
+    3  ModelNotFound
+    4  CatalogError
+    5  CheckpointError (unsupported, missing or malformed checkpoint)
+    6  InvalidGGUF
+    7  NetworkError (GatedRepo, OfflineMiss)
+    8  ChecksumMismatch
+    9  DiskSpaceError
+   10  DoesNotFit
+   11  ContextTooLong
+   12  OutputError (cannot write where asked)
+   13  EngineError (llama.cpp refused to load or run)
+  130  interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+
+class LocalmixError(Exception):
+    """An error with a one-line user-facing message and an optional hint."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(LocalmixError):
+    exit_code = 2
+
+
+class ModelNotFound(LocalmixError):
+    exit_code = 3
+
+
+class CatalogError(LocalmixError):
+    exit_code = 4
+
+
+class CheckpointError(LocalmixError):
+    exit_code = 5
+
+
+class InvalidGGUF(LocalmixError):
+    exit_code = 6
+
+
+class NetworkError(LocalmixError):
+    exit_code = 7
+
+
+class GatedRepo(NetworkError):
+    pass
+
+
+class OfflineMiss(NetworkError):
+    pass
+
+
+class ChecksumMismatch(LocalmixError):
+    exit_code = 8
+
+
+class DiskSpaceError(LocalmixError):
+    exit_code = 9
+
+
+class DoesNotFit(LocalmixError):
+    exit_code = 10
+
+
+class ContextTooLong(LocalmixError):
+    exit_code = 11
+
+
+class OutputError(LocalmixError):
+    exit_code = 12
+
+
+class EngineError(LocalmixError):
+    exit_code = 13
+
+
+INTERRUPTED_EXIT_CODE = 130

@@ -1,0 +1,207 @@
+"""GGUF -> GGUF quantization through llama.cpp's llama_model_quantize: the type table, the input
+check, a temporary output renamed only when complete, and per-tensor progress events."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from localmix import settings
+from localmix.errors import EngineError, OutputError, UsageError
+
+if TYPE_CHECKING:
+    from localmix.store import Manifest
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    ftype: int  # llama_ftype
+    bits: float  # approximate bits per weight (llama-quantize's table), for size estimates
+    needs_imatrix: bool = False
+    note: str = ""
+
+
+# llama.cpp's llama_ftype values (include/llama.h); bits per weight as llama-quantize lists them.
+QUANT_TYPES: dict[str, QuantType] = {
+    q.name: q
+    for q in (
+        QuantType("F32", 0, 32.0),
+        QuantType("F16", 1, 16.0),
+        QuantType("BF16", 32, 16.0),
+        QuantType("Q8_0", 7, 8.5),
+        QuantType("Q6_K", 18, 6.56),
+        QuantType("Q5_K_M", 17, 5.67),
+        QuantType("Q5_K_S", 16, 5.52),
+        QuantType("Q5_1", 9, 6.0),
+        QuantType("Q5_0", 8, 5.5),
+        QuantType("Q4_K_M", 15, 4.89, note="recommended"),
+        QuantType("Q4_K_S", 14, 4.58),
+        QuantType("Q4_1", 3, 5.0),
+        QuantType("Q4_0", 2, 4.5),
+        QuantType("IQ4_NL", 25, 4.5),
+        QuantType("IQ4_XS", 30, 4.25),
+        QuantType("Q3_K_L", 13, 4.27),
+        QuantType("Q3_K_M", 12, 3.91),
+        QuantType("Q3_K_S", 11, 3.5),
+        QuantType("IQ3_M", 27, 3.66),
+        QuantType("IQ3_S", 26, 3.44),
+        QuantType("IQ3_XS", 22, 3.3),
+        QuantType("IQ3_XXS", 23, 3.06, needs_imatrix=True),
+        QuantType("Q2_K", 10, 2.96),
+        QuantType("Q2_K_S", 21, 2.96, needs_imatrix=True),
+        QuantType("IQ2_M", 29, 2.7, needs_imatrix=True),
+        QuantType("IQ2_S", 28, 2.5, needs_imatrix=True),
+        QuantType("IQ2_XS", 20, 2.31, needs_imatrix=True),
+        QuantType("IQ2_XXS", 19, 2.06, needs_imatrix=True),
+        QuantType("IQ1_M", 31, 1.75, needs_imatrix=True),
+        QuantType("IQ1_S", 24, 1.56, needs_imatrix=True),
+        QuantType("TQ2_0", 37, 2.06, note="ternary models only"),
+        QuantType("TQ1_0", 36, 1.69, note="ternary models only"),
+        QuantType("MXFP4_MOE", 38, 4.25),
+    )
+}
+DEFAULT_TYPE = "Q4_K_M"
+
+
+def quant_type(name: str) -> QuantType:
+    """Look a quant type up by name, case-insensitively; UsageError listing the types otherwise."""
+    key = name.strip().upper()
+    if key not in QUANT_TYPES:
+        raise UsageError(
+            f"unknown quantization type {name!r}",
+            hint="one of: " + ", ".join(q for q in QUANT_TYPES if not QUANT_TYPES[q].needs_imatrix),
+        )
+    qtype = QUANT_TYPES[key]
+    if qtype.needs_imatrix:
+        raise UsageError(
+            f"{qtype.name} needs an importance matrix, which localmix does not compute yet",
+            hint="use Q2_K, Q3_K_M or IQ3_M for the smallest files without one",
+        )
+    return qtype
+
+
+@dataclass(frozen=True)
+class QuantizeEvent:
+    """Progress: llama.cpp started tensor `index` of `total`."""
+
+    index: int
+    total: int
+    tensor: str
+
+
+def estimate_size(n_params: int, qtype: str) -> int:
+    """Approximate output bytes for a model of n_params at a quant type."""
+    return int(n_params * QUANT_TYPES[qtype.upper()].bits / 8)
+
+
+def quantize(
+    src: Path,
+    out: Path,
+    qtype: str = DEFAULT_TYPE,
+    *,
+    threads: int | None = None,
+    progress: Callable[[QuantizeEvent], None] | None = None,
+) -> Path:
+    """Quantize a GGUF; the output appears at `out` only once complete. Returns `out`."""
+    from localmix import gguffile
+    from localmix.llama.quant import model_quantize
+
+    kind = quant_type(qtype)
+    src, out = Path(src), Path(out)
+    info = gguffile.inspect(src)  # a truncated or non-GGUF input fails here, not in C
+    out_dir = out.parent if str(out.parent) else Path(".")
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: no such directory")
+    if not os.access(out_dir, os.W_OK):
+        raise OutputError(f"{out_dir}: not writable", hint="choose another output with -o")
+    # Beside the output, so the final rename never crosses file systems.
+    partial = out_dir / f".{out.name}.{os.getpid()}.partial"
+    errors: list[str] = []
+    result: list[int] = []
+
+    def run() -> None:
+        result.append(
+            model_quantize(
+                info.path,
+                partial,
+                kind.ftype,
+                threads or settings.default_threads(),
+                on_tensor=(lambda i, n, name: progress(QuantizeEvent(i, n, name)))
+                if progress
+                else None,
+                on_error=errors.append,
+            )
+        )
+
+    # llama_model_quantize cannot be interrupted; running it in a daemon thread keeps Ctrl-C
+    # responsive: the main thread removes the partial file and the process exits.
+    worker = threading.Thread(target=run, name="llama-quantize", daemon=True)
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+        if not result or result[0] != 0:
+            detail = next((e for e in reversed(errors) if e), "llama.cpp reported a failure")
+            raise EngineError(f"quantizing {src.name} to {kind.name} failed: {detail}")
+        os.replace(partial, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return out
+
+
+# Sources to quantize a store model from, best first: requantizing a quantized file loses quality.
+_SOURCE_PREFERENCE = ("F32", "BF16", "F16", "Q8_0")
+
+
+def quantize_model(
+    reference: str,
+    qtype: str = DEFAULT_TYPE,
+    *,
+    threads: int | None = None,
+    progress: Callable[[QuantizeEvent], None] | None = None,
+    allow_requantize: bool = False,
+) -> Manifest:
+    """Make another quant of a store model and register it (`localmix quantize mistral -q Q5_K_M`)."""
+    import dataclasses
+    import time
+
+    from localmix import gguffile, store
+
+    kind = quant_type(qtype)
+    name, _ = store.split_ref(reference)
+    candidates = store.find(name)
+    if not candidates:
+        store.get(reference)  # raises ModelNotFound with the usual hint
+    by_quant = {m.quant: m for m in candidates}
+    source = next((by_quant[q] for q in _SOURCE_PREFERENCE if q in by_quant), None)
+    if source is None:
+        if not allow_requantize:
+            raise UsageError(
+                f"{name} has only quantized files ({', '.join(sorted(by_quant))})",
+                hint="pull it with --keep-source (or --from-source) for a full-precision file, "
+                "or pass --allow-requantize to accept the quality loss",
+            )
+        source = store.get(name)
+    if kind.name in by_quant:
+        return by_quant[kind.name]
+    with store.tmp_file() as tmp:
+        quantize(source.file, tmp, kind.name, threads=threads, progress=progress)
+        info = gguffile.inspect(tmp)
+        manifest = dataclasses.replace(
+            source,
+            quant=kind.name,
+            size=info.file_size,
+            sha256=store.sha256_file(tmp),
+            source=f"{source.source} -> {kind.name}",
+            created=time.time(),
+            extra_files=(),
+            hub_files=(),
+        )
+        return store.add(manifest, src=tmp)

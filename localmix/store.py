@@ -1,0 +1,322 @@
+"""The local model store: one manifest per model and quant, written last and atomically.
+
+Layout under settings.home():
+    models/<slug>/<QUANT>.gguf      files localmix owns (converted, quantized, copied)
+    manifests/<slug>/<QUANT>.json   a model exists once (and only while) its manifest exists
+    locks/<slug>.lock               one lock per model name
+    tmp/                            partial outputs, renamed into place when complete
+A manifest may also point at a file localmix does not own (`import` by reference, a GGUF in the
+shared Hugging Face cache); `rm` deletes only what localmix owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from localmix import settings
+from localmix.errors import LocalmixError, ModelNotFound, OutputError
+
+MANIFEST_VERSION = 1
+# Preferred quant when a name is given without one and several exist.
+_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q4_K_S", "Q6_K", "Q8_0", "F16", "BF16", "F32")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A model in the store."""
+
+    name: str
+    quant: str
+    path: str  # the GGUF file (the first shard of a split GGUF)
+    size: int  # bytes, all shards
+    sha256: str
+    architecture: str
+    chat_format: str | None
+    context_length: int
+    parameters: int
+    source: str  # e.g. "hf:org/repo@revision", "path:/x.gguf", "synth:tiny-mistral"
+    created: float
+    owned: bool = True  # localmix made or copied the file(s) and may delete them
+    extra_files: tuple[str, ...] = ()  # further shards
+    hub_files: tuple[
+        str, ...
+    ] = ()  # files in the HF cache this model came from (for --purge-cache)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.quant}"
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path)
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["extra_files"] = list(self.extra_files)
+        data["hub_files"] = list(self.hub_files)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Manifest:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("extra_files", "hub_files"):
+            values[key] = tuple(values.get(key, ()) or ())  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def slug(name: str) -> str:
+    """A file-system-safe directory name for a model name (`mistral:v0.3` -> `mistral-v0.3`)."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
+    if not text:
+        raise OutputError(f"{name!r} is not a usable model name", hint="use letters, digits, - _ .")
+    return text
+
+
+def model_dir(name: str) -> Path:
+    return settings.models_dir() / slug(name)
+
+
+def model_path(name: str, quant: str) -> Path:
+    """Where localmix keeps its own GGUF for a model and quant."""
+    return model_dir(name) / f"{quant.upper()}.gguf"
+
+
+def _manifest_path(name: str, quant: str) -> Path:
+    return settings.manifests_dir() / slug(name) / f"{quant.upper()}.json"
+
+
+def _ensure_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create {path}: {exc.strerror}", hint="check LOCALMIX_HOME"
+        ) from exc
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never half of it."""
+    _ensure_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def lock(name: str) -> Iterator[None]:
+    """Hold the per-model lock (blocks while another localmix process holds it)."""
+    path = _ensure_dir(settings.home() / "locks") / f"{slug(name)}.lock"
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks; single user
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def tmp_file(suffix: str = ".gguf", directory: Path | None = None) -> Iterator[Path]:
+    """A fresh path in tmp/ (or `directory`), removed unless the caller renamed it away."""
+    folder = _ensure_dir(directory or settings.tmp_dir())
+    path = folder / f"partial-{os.getpid()}-{time.monotonic_ns()}{suffix}"
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file, reading 8 MiB at a time; progress(bytes) after each block."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+            if progress:
+                progress(len(block))
+    return digest.hexdigest()
+
+
+def add(manifest: Manifest, src: Path | None = None) -> Manifest:
+    """Register a model: move `src` (if given) to its place in models/, then write the manifest.
+
+    The manifest is written last, so an interruption before it leaves no half-registered model.
+    """
+    with lock(manifest.name):
+        if src is not None:
+            dest = model_path(manifest.name, manifest.quant)
+            _ensure_dir(dest.parent)
+            try:
+                os.replace(src, dest)
+            except OSError:  # another file system: copy then rename, still atomic at the end
+                part = dest.with_name(dest.name + ".part")
+                shutil.copyfile(src, part)
+                os.replace(part, dest)
+                src.unlink()
+            manifest = _replace(manifest, path=str(dest), owned=True)
+        atomic_write_text(
+            _manifest_path(manifest.name, manifest.quant),
+            json.dumps(manifest.to_json(), indent=2) + "\n",
+        )
+    return manifest
+
+
+def _replace(manifest: Manifest, **changes: object) -> Manifest:
+    import dataclasses
+
+    return dataclasses.replace(manifest, **changes)  # type: ignore[arg-type]
+
+
+def list_models() -> list[Manifest]:
+    """Every registered model, sorted by name then quant; unreadable manifests are skipped."""
+    root = settings.manifests_dir()
+    found: list[Manifest] = []
+    if not root.is_dir():
+        return found
+    for path in sorted(root.glob("*/*.json")):
+        try:
+            found.append(Manifest.from_json(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, TypeError):
+            continue  # a damaged manifest hides one model, it must not break `list`
+    return sorted(found, key=lambda m: (m.name, m.quant))
+
+
+def split_ref(reference: str) -> tuple[str, str | None]:
+    """`mistral:v0.3:Q5_K_M` -> ("mistral:v0.3", "Q5_K_M"); the quant part is optional."""
+    if ":" in reference:
+        base, tag = reference.rsplit(":", 1)
+        if re.fullmatch(r"(?i)(i?q\d\w*|f16|bf16|f32)", tag):
+            return base, tag.upper()
+    return reference, None
+
+
+def find(reference: str) -> list[Manifest]:
+    """All manifests a reference names: every quant of a name, or the one quant asked for."""
+    name, quant = split_ref(reference)
+    models = list_models()
+    matches = [m for m in models if m.name == name and (quant is None or m.quant == quant)]
+    if not matches and quant is None:
+        # `mistral` may be an alias: let the catalog map it to its store name.
+        try:
+            from localmix import catalog
+
+            spec = catalog.load().get(name)
+            matches = [m for m in models if m.name == spec.name]
+        except LocalmixError:
+            pass
+    return matches
+
+
+def get(reference: str) -> Manifest:
+    """The model a reference names; with no quant, the preferred one of those present."""
+    matches = find(reference)
+    if not matches:
+        names = sorted({m.name for m in list_models()})
+        hint = f"pull it with `localmix pull {reference}`" + (
+            f"; installed: {', '.join(names)}" if names else ""
+        )
+        raise ModelNotFound(f"model {reference!r} is not in the store", hint=hint)
+    if len(matches) == 1:
+        return matches[0]
+    rank = {q: i for i, q in enumerate(_QUANT_PREFERENCE)}
+    return min(matches, key=lambda m: (rank.get(m.quant, len(rank)), -m.created))
+
+
+def remove(reference: str) -> list[Manifest]:
+    """Unregister a model (all quants unless one is named) and delete the files localmix owns."""
+    matches = find(reference)
+    if not matches:
+        raise ModelNotFound(f"model {reference!r} is not in the store", hint="see `localmix list`")
+    for manifest in matches:
+        with lock(manifest.name):
+            # Manifest first: a model half-deleted is a model gone, never a model broken.
+            with contextlib.suppress(FileNotFoundError):
+                _manifest_path(manifest.name, manifest.quant).unlink()
+            if manifest.owned:
+                for file in (manifest.path, *manifest.extra_files):
+                    with contextlib.suppress(FileNotFoundError):
+                        Path(file).unlink()
+        for folder in (model_dir(manifest.name), _manifest_path(manifest.name, "x").parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+    return matches
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Disk use of the store, bytes."""
+
+    models: list[tuple[str, int, bool]] = field(default_factory=list)  # (ref, bytes, owned)
+    owned_bytes: int = 0
+    referenced_bytes: int = 0
+    tmp_bytes: int = 0
+    free_bytes: int = 0
+
+
+def _tree_size(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def du() -> Usage:
+    """How much disk the store uses: owned files, referenced files, leftovers in tmp/."""
+    rows: list[tuple[str, int, bool]] = []
+    owned = referenced = 0
+    for m in list_models():
+        size = sum(Path(f).stat().st_size for f in (m.path, *m.extra_files) if Path(f).exists())
+        rows.append((m.ref, size, m.owned))
+        if m.owned:
+            owned += size
+        else:
+            referenced += size
+    home = settings.home()
+    free = shutil.disk_usage(
+        home if home.exists() else home.parent if home.parent.exists() else Path.home()
+    ).free
+    return Usage(rows, owned, referenced, _tree_size(settings.tmp_dir()), free)
+
+
+def clean_tmp(older_than_s: float = 0.0) -> int:
+    """Remove leftovers of interrupted work from tmp/; returns bytes freed."""
+    freed = 0
+    root = settings.tmp_dir()
+    if not root.is_dir():
+        return 0
+    now = time.time()
+    for path in root.iterdir():
+        with contextlib.suppress(OSError):
+            if path.is_file() and now - path.stat().st_mtime >= older_than_s:
+                freed += path.stat().st_size
+                path.unlink()
+    return freed

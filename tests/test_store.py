@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+
+from localmix import store
+from localmix.errors import ModelNotFound
+
+
+def _manifest(name: str, quant: str, path: Path) -> store.Manifest:
+    return store.Manifest(
+        name=name,
+        quant=quant,
+        path=str(path),
+        size=path.stat().st_size,
+        sha256=store.sha256_file(path),
+        architecture="mistral",
+        chat_format="v1",
+        context_length=2048,
+        parameters=1000,
+        source="test",
+        created=time.time(),
+    )
+
+
+def test_add_moves_the_file_and_writes_the_manifest_last(tmp_path: Path) -> None:
+    src = tmp_path / "x.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 100)
+    added = store.add(_manifest("m", "Q4_K_M", src), src=src)
+    assert not src.exists()
+    assert added.file == store.model_path("m", "Q4_K_M") and added.file.exists()
+    assert [m.ref for m in store.list_models()] == ["m:Q4_K_M"]
+    assert store.get("m").ref == "m:Q4_K_M"
+    assert store.get("m:q4_k_m").ref == "m:Q4_K_M"
+
+
+def test_get_prefers_q4_k_m_among_quants(tmp_path: Path) -> None:
+    for quant in ("Q8_0", "Q4_K_M", "F16"):
+        src = tmp_path / f"{quant}.gguf"
+        src.write_bytes(b"GGUF" + quant.encode())
+        store.add(_manifest("m", quant, src), src=src)
+    assert store.get("m").quant == "Q4_K_M"
+    assert store.get("m:Q8_0").quant == "Q8_0"
+
+
+def test_remove_deletes_owned_files_and_keeps_referenced_ones(tmp_path: Path) -> None:
+    owned = tmp_path / "a.gguf"
+    owned.write_bytes(b"GGUF1")
+    referenced = tmp_path / "b.gguf"
+    referenced.write_bytes(b"GGUF2")
+    a = store.add(_manifest("a", "Q4_K_M", owned), src=owned)
+    store.add(dataclasses.replace(_manifest("b", "Q4_K_M", referenced), owned=False))
+    store.remove("a")
+    store.remove("b")
+    assert not a.file.exists()
+    assert referenced.exists()
+    assert store.list_models() == []
+    with pytest.raises(ModelNotFound):
+        store.get("a")
+
+
+def test_damaged_manifest_hides_one_model_only(tmp_path: Path) -> None:
+    src = tmp_path / "a.gguf"
+    src.write_bytes(b"GGUF")
+    store.add(_manifest("a", "Q4_K_M", src), src=src)
+    bad = store.settings.manifests_dir() / "b" / "Q4_K_M.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    assert [m.ref for m in store.list_models()] == ["a:Q4_K_M"]
+
+
+def test_tmp_file_is_removed_when_not_renamed() -> None:
+    with store.tmp_file() as path:
+        path.write_bytes(b"partial")
+    assert not path.exists()
+    assert store.du().tmp_bytes == 0
