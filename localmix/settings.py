@@ -72,3 +72,24 @@ def default_threads() -> int:
     count = os.cpu_count() or 1
     # Hyper-threads slow generation down; llama.cpp defaults to physical cores too.
     return max(1, count // 2) if count >= 8 else count
+
+
+def hf_endpoint() -> str:
+    """The Hub's address: HF_ENDPOINT, else https://huggingface.co (huggingface_hub's rule)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hf_cache_dir() -> Path:
+    """The shared Hugging Face hub cache, by huggingface_hub's precedence, read when called.
+
+    huggingface_hub reads these once at import; localmix passes the result explicitly so that
+    a process (or a test) that changes HF_HOME later still agrees with every other HF tool.
+    """
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.path.expandvars(os.environ[name])).expanduser()
+    hf_home = os.environ.get("HF_HOME")
+    if not hf_home:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        hf_home = str(Path(xdg) / "huggingface")
+    return Path(os.path.expandvars(hf_home)).expanduser() / "hub"

@@ -15,3 +15,72 @@ def localmix_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("LOCALMIX_DEBUG", raising=False)
     return home
+
+
+# ---- tiny synthetic models, built once per session (localmix.synth + localmix.convert) ----------
+# Checkpoints are HF layout, v1 tokenizer, seed 0, f32 weights: seconds to build on 2 cores.
+
+
+def _tiny_ckpt(factory: pytest.TempPathFactory, arch: str) -> Path:
+    from localmix import synth
+
+    return synth.checkpoint(factory.mktemp(f"tiny-{arch}") / "ckpt", arch=arch, size="tiny", seed=0)
+
+
+def _tiny_gguf(factory: pytest.TempPathFactory, ckpt: Path, outtype: str) -> Path:
+    import os
+
+    from localmix.convert import convert
+
+    # convert() stages its partial file under LOCALMIX_HOME/tmp: give this session-wide build its
+    # own home so no test's isolated home sees it
+    work = factory.mktemp(f"{ckpt.parent.name}-{outtype}")
+    previous = os.environ.get("LOCALMIX_HOME")
+    os.environ["LOCALMIX_HOME"] = str(work / "home")
+    try:
+        return convert(ckpt, work / f"model.{outtype.upper()}.gguf", outtype=outtype)
+    finally:
+        if previous is None:
+            del os.environ["LOCALMIX_HOME"]
+        else:
+            os.environ["LOCALMIX_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Mistral checkpoint (HF layout, v1 tokenizer). Treat as read-only."""
+    return _tiny_ckpt(tmp_path_factory, "mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Mixtral checkpoint (8 experts, top-2; HF layout, v1). Read-only."""
+    return _tiny_ckpt(tmp_path_factory, "mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_gguf_f32(
+    tmp_path_factory: pytest.TempPathFactory, tiny_mistral_ckpt: Path
+) -> Path:
+    return _tiny_gguf(tmp_path_factory, tiny_mistral_ckpt, "f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_gguf_f32(
+    tmp_path_factory: pytest.TempPathFactory, tiny_mixtral_ckpt: Path
+) -> Path:
+    return _tiny_gguf(tmp_path_factory, tiny_mixtral_ckpt, "f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_gguf_f16(
+    tmp_path_factory: pytest.TempPathFactory, tiny_mistral_ckpt: Path
+) -> Path:
+    return _tiny_gguf(tmp_path_factory, tiny_mistral_ckpt, "f16")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_gguf_f16(
+    tmp_path_factory: pytest.TempPathFactory, tiny_mixtral_ckpt: Path
+) -> Path:
+    return _tiny_gguf(tmp_path_factory, tiny_mixtral_ckpt, "f16")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 import typer
@@ -50,7 +51,8 @@ def _root(
 
 
 for _module in COMMAND_MODULES:
-    importlib.import_module(_module).register(app)
+    if importlib.util.find_spec(_module) is not None:  # TODO(lead): drop once all land
+        importlib.import_module(_module).register(app)
 
 
 def _say(message: str, hint: str | None = None) -> None:

@@ -228,3 +228,13 @@ def usage_table(usage: Any) -> Any:
     table.add_row("leftovers in tmp/", human_size(usage.tmp_bytes), "")
     table.add_row("free on disk", human_size(usage.free_bytes), "")
     return table
+
+
+def stats_line(stats: Any) -> str:
+    """`31 tok prompt 412 t/s · 128 tok 187.3 t/s · first token 0.08 s` for a reply's Stats."""
+    parts = [f"{stats.prompt_tokens} tok prompt {stats.prompt_tps:.0f} t/s"]
+    if getattr(stats, "cached_tokens", 0):
+        parts[0] += f" ({stats.cached_tokens} cached)"
+    parts.append(f"{stats.generated_tokens} tok {stats.gen_tps:.1f} t/s")
+    parts.append(f"first token {stats.ttft_s:.2f} s")
+    return " · ".join(parts)

@@ -1,0 +1,136 @@
+"""llama.cpp's own command-line tools (llama-bench, llama-quantize), built from the exact llama.cpp
+source that the pinned llama-cpp-python vendors, so every comparison runs the same C code.
+
+The sdist comes from PyPI through pip, is unpacked into the user cache directory, configured once
+(Release, CPU, native, no curl: llama-cpp-python's own defaults) and built once; later calls reuse it.
+A file lock keeps two benchmark scripts from building at the same time.
+
+    python benchmarks/llamacpp_tools.py            # build (if needed) and print the tool paths
+    from llamacpp_tools import tool; tool("llama-bench")
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TOOLS = ("llama-bench", "llama-quantize")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pinned_version() -> str:
+    """The llama-cpp-python version pinned in pyproject.toml (`llama-cpp-python==X.Y.Z`)."""
+    text = (REPO / "pyproject.toml").read_text()
+    match = re.search(r'"llama[-_]cpp[-_]python==([0-9][^"; ]*)"', text)
+    if not match:
+        raise RuntimeError("pyproject.toml does not pin llama-cpp-python with ==")
+    return match[1]
+
+
+def cache_dir(version: str | None = None) -> Path:
+    """Where the unpacked source and the build live: the user cache, never the repository."""
+    import platformdirs
+
+    base = Path(platformdirs.user_cache_dir("localmix", appauthor=False))
+    return base / f"llama.cpp-{version or pinned_version()}"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
+    with log.open("a") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        done = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeError(f"{cmd[0]} failed ({done.returncode}); log {log}:\n" + "\n".join(tail))
+
+
+def _source(root: Path, version: str, log: Path) -> Path:
+    """The vendored llama.cpp of the llama-cpp-python sdist, downloaded and unpacked once."""
+    src = root / "src"
+    if (src / "CMakeLists.txt").is_file():
+        return src
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        _run(
+            [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                "--dest", tmp, f"llama-cpp-python=={version}",
+            ],
+            log,
+        )  # fmt: skip
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        top = next(p for p in Path(tmp).iterdir() if p.is_dir())
+        vendored = top / "vendor" / "llama.cpp"
+        if not (vendored / "CMakeLists.txt").is_file():
+            raise RuntimeError(f"{archive.name} has no vendor/llama.cpp")
+        if src.exists():
+            shutil.rmtree(src)
+        vendored.rename(src)
+    return src
+
+
+def build(jobs: int | None = None) -> Path:
+    """Build the tools if they are not built yet; returns the directory that holds them."""
+    version = pinned_version()
+    root = cache_dir(version)
+    bin_dir = root / "build" / "bin"
+    if all((bin_dir / name).is_file() for name in TOOLS):
+        return bin_dir
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        if all((bin_dir / name).is_file() for name in TOOLS):  # another process built them
+            return bin_dir
+        log = root / "build.log"
+        src = _source(root, version, log)
+        build_dir = root / "build"
+        _run(
+            [
+                "cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                *(["-G", "Ninja"] if shutil.which("ninja") else []),
+            ],
+            log,
+        )  # fmt: skip
+        _run(
+            [
+                "cmake", "--build", str(build_dir), "--config", "Release", "-j",
+                str(jobs or os.cpu_count() or 1), "--target", *TOOLS,
+            ],
+            log,
+        )  # fmt: skip
+    return bin_dir
+
+
+def tool(name: str) -> Path:
+    """The path of a built llama.cpp tool (`llama-bench`, `llama-quantize`), building on first use."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown tool {name!r}; one of {', '.join(TOOLS)}")
+    return build() / name
+
+
+if __name__ == "__main__":
+    for name in TOOLS:
+        print(f"{name}: {tool(name)}")

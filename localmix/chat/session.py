@@ -1,0 +1,325 @@
+"""A conversation with one loaded model: its messages, the prompt as token ids, the context budget.
+
+Every turn re-encodes the whole conversation exactly as mistral-common would (chat/template.py) and
+hands it to Engine.stream(), which reuses the longest common prefix with what its KV cache already
+holds, so a turn processes only the tokens after that prefix. For the v1 and v7 formats that is just
+the new turn; v2/v3 put the system prompt into the *last* user message (mistral-common's rule, and
+what those models were trained on), so with a system prompt each turn re-processes the history after
+the first [INST]. We follow the reference rather than trade exactness for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from localmix.chat import template
+from localmix.chat.template import ChatFormat, Message, MistralFormat
+from localmix.errors import ContextTooLong, LocalmixError, OutputError, UsageError
+from localmix.llama.records import Chunk, Sampling, Stats
+
+if TYPE_CHECKING:
+    from localmix.llama.engine import Engine
+
+SAVE_FORMAT = "localmix-chat"
+SAVE_VERSION = 1
+OVERFLOW_MODES = ("shift", "drop")
+# What /set may change: sampling fields plus the reply budget.
+SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should see between replies, e.g. that old turns left the context."""
+
+    text: str
+
+
+class Session:
+    """Messages, system prompt and settings of one chat, kept in step with the engine's KV cache."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        chat_format: str | ChatFormat | None = None,
+        *,
+        system: str | None = None,
+        sampling: Sampling | None = None,
+        max_tokens: int = 512,
+        overflow: str = "shift",
+        model: str | None = None,
+    ) -> None:
+        if overflow not in OVERFLOW_MODES:
+            raise UsageError(f"unknown overflow mode {overflow!r}", hint="use shift or drop")
+        if max_tokens < 1:
+            raise UsageError(f"max_tokens must be at least 1, not {max_tokens}")
+        self.engine = engine
+        self.format = _resolve_format(engine, chat_format)
+        self.system = system or None
+        self.sampling = sampling or Sampling()
+        self.max_tokens = max_tokens
+        self.overflow = overflow
+        self.model = model
+        self.messages: list[Message] = []
+        self.last_stats: Stats | None = None
+        # SentencePiece vocabularies prepend "▁" to encoded text, and their decoders drop it again;
+        # a reply's first piece carries that space, which mistral-common's decoded text does not.
+        self._strip_space = _adds_space_prefix(engine.metadata)
+
+    # --- the conversation -------------------------------------------------------------------
+
+    def conversation(self, messages: Sequence[Message] | None = None) -> list[Message]:
+        """System prompt (if any) followed by the messages."""
+        head = [Message("system", self.system)] if self.system else []
+        return head + list(self.messages if messages is None else messages)
+
+    def prompt(self, messages: Sequence[Message] | None = None) -> list[int]:
+        """The prompt token ids for the conversation, ready for the assistant's reply."""
+        return template.encode(self.format, self.conversation(messages), self.engine.tokenize)
+
+    def send(self, text: str) -> Iterator[Chunk | Stats | Notice]:
+        """Add a user message and stream the reply: Notices, then Chunks, then the final Stats.
+
+        Closing the iterator early (Ctrl-C) keeps the partial reply as the assistant's message, or
+        forgets the user message when nothing was generated yet.
+        """
+        messages = [*self.messages, Message("user", text)]
+        prompt, kept, dropped = self._fit(messages)
+        self.messages = kept
+        room = self.engine.n_ctx - len(prompt)
+        try:
+            if dropped:
+                yield Notice(f"context full: dropped {dropped} oldest turn{'s' * (dropped != 1)}")
+            if room < self.max_tokens:
+                yield Notice(f"context nearly full: reply limited to {room} tokens")
+        except GeneratorExit:
+            self.messages.pop()  # closed before the reply began: the message was never sent
+            raise
+        yield from self._reply(prompt, min(self.max_tokens, room))
+
+    def clear(self) -> None:
+        """Forget the messages (the system prompt stays)."""
+        self.messages.clear()
+
+    def set_system(self, text: str | None) -> None:
+        """Replace the system prompt (None or "" removes it)."""
+        self.system = text or None
+
+    # --- settings ---------------------------------------------------------------------------
+
+    def set_option(self, name: str, value: str | float | None) -> None:
+        """Change one of SETTINGS (as /set does); strings are parsed, "none" clears the seed."""
+        if name not in SETTINGS:
+            raise UsageError(f"unknown setting {name!r}", hint="one of: " + ", ".join(SETTINGS))
+        try:
+            if name == "max_tokens":
+                tokens = int(value)  # type: ignore[arg-type]
+                if tokens < 1:
+                    raise UsageError(f"max_tokens must be at least 1, not {tokens}")
+                self.max_tokens = tokens
+                return
+            if name == "seed":
+                parsed: Any = None if value in (None, "", "none", "random") else int(value)  # type: ignore[arg-type]
+            elif name in ("top_k",):
+                parsed = int(value)  # type: ignore[arg-type]
+            else:
+                parsed = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise UsageError(f"{name} needs a number, not {value!r}") from None
+        self.sampling = replace(self.sampling, **{name: parsed})
+
+    def settings(self) -> dict[str, Any]:
+        """The current values of SETTINGS."""
+        values = {f.name: getattr(self.sampling, f.name) for f in fields(self.sampling)}
+        values["max_tokens"] = self.max_tokens
+        return {name: values[name] for name in SETTINGS}
+
+    # --- save / load ------------------------------------------------------------------------
+
+    def save(self, path: Path | str) -> Path:
+        """Write the conversation and its settings as JSON (atomically); returns the path."""
+        path = Path(path).expanduser()
+        data = {
+            "format": SAVE_FORMAT,
+            "version": SAVE_VERSION,
+            "model": self.model,
+            "chat_format": self.format.name,
+            "system": self.system,
+            "messages": [asdict(m) for m in self.messages],
+            "sampling": asdict(self.sampling),
+            "max_tokens": self.max_tokens,
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot save the chat to {path}: {e.strerror}") from None
+        return path
+
+    def load(self, path: Path | str) -> str | None:
+        """Replace messages, system prompt and settings with a saved chat; returns its model name."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+        except ValueError:
+            raise UsageError(f"{path} is not a saved chat (not JSON)") from None
+        if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
+            raise UsageError(f"{path} is not a saved localmix chat")
+        if data.get("version") != SAVE_VERSION:
+            raise UsageError(
+                f"{path} is a version {data.get('version')} chat file; this localmix reads "
+                f"version {SAVE_VERSION}",
+                hint="upgrade localmix",
+            )
+        try:
+            messages = [Message(str(m["role"]), str(m["content"])) for m in data["messages"]]
+            sampling = Sampling(**data.get("sampling", {}))
+            max_tokens = int(data.get("max_tokens", self.max_tokens))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{path} is a damaged chat file ({e})") from None
+        if any(m.role not in ("user", "assistant") for m in messages):
+            raise UsageError(f"{path} is a damaged chat file (unknown message role)")
+        self.messages = messages
+        self.system = data.get("system") or None
+        self.sampling = sampling
+        self.max_tokens = max(1, max_tokens)
+        model = data.get("model")
+        return model if isinstance(model, str) else None
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _fit(self, messages: list[Message]) -> tuple[list[int], list[Message], int]:
+        """The prompt for `messages` within the context: drops oldest turns when prompt + reply
+        budget exceed n_ctx (shifting the KV cache to match in "shift" mode)."""
+        n_ctx = self.engine.n_ctx
+        full = self.prompt(messages)
+        if len(full) + self.max_tokens <= n_ctx:
+            return full, messages, 0
+        starts = _turn_starts(messages)
+        # v1 carries the system prompt inside the first user message: keep that turn, so the
+        # rest of the prompt is a contiguous cut of the old one and the KV cache can shift.
+        keep_first = isinstance(self.format, MistralFormat) and (
+            self.format.system == "first_user" and self.system is not None
+        )
+        head = messages[: starts[1]] if keep_first and len(starts) > 1 else []
+        first_droppable = 1 if head else 0
+        prompt, kept, dropped = full, messages, 0
+        for i in range(first_droppable + 1, len(starts)):
+            kept = head + messages[starts[i] :]
+            prompt = self.prompt(kept)
+            dropped = i - first_droppable
+            if len(prompt) + self.max_tokens <= n_ctx:
+                break
+        if len(prompt) >= n_ctx:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt)} tokens; the context holds {n_ctx}",
+                hint="shorten the message, /clear the history, or start with a larger --ctx",
+            )
+        if dropped and self.overflow == "shift":
+            self._shift_cache(full, prompt)
+        return prompt, kept, dropped
+
+    def _shift_cache(self, old: list[int], new: list[int]) -> None:
+        """When `new` is `old` with one block cut out, cut that block out of the KV cache too."""
+        cut = _cut(old, new)
+        if cut is None:
+            return
+        keep, discard = cut
+        if _common_prefix(self.engine.kv_tokens, old) < keep + discard:
+            return  # the cache does not hold the cut block; the engine re-processes instead
+        try:
+            self.engine.shift(keep, discard)
+        except LocalmixError:
+            self.engine.clear()  # a model whose cache cannot shift: start the prompt afresh
+
+    def _reply(self, prompt: list[int], max_tokens: int) -> Iterator[Chunk | Stats]:
+        pieces: list[str] = []
+        stats: Stats | None = None
+        strip = self._strip_space
+        stream = self.engine.stream(prompt, sampling=self.sampling, max_tokens=max_tokens)
+        try:
+            for item in stream:
+                if isinstance(item, Chunk) and item.text:
+                    if strip and item.text.startswith(" "):
+                        item = Chunk(item.text[1:], item.token)
+                    strip = False
+                    pieces.append(item.text)
+                elif isinstance(item, Stats):
+                    stats = item
+                yield item
+        finally:
+            stream.close()
+            self.last_stats = stats or getattr(self.engine, "last_stats", None)
+            self._record("".join(pieces), finished=stats is not None)
+
+    def _record(self, reply: str, *, finished: bool) -> None:
+        """Keep the message list in step with what the model saw and said."""
+        if reply:
+            self.messages.append(Message("assistant", reply))
+        elif not finished:
+            self.messages.pop()  # interrupted before any text: as if the message was never sent
+        # finished with an empty reply: the user message stays; the next one is merged with it
+
+
+def _resolve_format(engine: Engine, chat_format: str | ChatFormat | None) -> ChatFormat:
+    if isinstance(chat_format, str):
+        return template.get(chat_format)
+    if chat_format is not None:
+        return chat_format
+    return template.for_model(
+        engine.metadata,
+        engine.tokenize,
+        bos_token=_piece_text(engine, engine.bos_id),
+        eos_token=_piece_text(engine, engine.eos_id),
+    )
+
+
+def _piece_text(engine: Engine, token: int) -> str:
+    if token < 0:
+        return ""
+    return engine.token_piece(token).decode("utf-8", errors="replace")
+
+
+def _adds_space_prefix(metadata: dict[str, str]) -> bool:
+    if metadata.get("tokenizer.ggml.model") != "llama":
+        return False
+    return str(metadata.get("tokenizer.ggml.add_space_prefix", "true")).lower() != "false"
+
+
+def _turn_starts(messages: Sequence[Message]) -> list[int]:
+    """Indexes where a turn begins: a user message that does not follow another user message."""
+    return [
+        i
+        for i, m in enumerate(messages)
+        if m.role == "user" and (i == 0 or messages[i - 1].role != "user")
+    ]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _cut(old: Sequence[int], new: Sequence[int]) -> tuple[int, int] | None:
+    """(keep, discard) such that new == old[:keep] + old[keep + discard:], else None."""
+    discard = len(old) - len(new)
+    if discard <= 0:
+        return None
+    prefix = _common_prefix(old, new)
+    suffix = _common_prefix(old[::-1], new[::-1])
+    if prefix + suffix < len(new):
+        return None
+    keep = min(prefix, len(new))
+    return keep, discard

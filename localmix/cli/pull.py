@@ -1,0 +1,186 @@
+"""pull / import: models from the Hub or from disk into the store, with rich progress on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from localmix.cli.options import JsonOpt
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from localmix.store import Manifest
+
+NameArg = Annotated[
+    str,
+    typer.Argument(
+        help="NAME[:QUANT]: a catalog name (mistral, mixtral:q5_k_m), hf.co/ORG/REPO[:QUANT] "
+        "for a repo of GGUF files, or ORG/REPO for a checkpoint to convert and quantize.",
+        metavar="NAME[:QUANT]",
+    ),
+]
+
+
+class _PullView:
+    """Renders a pull's progress events: byte bars for downloads and sha256 checks, step bars
+    for convert and quantize; one rich display at a time, switched as the stages change."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._bar: Progress | None = None
+        self._kind = ""
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _PullView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _display(self, kind: str) -> Progress:
+        from localmix.cli import render
+
+        if self._bar is None or self._kind != kind:
+            self._stack.close()
+            self._stack = contextlib.ExitStack()
+            opener = render.progress if kind == "bytes" else render.steps
+            self._bar = self._stack.enter_context(opener())
+            self._kind = kind
+            self._tasks.clear()
+        return self._bar
+
+    def _task(self, kind: str, key: str, description: str, total: float | None) -> Any:
+        bar = self._display(kind)
+        if key not in self._tasks:
+            fields = {"detail": ""} if kind == "steps" else {}
+            self._tasks[key] = bar.add_task(description, total=total, **fields)
+        return self._tasks[key]
+
+    def __call__(self, event: object) -> None:
+        from localmix.cli.render import err_console
+        from localmix.hub import DownloadEvent, VerifyEvent
+        from localmix.pull import Stage
+
+        if isinstance(event, Stage):
+            if event.name in ("resolve", "register"):
+                label = "resolving" if event.name == "resolve" else "registering"
+                (self._bar.console if self._bar else err_console()).print(
+                    f"[dim]{label} {event.detail}[/]", highlight=False
+                )
+            elif event.name == "done":
+                self._stack.close()
+                self._bar = None
+            return
+        if isinstance(event, DownloadEvent):
+            task = self._task("bytes", "get:" + event.file, f"↓ {event.file}", event.total)
+            self._display("bytes").update(task, completed=event.done, total=event.total)
+        elif isinstance(event, VerifyEvent):
+            task = self._task("bytes", "sha:" + event.file, f"sha256 {event.file}", event.total)
+            self._display("bytes").update(task, completed=event.done)
+        else:
+            self._step(event)
+
+    def _step(self, event: object) -> None:
+        """Convert and quantize events: (index, total, tensor name) by whatever names they use."""
+        total = getattr(event, "total", None)
+        index = next(
+            (getattr(event, a) for a in ("index", "done", "current") if hasattr(event, a)), None
+        )
+        if total is None or index is None:
+            return
+        stage = "quantize" if type(event).__name__.lower().startswith("quant") else "convert"
+        label = {"quantize": "quantizing", "convert": "converting"}[stage]
+        task = self._task("steps", stage, label, total)
+        names = [a for a in ("tensor", "tensor_name", "name") if hasattr(event, a)]
+        detail = str(getattr(event, names[0])) if names else ""
+        self._display("steps").update(task, completed=index, total=total, detail=detail)
+
+
+def _done(manifest: Manifest, verb: str) -> None:
+    from localmix.cli import render
+
+    where = "" if manifest.owned else f" (in place: {manifest.path})"
+    render.console().print(
+        f"{verb} [bold]{manifest.ref}[/] — {render.human_size(manifest.size)}{where}",
+        highlight=False,
+    )
+    render.err_console().print(f"[dim]try: localmix chat {manifest.name}[/]", highlight=False)
+
+
+def pull_command(
+    name: NameArg,
+    quant: Annotated[
+        Optional[str],  # noqa: UP045 - typer needs Optional at runtime on 3.10
+        typer.Option("--quant", "-q", help="Quantization to fetch or make (default Q4_K_M)."),
+    ] = None,
+    revision: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--revision", help="Branch, tag or commit of the Hub repo (default main)."),
+    ] = None,
+    from_source: Annotated[
+        bool,
+        typer.Option(
+            "--from-source", help="Convert the original checkpoint even where a GGUF exists."
+        ),
+    ] = False,
+    keep_source: Annotated[
+        bool,
+        typer.Option(
+            "--keep-source",
+            help="Keep the downloaded checkpoint and the F16 GGUF (registered as NAME:F16).",
+        ),
+    ] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Use only the local Hugging Face cache.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download a model from the Hugging Face Hub (resumable, sha256-verified) into the store."""
+    from localmix import pull
+    from localmix.cli import render
+
+    with _PullView() as view:
+        manifest = pull.pull(
+            name,
+            quant=quant,
+            revision=revision,
+            from_source=from_source,
+            keep_source=keep_source,
+            offline=offline,
+            progress=view,
+        )
+    if json_out:
+        render.print_json(manifest.to_json())
+        return
+    _done(manifest, "pulled")
+
+
+def import_command(
+    path: Annotated[Path, typer.Argument(help="A .gguf file (the first shard of a split one).")],
+    name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--name", "-n", help="Store name (default: from the file name)."),
+    ] = None,
+    copy: Annotated[
+        bool, typer.Option("--copy", help="Copy the file into the store instead of referencing it.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register a GGUF file that is already on disk (validated first)."""
+    from localmix import pull
+    from localmix.cli import render
+
+    manifest = pull.import_gguf(path, name=name, copy=copy)
+    if json_out:
+        render.print_json(manifest.to_json())
+        return
+    _done(manifest, "imported")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pull")(pull_command)
+    app.command("import")(import_command)

@@ -1,0 +1,162 @@
+"""Checkpoint -> GGUF on gguf-py: detect the layout and architecture, pick the registered
+converter, stream the tensors into a temporary file, and move it into place only when complete.
+
+    convert(Path("Mistral-7B-Instruct-v0.3"), Path("mistral.f16.gguf"), outtype="f16")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from localmix.convert.output import OUTTYPES, ConvertEvent
+from localmix.errors import CheckpointError, DiskSpaceError, OutputError
+
+if TYPE_CHECKING:
+    from localmix.convert.checkpoint import Checkpoint
+
+__all__ = ["OUTTYPES", "ConvertEvent", "convert", "converter_for", "register"]
+
+_CONVERTERS: dict[str, type] = {}
+_C = TypeVar("_C", bound=type)
+# modules that register converters, imported on first use so `import localmix.convert` stays light
+_FAMILIES = ("localmix.convert.llama",)
+
+
+def register(*names: str) -> Callable[[_C], _C]:
+    """Class decorator: the converter for these architecture names (HF `architectures[0]`, or
+    "mistral" / "mixtral" for Mistral-native checkpoints)."""
+
+    def add(cls: _C) -> _C:
+        for name in names:
+            _CONVERTERS[name] = cls
+        return cls
+
+    return add
+
+
+def converter_for(ckpt: Checkpoint) -> Any:
+    """An instance of the converter registered for the checkpoint's architecture."""
+    import importlib
+
+    for module in _FAMILIES:
+        importlib.import_module(module)
+    arch = ckpt.architecture
+    cls = _CONVERTERS.get(arch)
+    if cls is None:
+        supported = ", ".join(sorted(n for n in _CONVERTERS if n[0].isupper()))
+        raise CheckpointError(
+            f"{ckpt.config_file}: unsupported architecture {arch}",
+            hint=f"localmix converts {supported} checkpoints",
+        )
+    return cls(ckpt)
+
+
+def convert(
+    src: Path,
+    out: Path,
+    *,
+    outtype: str = "f16",
+    progress: Callable[[ConvertEvent], None] | None = None,
+) -> Path:
+    """Convert a HF or Mistral-native checkpoint directory to one GGUF file at `out`; return `out`.
+
+    outtype: f32, f16, bf16 or q8_0 (1-D tensors, norms and the MoE router stay F32). Peak memory
+    follows one block of rows, not the model. Nothing appears at `out` unless the file is complete.
+    """
+    import gguf
+
+    from localmix.convert.checkpoint import open_checkpoint
+    from localmix.convert.output import check_outtype, file_type, stream
+    from localmix.convert.vocab import add_vocab
+
+    outtype = check_outtype(outtype)
+    ckpt = open_checkpoint(Path(src))
+    conv = converter_for(ckpt)
+    tensors = conv.tensors(outtype)
+    out = Path(out)
+    _check_output(out)
+    tmp = _temp_path(out)
+    try:
+        writer = gguf.GGUFWriter(None, conv.gguf_arch)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, _f32(), t.nbytes, raw_dtype=t.qtype)
+        conv.add_metadata(writer, file_type(outtype))
+        add_vocab(writer, ckpt, conv.hp.vocab_size)
+        _check_space(tmp.parent, sum(t.nbytes for t in tensors))
+        stream(writer, tmp, tensors, progress)
+        _move(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return out
+
+
+def _f32() -> Any:
+    import numpy as np
+
+    return np.dtype(np.float32)
+
+
+def _check_output(out: Path) -> None:
+    """Fail before any work if `out` cannot be written: its folder, made if need be, must be one."""
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory", hint="give a file name ending in .gguf")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {out}: {exc.strerror or exc}", hint="choose another output path"
+        ) from None
+    if not os.access(out.parent, os.W_OK):
+        raise OutputError(
+            f"cannot write {out}: permission denied", hint="choose another output path"
+        )
+
+
+def _temp_path(out: Path) -> Path:
+    from localmix import settings
+
+    tmp_dir = settings.tmp_dir()
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {tmp_dir}: {exc.strerror or exc}") from None
+    return tmp_dir / f"{out.name}.{uuid.uuid4().hex[:8]}.partial"
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + 64 * 2**20:
+        raise DiskSpaceError(
+            f"{folder}: {free / 2**30:.1f} GiB free, the GGUF needs {needed / 2**30:.1f} GiB",
+            hint="free some space or point LOCALMIX_HOME at a larger disk",
+        )
+
+
+def _move(tmp: Path, out: Path) -> None:
+    """Rename into place; across file systems, copy beside `out` first so the rename stays atomic."""
+    try:
+        os.replace(tmp, out)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    beside = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        shutil.copyfile(tmp, beside)
+        os.replace(beside, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            beside.unlink()
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -1,0 +1,476 @@
+"""The engine: one GGUF model and one llama.cpp context, driven through llama-cpp-python's low-level
+API. stream() reuses the KV cache's longest common prefix, decodes the rest in batches, then samples
+with llama.cpp's own sampler chain; the per-token loop does only what C cannot."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from localmix import settings
+from localmix.errors import ContextTooLong, EngineError, UsageError
+from localmix.llama.backend import LOG, llama
+from localmix.llama.records import (
+    FLASH_ATTN,
+    KV_CACHE_TYPES,
+    Chunk,
+    EngineConfig,
+    Sampling,
+    Stats,
+)
+from localmix.llama.sampler import sampler_chain
+from localmix.llama.textstream import TextStream
+
+if TYPE_CHECKING:
+    import numpy
+
+__all__ = ["Chunk", "Engine", "EngineConfig", "Sampling", "Stats"]
+
+_LOAD_MODE_NONE, _LOAD_MODE_AUTO = 0, -1  # enum llama_load_mode
+_DECODE_ERRORS = {1: "no free KV cache slot", 2: "aborted", -1: "invalid batch"}
+
+
+def _int32_array(values: Sequence[int]) -> Any:
+    return (ctypes.c_int32 * len(values))(*values)
+
+
+class Engine:
+    """A loaded GGUF and its context (seq 0). Use as a context manager; close() is idempotent."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.last_stats: Stats | None = None
+        self._kv: list[int] = []
+        self._pieces: dict[int, bytes] = {}
+        self._live: Iterator[Chunk | Stats] | None = None
+        self._closed = False
+        self._stack = ExitStack()
+        self._c = llama()
+        try:
+            self._load(config)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load(self, config: EngineConfig) -> None:
+        c, path = self._c, Path(config.model_path)
+        LOG.install(c)
+        LOG.verbose = config.verbose
+        LOG.errors.clear()
+        mparams = c.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        mparams.load_mode = _LOAD_MODE_AUTO if config.use_mmap else _LOAD_MODE_NONE
+        if config.tensor_overrides:
+            from localmix.llama.lib import apply_tensor_overrides
+
+            self._keepalive = apply_tensor_overrides(mparams, config.tensor_overrides)
+        model = c.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            self._load_failed(path)
+        self._model = model
+        self._stack.callback(c.llama_model_free, model)
+
+        threads = config.n_threads or settings.default_threads()
+        cparams = c.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = config.n_ubatch
+        cparams.n_seq_max = 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = config.n_threads_batch or threads
+        cparams.flash_attn_type = FLASH_ATTN[config.flash_attn]
+        cparams.type_k = KV_CACHE_TYPES[config.type_k]
+        cparams.type_v = KV_CACHE_TYPES[config.type_v]
+        ctx = c.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise EngineError(
+                f"llama.cpp could not create a {config.n_ctx or 'full'}-token context for "
+                f"{path.name}: {LOG.last_error('no reason given')}",
+                hint="try a smaller context size or another KV cache type",
+            )
+        self._ctx = ctx
+        self._stack.callback(c.llama_free, ctx)
+        self._vocab = self._not_null(c.llama_model_get_vocab(model), "the model's vocabulary")
+        self._mem = self._not_null(c.llama_get_memory(ctx), "the context's KV cache")
+
+        self.n_ctx = int(c.llama_n_ctx(ctx))
+        self.n_ctx_train = int(c.llama_model_n_ctx_train(model))
+        self.n_vocab = int(c.llama_vocab_n_tokens(self._vocab))
+        self.n_layer = int(c.llama_model_n_layer(model))
+        self.n_embd = int(c.llama_model_n_embd(model))
+        self.bos_id = int(c.llama_vocab_bos(self._vocab))
+        self.eos_id = int(c.llama_vocab_eos(self._vocab))
+        self.size_bytes = int(c.llama_model_size(model))
+        self.n_params = int(c.llama_model_n_params(model))
+        self.system_info = (c.llama_print_system_info() or b"").decode(errors="replace")
+        self.description = self._text(lambda buf, size: c.llama_model_desc(model, buf, size))
+        self.metadata = self._read_metadata()
+        self._n_batch = int(c.llama_n_batch(ctx))
+        self._batch = self._new_batch(self._n_batch)
+        self._one = self._new_batch(1)
+        self._one.n_tokens = 1
+        self._one.logits[0] = 1
+        # Field access on a ctypes struct builds a new pointer object: keep these once.
+        self._one_token, self._one_pos = self._one.token, self._one.pos
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def _load_failed(self, path: Path) -> None:
+        from localmix import gguffile
+
+        gguffile.inspect(path)  # raises InvalidGGUF for a missing, truncated or foreign file
+        raise EngineError(
+            f"llama.cpp could not load {path.name}: {LOG.last_error('no reason given')}",
+            hint="the file may need a newer llama.cpp, or a different architecture",
+        )
+
+    def _not_null(self, pointer: Any, what: str) -> Any:
+        if not pointer:
+            raise EngineError(f"llama.cpp returned no {what}")
+        return pointer
+
+    def _new_batch(self, size: int) -> Any:
+        batch = self._c.llama_batch_init(size, 0, 1)
+        if not batch.token:
+            raise EngineError(f"llama.cpp could not allocate a batch of {size} tokens")
+        self._stack.callback(self._c.llama_batch_free, batch)
+        for i in range(size):  # every token belongs to sequence 0
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+        return batch
+
+    def _text(self, fill: Any, size: int = 256) -> str:
+        """A string from a C getter that returns its full length, growing the buffer once."""
+        buf = ctypes.create_string_buffer(size)
+        n = fill(buf, size)
+        if n >= size:
+            buf = ctypes.create_string_buffer(n + 1)
+            n = fill(buf, n + 1)
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else ""
+
+    def _read_metadata(self) -> dict[str, str]:
+        c, model = self._c, self._model
+        meta = {}
+        for i in range(c.llama_model_meta_count(model)):
+            key = self._text(
+                lambda buf, size, i=i: c.llama_model_meta_key_by_index(model, i, buf, size)
+            )
+            val = self._text(
+                lambda buf, size, i=i: c.llama_model_meta_val_str_by_index(model, i, buf, size)
+            )
+            meta[key] = val
+        return meta
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the model; safe to call twice."""
+        self._settle()
+        self._closed = True
+        self._stack.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with suppress(Exception):
+            self.close()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise EngineError("the engine is closed")
+        self._settle()
+
+    def _settle(self) -> None:
+        """Close a stream still open, so its KV state is final before anything else runs."""
+        live, self._live = self._live, None
+        if live is not None:
+            live.close()  # type: ignore[attr-defined]
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        """Token ids of text; special=True parses control tokens written as text ("[INST]")."""
+        self._check_open()
+        data = text.encode("utf-8")
+        size = len(data) + 2
+        buf = (ctypes.c_int32 * size)()
+        n = self._c.llama_tokenize(self._vocab, data, len(data), buf, size, False, special)
+        if n < 0:
+            size = -n
+            buf = (ctypes.c_int32 * size)()
+            n = self._c.llama_tokenize(self._vocab, data, len(data), buf, size, False, special)
+        if n < 0:
+            raise EngineError("llama.cpp could not tokenize the text")
+        tokens = buf[:n]
+        return [self.bos_id, *tokens] if add_bos and self.bos_id >= 0 else tokens
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of tokens, control tokens left out (as in a stream)."""
+        self._check_open()
+        arr = _int32_array(tokens)
+        size = max(64, 8 * len(tokens))
+        buf = ctypes.create_string_buffer(size)
+        n = self._c.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, False)
+        if n < 0:
+            size = -n
+            buf = ctypes.create_string_buffer(size)
+            n = self._c.llama_detokenize(self._vocab, arr, len(tokens), buf, size, False, False)
+        if n < 0:
+            raise EngineError("llama.cpp could not detokenize the tokens")
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes of one token, control tokens rendered (e.g. b"[INST]")."""
+        self._check_open()
+        return self._piece(token, special=True)
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = self._c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            self._piece_buf = buf = ctypes.create_string_buffer(-n)
+            n = self._c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        piece = buf.raw[: max(n, 0)]
+        if not special:
+            self._pieces[token] = piece
+        return piece
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.n_vocab):
+            raise UsageError(f"token ids must be in [0, {self.n_vocab})")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("the engine is closed")
+
+    # -- the KV cache --------------------------------------------------------------------------
+
+    @property
+    def kv_tokens(self) -> tuple[int, ...]:
+        """The tokens the KV cache holds for sequence 0, in order (positions 0..n-1)."""
+        return tuple(self._kv)
+
+    def clear(self) -> None:
+        """Empty the KV cache."""
+        self._check()
+        self._c.llama_memory_clear(self._mem, True)
+        self._kv.clear()
+
+    def shift(self, keep: int, discard: int) -> None:
+        """Drop KV positions [keep, keep + discard) and move the rest down (tokens)."""
+        self._check()
+        if keep < 0 or discard < 0 or keep + discard > len(self._kv):
+            raise UsageError(f"cannot drop {discard} tokens after {keep} of {len(self._kv)}")
+        if discard == 0:
+            return
+        c, mem = self._c, self._mem
+        if not c.llama_memory_can_shift(mem):
+            raise EngineError("this model's KV cache cannot be shifted")
+        if not c.llama_memory_seq_rm(mem, 0, keep, keep + discard):
+            raise EngineError("llama.cpp could not remove part of the KV cache")
+        c.llama_memory_seq_add(mem, 0, keep + discard, -1, -discard)
+        del self._kv[keep : keep + discard]
+
+    def process(self, tokens: Sequence[int]) -> None:
+        """Append tokens to the KV cache in n_batch batches, without sampling."""
+        self._check()
+        tokens = list(tokens)
+        self._check_tokens(tokens)
+        self._check_room(len(tokens))
+        self._decode(tokens)
+        self._c.llama_synchronize(self._ctx)  # so a caller's clock sees finished work
+
+    def decode_one(self, token: int) -> None:
+        """Decode one token at the next position (what llama-bench's tg test does)."""
+        self._check()
+        if not 0 <= token < self.n_vocab:
+            raise UsageError(f"token ids must be in [0, {self.n_vocab})")
+        self._check_room(1)
+        self._step(token)
+        self._c.llama_synchronize(self._ctx)
+
+    def logits(self, tokens: Sequence[int]) -> numpy.ndarray:
+        """(n_tokens, n_vocab) float32 logits of every position, from an empty KV cache."""
+        import numpy as np
+
+        self.clear()
+        tokens = list(tokens)
+        self._check_tokens(tokens)
+        self._check_room(len(tokens))
+        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+
+        def collect(start: int, n: int) -> None:
+            ptr = self._c.llama_get_logits(self._ctx)
+            if not ptr:
+                raise EngineError("llama.cpp returned no logits")
+            out[start : start + n] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
+
+        self._decode(tokens, all_logits=True, each=collect)
+        return out
+
+    def _check_room(self, n: int) -> None:
+        if len(self._kv) + n > self.n_ctx:
+            raise ContextTooLong(
+                f"{len(self._kv) + n} tokens do not fit the {self.n_ctx}-token context",
+                hint="use a larger context size or a shorter input",
+            )
+
+    def _decode(self, tokens: list[int], *, all_logits: bool = False, each: Any = None) -> None:
+        """Decode tokens at the next positions in n_batch batches; logits of each batch's last
+        token (of every token with all_logits)."""
+        c, batch, step = self._c, self._batch, self._n_batch
+        for start in range(0, len(tokens), step):
+            part = tokens[start : start + step]
+            n, pos = len(part), len(self._kv)
+            ctypes.memmove(batch.token, _int32_array(part), 4 * n)
+            ctypes.memmove(batch.pos, _int32_array(range(pos, pos + n)), 4 * n)
+            ctypes.memset(batch.logits, 1 if all_logits else 0, n)
+            batch.logits[n - 1] = 1
+            batch.n_tokens = n
+            rc = c.llama_decode(self._ctx, batch)
+            if rc != 0:
+                self._decode_failed(rc)
+            self._kv.extend(part)
+            if each is not None:
+                each(start, n)
+
+    def _step(self, token: int) -> None:
+        self._one_token[0] = token
+        self._one_pos[0] = len(self._kv)
+        rc = self._c.llama_decode(self._ctx, self._one)
+        if rc != 0:
+            self._decode_failed(rc)
+        self._kv.append(token)
+
+    def _decode_failed(self, rc: int) -> None:
+        self._sync_kv()  # after a fatal error, finished micro-batches stay in the cache
+        meaning = _DECODE_ERRORS.get(rc, "fatal error")
+        raise EngineError(f"llama_decode failed ({rc}, {meaning}): {LOG.last_error('no detail')}")
+
+    def _sync_kv(self) -> None:
+        """Make kv_tokens and the cache agree after an error or an interruption."""
+        held = int(self._c.llama_memory_seq_pos_max(self._mem, 0)) + 1
+        if held < len(self._kv):
+            del self._kv[held:]
+        elif held > len(self._kv):
+            self._c.llama_memory_seq_rm(self._mem, 0, len(self._kv), -1)
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        """Keep the longest common prefix of the cache and the prompt; returns its length."""
+        kv, n = self._kv, 0
+        limit = min(len(kv), len(prompt) - 1)  # the last prompt token is decoded again for logits
+        while n < limit and kv[n] == prompt[n]:
+            n += 1
+        if n < len(kv):
+            if not self._c.llama_memory_seq_rm(self._mem, 0, n, -1):
+                self._c.llama_memory_clear(self._mem, True)  # e.g. a sliding-window cache
+                n = 0
+            del kv[n:]
+        return n
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: Sequence[int],
+        *,
+        sampling: Sampling = Sampling(),  # noqa: B008 (frozen record)
+        max_tokens: int = 512,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> Iterator[Chunk | Stats]:
+        """Generate after prompt: Chunks of text, then Stats last. ignore_eos keeps going past
+        end-of-generation tokens (benchmarks). Raises ContextTooLong if the prompt alone does not fit."""
+        self._check()
+        prompt = list(prompt)
+        if not prompt:
+            raise UsageError("the prompt has no tokens")
+        self._check_tokens(prompt)
+        if len(prompt) > self.n_ctx:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt)} tokens; the context holds {self.n_ctx}",
+                hint="shorten the conversation or use a larger context size",
+            )
+        if max_tokens < 0:
+            raise UsageError(f"max_tokens must be 0 or more, not {max_tokens}")
+        self._live = self._generate(prompt, sampling, max_tokens, tuple(stop), ignore_eos)
+        return self._live
+
+    def _generate(
+        self,
+        prompt: list[int],
+        sampling: Sampling,
+        max_tokens: int,
+        stop: tuple[str, ...],
+        ignore_eos: bool,
+    ) -> Iterator[Chunk | Stats]:
+        c, clock = self._c, time.perf_counter
+        start = clock()
+        t_prompt = t_first = t_last = start
+        cached = n_gen = n_samples = 0
+        finish, chain = "interrupted", None
+        try:
+            cached = self._reuse_prefix(prompt)
+            self._decode(prompt[cached:])
+            c.llama_synchronize(self._ctx)
+            t_prompt = clock()
+            chain = sampler_chain(c, self._ctx, sampling, prompt)
+            text = TextStream(stop)
+            # Locals for the loop: each token costs one decode, one sample and a dict lookup.
+            sample, is_eog = c.llama_sampler_sample, c.llama_vocab_is_eog
+            ctx, vocab, kv, n_ctx = self._ctx, self._vocab, self._kv, self.n_ctx
+            pieces, piece, step = self._pieces, self._piece, self._step
+            finish = "length"
+            while n_gen < max_tokens:
+                token = sample(chain, ctx, -1)
+                t_last = clock()
+                n_samples += 1
+                if n_samples == 1:
+                    t_first = t_last
+                if not ignore_eos and is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                n_gen += 1
+                data = pieces.get(token)
+                yield Chunk(text.feed(piece(token) if data is None else data), token)
+                if text.stopped:
+                    finish = "stop_string"
+                    break
+                if n_gen == max_tokens or len(kv) >= n_ctx:
+                    break
+                step(token)
+            tail = text.flush()
+            if tail:
+                yield Chunk(tail, -1)
+        except BaseException:
+            finish = "interrupted"
+            raise
+        finally:
+            if chain is not None:
+                c.llama_sampler_free(chain)
+            if not self._closed:
+                self._sync_kv()
+            processed = len(prompt) - cached
+            prompt_s = t_prompt - start
+            gen_s = t_last - t_first
+            self.last_stats = Stats(
+                prompt_tokens=processed,
+                cached_tokens=cached,
+                generated_tokens=n_gen,
+                ttft_s=t_first - start if n_samples else 0.0,
+                prompt_s=prompt_s,
+                prompt_tps=processed / prompt_s if prompt_s > 0 else 0.0,
+                gen_s=gen_s,
+                gen_tps=(n_samples - 1) / gen_s if gen_s > 0 else 0.0,
+                finish_reason=finish,
+            )
+        yield self.last_stats

@@ -1,0 +1,198 @@
+"""The one room for ctypes that llama-cpp-python 0.3.36 does not bind.
+
+ggml's backend-device API (devices, their memory and buffer types) and llama_model_params'
+tensor_buft_overrides. Nothing ctypes leaves this module: callers get records and plain values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from localmix.errors import UsageError
+
+CPU_BUFFER_TYPE = "CPU"
+
+# enum ggml_backend_dev_type (ggml-backend.h), in declaration order.
+_DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel", "meta")
+
+
+@dataclass(frozen=True)
+class BackendDevice:
+    """One ggml backend device as the loaded llama.cpp build sees it."""
+
+    name: str  # "CPU", "CUDA0", "Metal", "Vulkan0", ...
+    description: str
+    kind: str  # "cpu" | "gpu" | "igpu" | "accel" | "meta"
+    backend: str  # the registry that owns it: "CPU", "CUDA", "Metal", ...
+    free_bytes: int
+    total_bytes: int
+    buffer_type: str  # the name tensor overrides use for this device
+
+
+class _Override(ctypes.Structure):
+    """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }"""
+
+    _fields_ = (("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p))
+
+
+@dataclass(frozen=True)
+class OverrideKeepalive:
+    """The C array behind model_params.tensor_buft_overrides; keep it until the model is loaded."""
+
+    array: Any
+    patterns: tuple[bytes, ...]
+    overrides: tuple[tuple[str, str], ...]
+
+
+def _declare(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
+    function = getattr(lib, name)
+    function.restype = restype
+    function.argtypes = list(argtypes)
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml() -> ctypes.CDLL:
+    """libggml as llama-cpp-python loaded it (same handle, so the same device registry)."""
+    import llama_cpp
+    from llama_cpp import _ggml as ggml_module
+
+    llama_cpp.llama_backend_init()
+    lib = ggml_module.libggml
+    p, c = ctypes.c_void_p, ctypes.c_char_p
+    size = ctypes.c_size_t
+    _declare(lib, "ggml_backend_dev_count", size)
+    _declare(lib, "ggml_backend_dev_get", p, size)
+    _declare(lib, "ggml_backend_dev_name", c, p)
+    _declare(lib, "ggml_backend_dev_description", c, p)
+    _declare(lib, "ggml_backend_dev_memory", None, p, ctypes.POINTER(size), ctypes.POINTER(size))
+    _declare(lib, "ggml_backend_dev_type", ctypes.c_int, p)
+    _declare(lib, "ggml_backend_dev_buffer_type", p, p)
+    _declare(lib, "ggml_backend_dev_backend_reg", p, p)
+    _declare(lib, "ggml_backend_reg_count", size)
+    _declare(lib, "ggml_backend_reg_get", p, size)
+    _declare(lib, "ggml_backend_reg_name", c, p)
+    _declare(lib, "ggml_backend_buft_name", c, p)
+    _declare(lib, "ggml_backend_cpu_buffer_type", p)
+    _declare(lib, "ggml_backend_load_all_from_path", None, c)
+    if lib.ggml_backend_dev_count() == 0:
+        # A GGML_BACKEND_DL build registers nothing until its backend libraries are loaded.
+        lib_dir = llama_cpp.llama_cpp._base_path
+        lib.ggml_backend_load_all_from_path(str(lib_dir).encode())
+    return lib
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode(errors="replace") if value else ""
+
+
+def backends() -> tuple[str, ...]:
+    """Names of the backends compiled into (or loaded by) this llama.cpp build: CPU, CUDA, Metal..."""
+    lib = _ggml()
+    return tuple(
+        _text(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)))
+        for i in range(lib.ggml_backend_reg_count())
+    )
+
+
+def devices() -> tuple[BackendDevice, ...]:
+    """Every backend device with its free and total memory (bytes), as ggml reports them."""
+    lib = _ggml()
+    found = []
+    for index in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(index)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        kind = lib.ggml_backend_dev_type(dev)
+        buft = lib.ggml_backend_dev_buffer_type(dev)
+        reg = lib.ggml_backend_dev_backend_reg(dev)
+        found.append(
+            BackendDevice(
+                name=_text(lib.ggml_backend_dev_name(dev)),
+                description=_text(lib.ggml_backend_dev_description(dev)),
+                kind=_DEVICE_KINDS[kind] if 0 <= kind < len(_DEVICE_KINDS) else str(kind),
+                backend=_text(lib.ggml_backend_reg_name(reg)) if reg else "",
+                free_bytes=int(free.value),
+                total_bytes=int(total.value),
+                buffer_type=_text(lib.ggml_backend_buft_name(buft)) if buft else "",
+            )
+        )
+    return tuple(found)
+
+
+def _buffer_types() -> dict[str, int]:
+    """Buffer type name -> ggml_backend_buffer_type_t, as llama.cpp's --override-tensor builds it."""
+    lib = _ggml()
+    table: dict[str, int] = {}
+    for index in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(index)
+        buft = lib.ggml_backend_dev_buffer_type(dev)
+        if buft:
+            table[_text(lib.ggml_backend_buft_name(buft))] = buft
+            table.setdefault(_text(lib.ggml_backend_dev_name(dev)), buft)
+    # llama.cpp compares against this exact pointer to pick CPU extra buffer types (repacking).
+    table[CPU_BUFFER_TYPE] = lib.ggml_backend_cpu_buffer_type()
+    return table
+
+
+def buffer_type_names() -> tuple[str, ...]:
+    """The names apply_tensor_overrides accepts."""
+    return tuple(sorted(_buffer_types()))
+
+
+def apply_tensor_overrides(
+    model_params: Any, overrides: Sequence[tuple[str, str]]
+) -> OverrideKeepalive | None:
+    """Point model_params.tensor_buft_overrides at a NULL-terminated array built from
+    (regex on tensor name, buffer type name) pairs; returns what must stay alive until the
+    model is loaded (None when there is nothing to override)."""
+    if not overrides:
+        model_params.tensor_buft_overrides = None
+        return None
+    import llama_cpp
+
+    limit = int(llama_cpp.llama_max_tensor_buft_overrides())
+    if len(overrides) >= limit:
+        raise UsageError(
+            f"at most {limit - 1} tensor overrides are supported, got {len(overrides)}"
+        )
+    table = _buffer_types()
+    array = (_Override * (len(overrides) + 1))()
+    patterns = []
+    for index, (pattern, buffer_type) in enumerate(overrides):
+        if buffer_type not in table:
+            known = ", ".join(sorted(table))
+            raise UsageError(
+                f"unknown buffer type {buffer_type!r} for tensor override {pattern!r}",
+                hint=f"this llama.cpp build has: {known}",
+            )
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise UsageError(f"tensor override {pattern!r} is not a valid regex: {exc}") from exc
+        encoded = pattern.encode()
+        patterns.append(encoded)
+        array[index].pattern = encoded
+        array[index].buft = table[buffer_type]
+    # The last element stays zeroed: pattern NULL ends the list.
+    # 0.3.36 declares the field as c_void_p, so it takes the array's address.
+    model_params.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)
+    return OverrideKeepalive(array=array, patterns=tuple(patterns), overrides=tuple(overrides))
+
+
+def system_info() -> str:
+    """llama_print_system_info(): each backend with its compiled features."""
+    import llama_cpp
+
+    _ggml()
+    return _text(llama_cpp.llama_print_system_info()).strip()
+
+
+def supports_gpu_offload() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())

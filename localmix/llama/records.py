@@ -1,0 +1,126 @@
+"""The engine's records: how to load a model (EngineConfig), how to sample (Sampling), and what a
+stream yields (Chunk, then Stats). localmix's own tables stand in for llama.cpp's C enums."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from localmix.errors import UsageError
+
+# enum llama_flash_attn_type (include/llama.h)
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+# enum ggml_type values of the KV cache types llama.cpp accepts (llama-bench's -ctk / -ctv list).
+KV_CACHE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "bf16": 30,
+    "q8_0": 8,
+    "q4_0": 2,
+    "q4_1": 3,
+    "iq4_nl": 20,
+    "q5_0": 6,
+    "q5_1": 7,
+}
+
+FINISH_REASONS = ("stop", "length", "stop_string", "interrupted")
+
+
+def _choice(what: str, value: str, table: dict[str, int]) -> None:
+    if value not in table:
+        raise UsageError(f"unknown {what} {value!r}", hint="one of: " + ", ".join(table))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to load a GGUF: context size (tokens; 0 = the model's trained context), threads, batch
+    sizes (tokens), GPU layers (-1 = all), flash attention, KV cache types and tensor placement."""
+
+    model_path: Path
+    n_ctx: int = 4096
+    n_threads: int | None = None  # None: settings.default_threads()
+    n_threads_batch: int | None = None  # None: n_threads
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_gpu_layers: int = 0
+    flash_attn: str = "auto"
+    type_k: str = "f16"
+    type_v: str = "f16"
+    tensor_overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor name, buffer type)
+    use_mmap: bool = True
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("flash attention mode", self.flash_attn, FLASH_ATTN)
+        _choice("KV cache type", self.type_k, KV_CACHE_TYPES)
+        _choice("KV cache type", self.type_v, KV_CACHE_TYPES)
+        if self.n_ctx < 0:
+            raise UsageError(f"context size must be 0 or more, not {self.n_ctx}")
+        if self.n_batch < 1 or self.n_ubatch < 1:
+            raise UsageError("batch sizes must be at least 1")
+        for threads in (self.n_threads, self.n_threads_batch):
+            if threads is not None and threads < 1:
+                raise UsageError(f"threads must be at least 1, not {threads}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """llama.cpp's sampler chain: repeat penalty, top-k, top-p, min-p, temperature, then a seeded
+    draw; temperature 0 picks the most likely token. seed None draws a random seed."""
+
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise UsageError(f"temperature must be 0 or more, not {self.temperature}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be 0 (off) or more, not {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], not {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise UsageError(f"min_p must be in [0, 1], not {self.min_p}")
+        if not self.repeat_penalty > 0:
+            raise UsageError(f"repeat_penalty must be above 0, not {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise UsageError("repeat_last_n must be -1 (whole context), 0 (off) or more")
+
+    @classmethod
+    def greedy(cls) -> Sampling:
+        """Always the most likely token: temperature 0, no repeat penalty."""
+        return cls(temperature=0.0, repeat_penalty=1.0)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Generated text for one token. text never splits a UTF-8 character, so it may be empty while
+    a character or a possible stop string is incomplete; token is -1 for the text flushed at the end."""
+
+    text: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """One stream's counters: tokens, seconds and tokens per second (generation excludes the first
+    token, whose time is in ttft_s)."""
+
+    prompt_tokens: int  # tokens processed this call
+    cached_tokens: int  # reused from the KV cache
+    generated_tokens: int
+    ttft_s: float
+    prompt_s: float
+    prompt_tps: float
+    gen_s: float
+    gen_tps: float
+    finish_reason: str  # one of FINISH_REASONS

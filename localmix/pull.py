@@ -1,0 +1,366 @@
+"""The pull journey: catalog.resolve -> hub.download -> (checkpoint: convert -> quantize) -> store.add;
+and `import` of a GGUF already on disk.
+
+A GGUF from the Hub is registered where it lies in the shared HF cache (owned=False, no copy);
+a converted model is localmix's own file. Space is checked before anything is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from localmix import catalog, hub, settings, store
+from localmix.errors import DiskSpaceError, ModelNotFound, OfflineMiss, UsageError
+from localmix.store import Manifest
+
+if TYPE_CHECKING:
+    from localmix.gguffile import GGUFInfo
+
+# Output types convert writes directly (no quantize step).
+_CONVERT_TYPES = ("F16", "BF16", "F32")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Progress: the pull entered a stage (resolve, download, convert, quantize, register, done)."""
+
+    name: str
+    detail: str = ""
+
+
+# Receives Stage, hub.DownloadEvent, hub.VerifyEvent and the convert / quantize events.
+Progress = Callable[[object], None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where a reference leads: which repo, which store name, and whether to convert."""
+
+    name: str
+    repo: str
+    quant: str | None
+    convert: bool
+    chat_format: str | None = None
+    preferred_file: str | None = None
+
+
+def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
+    ref = catalog.resolve(reference)
+    quant = (quant or ref.quant or "").upper() or None
+    if ref.kind is catalog.RefKind.PATH:
+        raise UsageError(
+            f"{reference!r} is a path: files on disk are imported, not pulled",
+            hint=f"localmix import {reference}",
+        )
+    if ref.kind is catalog.RefKind.CATALOG:
+        spec = ref.spec
+        assert spec is not None
+        quant = quant or spec.default_quant
+        if from_source or not spec.gguf_repo:
+            return _Plan(spec.name, spec.source, quant, True, spec.chat_format)
+        return _Plan(
+            spec.name, spec.gguf_repo, quant, False, spec.chat_format, spec.gguf_file(quant)
+        )
+    assert ref.repo is not None
+    if ref.kind is catalog.RefKind.HF_GGUF:
+        if from_source:
+            raise UsageError(
+                "--from-source needs a checkpoint repo", hint="write ORG/REPO without hf.co/"
+            )
+        return _Plan(ref.name, ref.repo, quant, False)
+    return _Plan(ref.name, ref.repo, quant, True)
+
+
+def _chat_format(info: GGUFInfo) -> str | None:
+    """The Mistral chat format a GGUF's metadata points to (None: its own template decides)."""
+    from localmix.chat import template
+
+    return template.detect(info.metadata)
+
+
+def _existing(name: str, quant: str | None) -> Manifest | None:
+    if quant is None:
+        return None
+    for manifest in store.find(f"{name}:{quant}"):
+        if all(Path(p).exists() for p in (manifest.path, *manifest.extra_files)):
+            return manifest
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _size(n_bytes: int) -> str:
+    """Binary units, two decimals: 1.50 GiB, 1.00 PiB."""
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            return f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} PiB"
+
+
+def check_disk(needs: dict[Path, tuple[int, str]]) -> None:
+    """Refuse (DiskSpaceError, with the numbers) when a file system lacks the bytes asked of it.
+
+    `needs` maps a directory to (bytes, what for); directories on one file system add up.
+    """
+    by_device: dict[int, list[tuple[Path, int, str]]] = {}
+    for folder, (n_bytes, why) in needs.items():
+        if n_bytes <= 0:
+            continue
+        existing = _nearest_existing(folder)
+        by_device.setdefault(existing.stat().st_dev, []).append((existing, n_bytes, why))
+    for items in by_device.values():
+        total = sum(n for _, n, _ in items)
+        free = shutil.disk_usage(items[0][0]).free
+        if total > free:
+            parts = " + ".join(f"{_size(n)} {why}" for _, n, why in items)
+            where = ", ".join(sorted({str(p) for p, _, _ in items}))
+            raise DiskSpaceError(
+                f"not enough disk space: need {_size(total)} ({parts}) on {where}, "
+                f"{_size(free)} free",
+                hint="free some space, or point HF_HOME / LOCALMIX_HOME at a larger disk",
+            )
+
+
+def pull(
+    reference: str,
+    *,
+    quant: str | None = None,
+    revision: str | None = None,
+    from_source: bool = False,
+    keep_source: bool = False,
+    offline: bool = False,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store."""
+    emit = progress or (lambda _event: None)
+    ref = catalog.resolve(reference)
+    if ref.spec is not None and ref.spec.synthetic:
+        # Built-in synthetic models are built here, offline, not downloaded.
+        from localmix import builtin
+
+        return builtin.build(
+            ref.spec.name,
+            (quant or ref.quant or ref.spec.default_quant).upper(),
+            on_stage=lambda s: emit(Stage(s.name, s.detail)),
+            on_progress=emit,
+        )
+    plan = _plan(reference, quant, from_source)
+    offline = offline or settings.offline()
+    if revision is None and (found := _existing(plan.name, plan.quant)):
+        emit(Stage("done", f"{found.ref} is already installed"))
+        return found
+    emit(Stage("resolve", f"{plan.repo}@{revision or 'main'}"))
+    listing = hub.repo_files(plan.repo, revision, offline=offline)
+    if plan.convert and not _has_checkpoint(listing) and hub.gguf_quants(listing.names):
+        if from_source:
+            hub.checkpoint_files(listing.names)  # raises: a GGUF repo holds no checkpoint
+        plan = dataclasses.replace(plan, convert=False)  # ORG/REPO named a GGUF repo
+    if plan.convert:
+        return _pull_checkpoint(plan, listing, keep_source, emit)
+    return _pull_gguf(plan, listing, emit)
+
+
+def _has_checkpoint(listing: hub.Listing) -> bool:
+    try:
+        hub.checkpoint_files(listing.names)
+    except Exception:
+        return False
+    return True
+
+
+def _offline_miss(exc: Exception, listing: hub.Listing) -> Exception:
+    if not listing.cached:
+        return exc
+    hint = getattr(exc, "hint", None)
+    return OfflineMiss(
+        f"offline, and the Hugging Face cache lacks it: {exc}",
+        hint=(hint + "; " if hint else "") + "cached quants only; run the pull online to fetch",
+    )
+
+
+def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
+    from localmix import gguffile
+
+    try:
+        quant, names = hub.choose_gguf(
+            listing.names, plan.quant, repo=plan.repo, preferred=plan.preferred_file
+        )
+    except ModelNotFound as exc:
+        raise _offline_miss(exc, listing) from exc
+    if found := _existing(plan.name, quant):
+        emit(Stage("done", f"{found.ref} is already installed"))
+        return found
+    check_disk({hub.cache_dir(): (hub.bytes_to_fetch(listing, names), "download")})
+    emit(Stage("download", ", ".join(names)))
+    download = hub.download(listing, names, progress=emit)
+    first = download.files[0]
+    info = gguffile.inspect(first.path)
+    emit(Stage("register", f"{plan.name}:{quant}"))
+    manifest = Manifest(
+        name=plan.name,
+        quant=quant,
+        path=str(first.path),
+        size=info.file_size,
+        sha256=first.sha256 or store.sha256_file(first.path),
+        architecture=info.architecture,
+        chat_format=plan.chat_format or _chat_format(info),
+        context_length=info.context_length,
+        parameters=info.n_params,
+        source=f"hf:{listing.repo}@{listing.commit}",
+        created=time.time(),
+        owned=False,
+        extra_files=tuple(str(f.path) for f in download.files[1:]),
+        hub_files=tuple(str(f.path) for f in download.files),
+    )
+    manifest = store.add(manifest)
+    emit(Stage("done", manifest.ref))
+    return manifest
+
+
+def _pull_checkpoint(
+    plan: _Plan, listing: hub.Listing, keep_source: bool, emit: Progress
+) -> Manifest:
+    from localmix import quantize
+
+    quant = (plan.quant or quantize.DEFAULT_TYPE).upper()
+    if quant not in _CONVERT_TYPES:
+        quantize.quant_type(quant)  # an unknown type fails before any download
+    if found := _existing(plan.name, quant):
+        emit(Stage("done", f"{found.ref} is already installed"))
+        return found
+    names = hub.checkpoint_files(listing.names)
+    weights = sum(listing.file(n).size for n in names if n.endswith(".safetensors"))
+    # Published checkpoints are 16-bit, so the f16 GGUF is about the size of the weights (an f32
+    # checkpoint makes it half: the estimate errs on the safe side), and n_params = bytes / 2.
+    intermediate = weights
+    output = weights if quant in _CONVERT_TYPES else quantize.estimate_size(weights // 2, quant)
+    check_disk(
+        {
+            hub.cache_dir(): (hub.bytes_to_fetch(listing, names), "download"),
+            settings.tmp_dir(): (intermediate + output, "conversion and output"),
+        }
+    )
+    emit(Stage("download", f"{len(names)} files"))
+    download = hub.download(listing, names, progress=emit)
+    manifest = _convert_and_quantize(plan, quant, download, keep_source, emit)
+    if not keep_source:
+        hub.discard(download)  # the checkpoint served its purpose; files other tools had stay
+    emit(Stage("done", manifest.ref))
+    return manifest
+
+
+def _convert_and_quantize(
+    plan: _Plan, quant: str, download: hub.Download, keep_source: bool, emit: Progress
+) -> Manifest:
+    from localmix import quantize
+    from localmix.convert import convert
+
+    source = f"hf:{download.repo}@{download.commit}"
+    hub_files = tuple(str(f.path) for f in download.files) if keep_source else ()
+    with store.tmp_file(".f16.gguf") as f16:
+        emit(Stage("convert", download.repo))
+        outtype = quant if quant in _CONVERT_TYPES else "F16"
+        convert(download.snapshot, f16, outtype=outtype.lower(), progress=emit)
+        if quant in _CONVERT_TYPES:
+            return _register_owned(plan, quant, f16, source, hub_files, emit)
+        with store.tmp_file(".gguf") as out:
+            emit(Stage("quantize", quant))
+            quantize.quantize(f16, out, quant, progress=emit)
+            manifest = _register_owned(plan, quant, out, source, hub_files, emit)
+        if keep_source:  # the f16 stays as NAME:F16, the best input for `localmix quantize`
+            _register_owned(plan, "F16", f16, source, hub_files, emit)
+    return manifest
+
+
+def _register_owned(
+    plan: _Plan, quant: str, path: Path, source: str, hub_files: tuple[str, ...], emit: Progress
+) -> Manifest:
+    from localmix import gguffile
+
+    info = gguffile.inspect(path)
+    emit(Stage("register", f"{plan.name}:{quant}"))
+    manifest = Manifest(
+        name=plan.name,
+        quant=quant,
+        path=str(path),
+        size=info.file_size,
+        sha256=store.sha256_file(path),
+        architecture=info.architecture,
+        chat_format=plan.chat_format or _chat_format(info),
+        context_length=info.context_length,
+        parameters=info.n_params,
+        source=source,
+        created=time.time(),
+        owned=True,
+        hub_files=hub_files,
+    )
+    return store.add(manifest, src=path)
+
+
+def _name_from_file(path: Path) -> str:
+    """`mistral-7b-instruct-v0.2.Q4_K_M.gguf` -> `mistral-7b-instruct-v0.2` (shards too)."""
+    stem = re.sub(r"(-\d{5}-of-\d{5})?\.gguf$", "", path.name, flags=re.IGNORECASE)
+    tag = hub.quant_of(path.name)
+    if tag and stem.upper().endswith(tag) and stem[-len(tag) - 1 : -len(tag)] in ".-_":
+        stem = stem[: -len(tag) - 1]
+    return stem.lower() or "model"
+
+
+def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False) -> Manifest:
+    """Register a GGUF already on disk, by reference (or copied into the store), validated first."""
+    from localmix import gguffile
+
+    path = Path(path).expanduser().resolve()
+    info = gguffile.inspect(path)  # InvalidGGUF for anything truncated or not GGUF
+    name = name or _name_from_file(path)
+    quant = info.quant.upper()
+    for manifest in store.find(f"{name}:{quant}"):
+        if Path(manifest.path) == path and not copy:
+            return manifest
+        raise UsageError(
+            f"{manifest.ref} is already installed (from {manifest.source})",
+            hint="choose another name with --name, or remove it first with `localmix rm`",
+        )
+    if copy and len(info.files) > 1:
+        raise UsageError(
+            f"{path.name} is split into {len(info.files)} files; --copy takes single files",
+            hint="import it by reference (without --copy)",
+        )
+    manifest = Manifest(
+        name=name,
+        quant=quant,
+        path=str(path),
+        size=info.file_size,
+        sha256=store.sha256_file(path),
+        architecture=info.architecture,
+        chat_format=_chat_format(info),
+        context_length=info.context_length,
+        parameters=info.n_params,
+        source=f"path:{path}",
+        created=time.time(),
+        owned=copy,
+        extra_files=tuple(str(p) for p in info.files[1:]),
+    )
+    if not copy:
+        return store.add(manifest)
+    with store.tmp_file(".gguf") as tmp:
+        check_disk({tmp.parent: (info.file_size, "copy")})
+        shutil.copyfile(path, tmp)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o644)
+        return store.add(manifest, src=tmp)

@@ -1,0 +1,98 @@
+"""A tiny Llama-architecture GGUF with Mistral's v1 vocabulary whose greedy output is scripted.
+
+All attention and feed-forward weights are zero, so the residual stream is the token's embedding.
+Each scripted token gets a one-hot embedding, and the output row of its successor points along it:
+after token a the model's most likely next token is successors[a], by a wide margin. This makes
+stream() produce exact, chosen token sequences (byte tokens of multi-byte characters, stop strings,
+end of sequence) on real llama.cpp.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+N_EMBD = 64
+N_HEAD = 4
+N_FF = 64
+N_LAYER = 1
+# sentencepiece piece types -> llama.cpp token types (1 normal, 2 unknown, 3 control, 6 byte)
+_UNKNOWN, _CONTROL, _BYTE, _NORMAL = 2, 3, 6, 1
+
+
+def v1_tokenizer_path() -> Path:
+    import mistral_common
+
+    return Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
+
+
+def write_scripted_gguf(path: Path, successors: dict[int, int], *, n_ctx: int = 512) -> Path:
+    """Write the model; successors maps token -> the token greedy decoding emits after it."""
+    import gguf
+    import numpy as np
+    import sentencepiece
+
+    if len(successors) > N_EMBD:
+        raise ValueError(f"at most {N_EMBD} scripted tokens")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(v1_tokenizer_path()))
+    n_vocab = sp.vocab_size()
+    tokens, scores, types = [], [], []
+    for i in range(n_vocab):
+        tokens.append(sp.id_to_piece(i).encode())
+        scores.append(sp.get_score(i))
+        types.append(
+            _UNKNOWN
+            if sp.is_unknown(i)
+            else _CONTROL
+            if sp.is_control(i)
+            else _BYTE
+            if sp.is_byte(i)
+            else _NORMAL
+        )
+
+    rng = np.random.default_rng(0)
+    embd = rng.normal(0, 0.01, (n_vocab, N_EMBD)).astype(np.float32)
+    output = np.zeros((n_vocab, N_EMBD), dtype=np.float32)
+    for dim, (token, after) in enumerate(successors.items()):
+        embd[token] = 0.0
+        embd[token, dim] = 1.0
+        output[after, dim] = 10.0  # logit ~80 after RMS norm; every other logit stays near 0
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("scripted")
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(0)  # all F32
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+    zeros = np.zeros
+    writer.add_tensor("token_embd.weight", embd)
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+    writer.add_tensor("output.weight", output)
+    for b in range(N_LAYER):
+        writer.add_tensor(f"blk.{b}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"blk.{b}.{name}.weight", zeros((N_EMBD, N_EMBD), np.float32))
+        writer.add_tensor(f"blk.{b}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"blk.{b}.ffn_gate.weight", zeros((N_FF, N_EMBD), np.float32))
+        writer.add_tensor(f"blk.{b}.ffn_up.weight", zeros((N_FF, N_EMBD), np.float32))
+        writer.add_tensor(f"blk.{b}.ffn_down.weight", zeros((N_EMBD, N_FF), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

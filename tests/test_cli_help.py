@@ -1,0 +1,90 @@
+"""Every command answers --help, the CLI starts fast-importing, and the README's command reference
+is generated from the CLI itself (so the docs cannot drift).
+
+Regenerate the reference with:  LOCALMIX_WRITE_README=1 pytest tests/test_cli_help.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+
+from localmix.cli.app import app
+from tests.cli_run import run_cli
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- commands:start -->", "<!-- commands:end -->"
+
+
+def _commands() -> dict[str, object]:
+    group = typer.main.get_command(app)
+    return dict(sorted(group.commands.items()))  # type: ignore[attr-defined]
+
+
+def command_reference() -> str:
+    """Markdown for every command: usage, its help line, and its options."""
+    lines: list[str] = []
+    for name, command in _commands().items():
+        params = command.params  # type: ignore[attr-defined]
+        args = " ".join(
+            p.name.upper() + ("..." if getattr(p, "nargs", 1) == -1 else "")
+            for p in params
+            if p.param_type_name == "argument"
+        )
+        lines.append(f"### `localmix {name}{' ' + args if args else ''}`")
+        lines.append("")
+        lines.append((command.help or "").strip().splitlines()[0])  # type: ignore[attr-defined]
+        lines.append("")
+        for p in params:
+            if p.param_type_name != "option" or p.hidden:
+                continue
+            flags = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
+            default = p.default
+            shown = (
+                ""
+                if default in (None, False, (), [])
+                or callable(default)
+                or p.is_flag
+                or str(default).startswith("<")
+                else f" (default: {default})"
+            )
+            lines.append(f"- {flags}: {(p.help or '').strip()}{shown}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def test_readme_command_reference_matches_the_cli() -> None:
+    text = README.read_text(encoding="utf-8")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    expected = f"{head}{START}\n{command_reference()}{END}{tail}"
+    if os.environ.get("LOCALMIX_WRITE_README"):
+        README.write_text(expected, encoding="utf-8")
+    assert text == expected, "README command reference is stale: LOCALMIX_WRITE_README=1 pytest"
+
+
+@pytest.mark.parametrize("name", list(_commands()))
+def test_every_command_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, name, "--help")
+    assert result.code == 0
+    assert name in result.out
+
+
+def test_cli_imports_no_heavy_module() -> None:
+    code = (
+        "import sys, localmix.cli.app as a; "
+        "heavy = [m for m in ('llama_cpp', 'numpy', 'gguf', 'huggingface_hub', 'mistral_common',"
+        " 'torch', 'prompt_toolkit') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "--version")
+    assert result.code == 0 and result.out.startswith("localmix ")

@@ -1,0 +1,525 @@
+"""`localmix pull` and `import` against a real Hub on 127.0.0.1 (tests/hub_server.py), driven by the
+real huggingface_hub client: file choice, resume, verification, offline, disk, gated, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from localmix import hub as hubmod
+from localmix.errors import CheckpointError, DiskSpaceError, ModelNotFound
+from tests.hub_server import HubServer
+
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake_gguf(path: Path, n_bytes: int, *, seed: int = 0, file_type: int = 15) -> Path:
+    """A valid GGUF header with one padding tensor of about n_bytes (not a runnable model)."""
+    import gguf
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_file_type(file_type)  # 15 = Q4_K_M, what gguffile reports as the quant
+    data = np.random.default_rng(seed).standard_normal(max(n_bytes // 4, 8)).astype(np.float32)
+    writer.add_tensor("pad.weight", data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@dataclass
+class Env:
+    hub: HubServer
+    hf_home: Path
+    home: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.hf_home / "hub"
+
+    def vars(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+        env.update(
+            HF_ENDPOINT=self.hub.endpoint,
+            HF_HOME=str(self.hf_home),
+            LOCALMIX_HOME=str(self.home),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            NO_PROXY="127.0.0.1,localhost",
+            COLUMNS="120",
+            PYTHONPATH=str(ROOT),
+        )
+        env.update(extra)
+        return env
+
+    def cli(self, *args: str, timeout: float = 300, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "localmix", *args],
+            env=self.vars(**extra),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+
+    def listed(self) -> list[dict]:
+        result = self.cli("list", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout or "[]")
+
+    def blobs(self, repo: str) -> list[Path]:
+        folder = self.cache / f"models--{repo.replace('/', '--')}" / "blobs"
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.fixture
+def env(tmp_path: Path, localmix_home: Path) -> Iterator[Env]:
+    with HubServer() as server:
+        yield Env(server, tmp_path / "hf-home", localmix_home)
+
+
+def gguf_repo(tmp_path: Path, name: str, files: dict[str, int]) -> Path:
+    folder = tmp_path / "repos" / name
+    for seed, (filename, size) in enumerate(files.items()):
+        fake_gguf(folder / filename, size, seed=seed)
+    (folder / "README.md").write_text(f"# {name}\n")
+    return folder
+
+
+# --- choosing files (no network) ----------------------------------------------------------------
+
+QUANT_CASES = [
+    (["m.Q4_K_M.gguf", "m.Q5_K_M.gguf"], "q5_k_m", ["m.Q5_K_M.gguf"]),
+    (["M-Q4_K_M.gguf", "M-Q8_0.gguf"], None, ["M-Q4_K_M.gguf"]),
+    (["m-q8_0.gguf", "m-IQ3_XS.gguf"], "iq3_xs", ["m-IQ3_XS.gguf"]),
+    (["m-f16.gguf", "mmproj-m-f16.gguf"], "F16", ["m-f16.gguf"]),
+    (
+        ["big-Q4_K_M-00002-of-00002.gguf", "big-Q4_K_M-00001-of-00002.gguf", "big-Q8_0.gguf"],
+        "Q4_K_M",
+        ["big-Q4_K_M-00001-of-00002.gguf", "big-Q4_K_M-00002-of-00002.gguf"],
+    ),
+    (
+        ["Q4_K_M/big-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/big-Q4_K_M-00002-of-00002.gguf"],
+        None,
+        ["Q4_K_M/big-Q4_K_M-00001-of-00002.gguf", "Q4_K_M/big-Q4_K_M-00002-of-00002.gguf"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("names", "quant", "expected"), QUANT_CASES)
+def test_choose_gguf_picks_the_quant_and_every_shard(
+    names: list[str], quant: str | None, expected: list[str]
+) -> None:
+    assert hubmod.choose_gguf([*names, "README.md"], quant)[1] == expected
+
+
+def test_choose_gguf_without_that_quant_lists_the_quants_that_exist() -> None:
+    with pytest.raises(ModelNotFound) as caught:
+        hubmod.choose_gguf(["m.Q4_K_M.gguf", "m.Q5_K_M.gguf"], "Q8_0", repo="org/m")
+    assert "Q8_0" in caught.value.message
+    assert "Q4_K_M, Q5_K_M" in (caught.value.hint or "")
+
+
+def test_choose_gguf_refuses_a_split_gguf_with_missing_parts() -> None:
+    with pytest.raises(ModelNotFound, match="split into 3 parts"):
+        hubmod.choose_gguf(["b-Q4_K_M-00001-of-00003.gguf", "b-Q4_K_M-00002-of-00003.gguf"], None)
+
+
+CHECKPOINT_CASES = [
+    (
+        ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
+         "tokenizer_config.json", "pytorch_model.bin", "README.md", ".gitattributes"],
+        ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+         "tokenizer_config.json"],
+    ),
+    (
+        ["params.json", "consolidated.safetensors", "tokenizer.model.v3", "consolidated.00.pth"],
+        ["consolidated.safetensors", "params.json", "tokenizer.model.v3"],
+    ),
+    (  # both layouts in one repo: only the HF one is downloaded
+        ["config.json", "model.safetensors", "params.json", "consolidated.safetensors",
+         "tekken.json"],
+        ["config.json", "model.safetensors", "tekken.json"],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("names", "expected"), CHECKPOINT_CASES)
+def test_checkpoint_files_take_safetensors_config_and_tokenizer(
+    names: list[str], expected: list[str]
+) -> None:
+    assert hubmod.checkpoint_files(names) == expected
+
+
+def test_checkpoint_files_refuse_pickled_weights() -> None:
+    with pytest.raises(CheckpointError) as caught:
+        hubmod.checkpoint_files(["config.json", "pytorch_model.bin", "tokenizer.model"])
+    assert ".bin" in (caught.value.hint or "")
+
+
+def test_disk_check_refuses_with_the_numbers(tmp_path: Path) -> None:
+    from localmix.pull import check_disk
+
+    with pytest.raises(DiskSpaceError) as caught:
+        check_disk({tmp_path / "a": (1 << 60, "download"), tmp_path / "b": (1 << 30, "output")})
+    assert "1024.00 PiB download + 1.00 GiB output" in caught.value.message
+    assert "free" in caught.value.message
+
+
+# --- runnable models: synth -> convert -> quantize, served by the local Hub ------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Mistral checkpoint (HF layout, v3 tokenizer), as a Hub repo serves it."""
+    synth = pytest.importorskip("localmix.synth")
+    pytest.importorskip("localmix.convert")
+    folder = tmp_path_factory.mktemp("hub-checkpoint")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOCALMIX_HOME", str(folder / "home"))
+        return synth.checkpoint(folder / "tiny", arch="mistral", size="tiny", tokenizer="v3")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    """A GGUF repo with a Q4_K_M and a Q8_0 file made from the tiny checkpoint."""
+    from localmix.convert import convert
+    from localmix.quantize import quantize
+
+    folder = tmp_path_factory.mktemp("hub-gguf")
+    repo = folder / "repo"
+    repo.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOCALMIX_HOME", str(folder / "home"))
+        f16 = convert(tiny_checkpoint, folder / "tiny.f16.gguf", outtype="f16")
+        for quant in ("Q4_K_M", "Q8_0"):
+            quantize(f16, repo / f"tiny-mistral-{quant}.gguf", quant, threads=2)
+    (repo / "README.md").write_text("# tiny mistral\n")
+    return repo
+
+
+def one_chat_turn(model: dict) -> str:
+    """One demo chat turn on a pulled model: the reply's text (greedy, a few tokens)."""
+    from localmix.chat.session import Session
+    from localmix.llama.engine import Engine, EngineConfig, Sampling, Stats
+
+    config = EngineConfig(model_path=Path(model["path"]), n_ctx=256, n_threads=2)
+    with Engine(config) as engine:
+        session = Session(engine, model["chat_format"], sampling=Sampling.greedy(), max_tokens=8)
+        events = list(session.send("Hello!"))
+    stats = events[-1]
+    assert isinstance(stats, Stats) and stats.generated_tokens > 0
+    return "".join(getattr(e, "text", "") for e in events)
+
+
+@pytest.mark.slow
+def test_pull_gguf_repo_ends_with_a_model_that_chats(env: Env, tiny_gguf_repo: Path) -> None:
+    env.hub.add_repo("org/tiny-mistral-GGUF", tiny_gguf_repo)
+    result = env.cli("pull", "hf.co/org/tiny-mistral-GGUF:Q8_0")
+    assert result.returncode == 0, result.stderr
+    (model,) = env.listed()
+    assert (model["quant"], model["owned"], model["architecture"]) == ("Q8_0", False, "llama")
+    one_chat_turn(model)
+
+
+@pytest.mark.slow
+def test_pull_checkpoint_repo_converts_quantizes_and_chats(env: Env, tiny_checkpoint: Path) -> None:
+    env.hub.add_repo("org/tiny-mistral", tiny_checkpoint)
+    result = env.cli("pull", "org/tiny-mistral")
+    assert result.returncode == 0, result.stderr
+    (model,) = env.listed()
+    assert (model["name"], model["quant"], model["owned"]) == ("org--tiny-mistral", "Q4_K_M", True)
+    assert Path(model["path"]).is_relative_to(env.home)
+    assert "converting" in result.stderr and "quantizing" in result.stderr
+    leftovers = [p for p in (env.home / "tmp").glob("*") if p.is_file()]
+    assert leftovers == []  # the f16 intermediate is gone
+    assert not [p for p in env.blobs("org/tiny-mistral") if p.stat().st_size > 100_000]
+    one_chat_turn(model)
+
+
+@pytest.mark.slow
+def test_pull_checkpoint_keep_source_keeps_the_f16_and_the_download(
+    env: Env, tiny_checkpoint: Path
+) -> None:
+    env.hub.add_repo("org/tiny-mistral", tiny_checkpoint)
+    result = env.cli("pull", "org/tiny-mistral:Q8_0", "--keep-source")
+    assert result.returncode == 0, result.stderr
+    assert sorted(m["quant"] for m in env.listed()) == ["F16", "Q8_0"]
+    snapshots = env.cache / "models--org--tiny-mistral" / "snapshots"
+    assert list(snapshots.glob("*/*.safetensors"))  # the checkpoint stays in the HF cache
+
+
+# --- the journeys, through the CLI --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pull_gguf_repo_registers_the_cached_file_in_place(env: Env, tmp_path: Path) -> None:
+    repo = gguf_repo(tmp_path, "a", {"a.Q4_K_M.gguf": 2 * MiB, "a.Q8_0.gguf": 3 * MiB})
+    env.hub.add_repo("org/a-GGUF", repo)
+    result = env.cli("pull", "hf.co/org/a-GGUF")
+    assert result.returncode == 0, result.stderr
+    (model,) = env.listed()
+    assert (model["name"], model["quant"], model["owned"]) == ("org--a-gguf", "Q4_K_M", False)
+    assert Path(model["path"]).is_relative_to(env.cache)  # no copy: the HF cache's file
+    assert model["hub_files"] == [model["path"]]
+    assert env.hub.bytes_served("a.Q8_0.gguf") == 0  # only the quant asked for
+    assert env.hub.bytes_served("a.Q4_K_M.gguf") == (repo / "a.Q4_K_M.gguf").stat().st_size
+    again = env.cli("pull", "hf.co/org/a-GGUF:q4_k_m", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["path"] == model["path"]
+
+
+@pytest.mark.slow
+def test_pull_reuses_a_file_another_hf_tool_downloaded(env: Env, tmp_path: Path) -> None:
+    name = "t.Q4_K_M.gguf"
+    env.hub.add_repo("org/t-GGUF", gguf_repo(tmp_path, "t", {name: 2 * MiB}))
+    other_tool = (
+        f"from huggingface_hub import hf_hub_download; hf_hub_download('org/t-GGUF', {name!r})"
+    )
+    done = subprocess.run([sys.executable, "-c", other_tool], env=env.vars(), capture_output=True)
+    assert done.returncode == 0, done.stderr
+    env.hub.reset_log()
+    result = env.cli("pull", "hf.co/org/t-GGUF")
+    assert result.returncode == 0, result.stderr
+    assert env.hub.bytes_served(name) == 0  # verified and registered, not downloaded again
+    assert "sha256" in result.stderr
+
+
+@pytest.mark.slow
+def test_pull_split_gguf_fetches_every_shard(env: Env, tmp_path: Path) -> None:
+    names = {f"big-Q4_K_M-0000{i}-of-00002.gguf": MiB for i in (1, 2)}
+    env.hub.add_repo("org/big-GGUF", gguf_repo(tmp_path, "big", names))
+    result = env.cli("pull", "hf.co/org/big-GGUF:Q4_K_M")
+    assert result.returncode == 0, result.stderr
+    (model,) = env.listed()
+    assert model["path"].endswith("-00001-of-00002.gguf")
+    assert [Path(p).name for p in model["extra_files"]] == ["big-Q4_K_M-00002-of-00002.gguf"]
+
+
+@pytest.mark.slow
+def test_pull_revision_fetches_that_commit(env: Env, tmp_path: Path) -> None:
+    old = env.hub.add_repo(
+        "org/r-GGUF", gguf_repo(tmp_path, "v1", {"r.Q4_K_M.gguf": MiB}), revision="v1"
+    )
+    env.hub.add_repo("org/r-GGUF", gguf_repo(tmp_path, "v2", {"r.Q4_K_M.gguf": 2 * MiB}))
+    result = env.cli("pull", "hf.co/org/r-GGUF", "--revision", "v1")
+    assert result.returncode == 0, result.stderr
+    (model,) = env.listed()
+    assert model["source"] == f"hf:org/r-GGUF@{old}"
+
+
+@pytest.mark.slow
+def test_pull_killed_midway_resumes_from_the_bytes_on_disk(env: Env, tmp_path: Path) -> None:
+    name = "big.Q4_K_M.gguf"
+    repo = gguf_repo(tmp_path, "big", {name: 8 * MiB})
+    size = (repo / name).stat().st_size
+    env.hub.add_repo("org/big-GGUF", repo)
+    env.hub.fault(name, rate=2 * MiB)  # ~4 s for the file: time to kill it halfway
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localmix", "pull", "hf.co/org/big-GGUF"],
+        env=env.vars(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 120
+    while env.hub.bytes_served(name) < size // 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, "the pull ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.3)  # let the server notice the closed socket
+    served_before = env.hub.bytes_served(name)
+    assert size // 2 <= served_before < size
+    partial = [p for p in env.blobs("org/big-GGUF") if p.name.endswith(".incomplete")]
+    assert partial and partial[0].stat().st_size > 0
+
+    env.hub.clear_faults()
+    env.hub.reset_log()
+    result = env.cli("pull", "hf.co/org/big-GGUF")
+    assert result.returncode == 0, result.stderr
+    fetched = env.hub.bytes_served(name)
+    assert fetched <= size - served_before + MiB, (fetched, size, served_before)
+    assert any(r.range_start > 0 for r in env.hub.requests if r.file == name)
+    assert [m["quant"] for m in env.listed()] == ["Q4_K_M"]
+
+
+@pytest.mark.slow
+def test_pull_resumes_after_a_dropped_connection(env: Env, tmp_path: Path) -> None:
+    name = "d.Q4_K_M.gguf"
+    repo = gguf_repo(tmp_path, "d", {name: 4 * MiB})
+    size = (repo / name).stat().st_size
+    env.hub.add_repo("org/d-GGUF", repo)
+    env.hub.fault(name, drop_after=size // 3)
+    result = env.cli("pull", "hf.co/org/d-GGUF")
+    assert result.returncode == 0, result.stderr
+    assert env.hub.bytes_served(name) <= size + MiB  # continued, not restarted
+    assert len([r for r in env.hub.requests if r.file == name and r.method == "GET"]) == 2
+
+
+@pytest.mark.slow
+def test_pull_with_a_corrupted_byte_fails_clearly_and_keeps_nothing(
+    env: Env, tmp_path: Path
+) -> None:
+    name = "c.Q4_K_M.gguf"
+    repo = gguf_repo(tmp_path, "c", {name: 2 * MiB})
+    size = (repo / name).stat().st_size
+    env.hub.add_repo("org/c-GGUF", repo)
+    env.hub.fault(name, corrupt_at=size // 2)
+    result = env.cli("pull", "hf.co/org/c-GGUF")
+    assert result.returncode == 8, result.stderr
+    assert "error:" in result.stderr and name in result.stderr and "sha256" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not [p for p in env.blobs("org/c-GGUF") if p.stat().st_size > 1000]  # bad file gone
+    assert env.listed() == []
+    assert env.hub.bytes_served(name) == size  # downloaded once: no silent second try
+
+
+@pytest.mark.slow
+def test_pull_offline_with_the_model_cached_makes_no_request(env: Env, tmp_path: Path) -> None:
+    env.hub.add_repo("org/o-GGUF", gguf_repo(tmp_path, "o", {"o.Q4_K_M.gguf": MiB}))
+    assert env.cli("pull", "hf.co/org/o-GGUF").returncode == 0
+    assert env.cli("rm", "org--o-gguf").returncode == 0  # the HF cache keeps the file
+    env.hub.reset_log()
+    result = env.cli("pull", "hf.co/org/o-GGUF", "--offline")
+    assert result.returncode == 0, result.stderr
+    assert env.cli("rm", "org--o-gguf").returncode == 0
+    result = env.cli("pull", "hf.co/org/o-GGUF", HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    assert [m["name"] for m in env.listed()] == ["org--o-gguf"]
+    assert env.hub.requests == []
+
+
+@pytest.mark.slow
+def test_pull_offline_without_the_model_fails_without_touching_the_network(env: Env) -> None:
+    for extra_args, extra_env in ((["--offline"], {}), ([], {"HF_HUB_OFFLINE": "1"})):
+        result = env.cli("pull", "hf.co/org/absent-GGUF", *extra_args, **extra_env)
+        assert result.returncode == 7, result.stderr
+        assert "offline" in result.stderr and "hint:" in result.stderr
+    assert env.hub.requests == []
+
+
+@pytest.mark.slow
+def test_pull_refuses_before_downloading_when_the_disk_is_too_small(
+    env: Env, tmp_path: Path
+) -> None:
+    name = "huge.Q4_K_M.gguf"
+    repo = gguf_repo(tmp_path, "huge", {name: MiB})
+    env.hub.add_repo("org/huge-GGUF", repo, claimed_sizes={name: 1 << 50})  # a 1 PiB file
+    result = env.cli("pull", "hf.co/org/huge-GGUF")
+    assert result.returncode == 9, result.stderr
+    assert "not enough disk space" in result.stderr and "GiB" in result.stderr
+    assert not [r for r in env.hub.requests if "/resolve/" in r.path or r.server == "cdn"]
+
+
+@pytest.mark.slow
+def test_pull_gated_repo_hint_names_the_model_page(env: Env, tmp_path: Path) -> None:
+    repo = gguf_repo(tmp_path, "g", {"g.Q4_K_M.gguf": MiB})
+    env.hub.add_repo("org/gated-GGUF", repo, gated=True, tokens=("hf_accepted",))
+    result = env.cli("pull", "hf.co/org/gated-GGUF")
+    assert result.returncode == 7, result.stderr
+    page = f"{env.hub.endpoint}/org/gated-GGUF"
+    assert "gated" in result.stderr and page in result.stderr.replace("\n", "")
+    assert "HF_TOKEN" in result.stderr
+    assert env.cli("pull", "hf.co/org/gated-GGUF", HF_TOKEN="hf_accepted").returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("reference", "code", "needles"),
+    [
+        ("mistrall", 3, ["unknown model", "did you mean"]),
+        ("hf.co/org/nothing-GGUF", 3, ["no repository", "org/nothing-GGUF"]),
+        ("hf.co/org/q-GGUF:Q8_0", 3, ["no Q8_0 file", "Q4_K_M, Q5_K_M"]),
+    ],
+)
+def test_pull_errors_say_what_to_do(
+    env: Env, tmp_path: Path, reference: str, code: int, needles: list[str]
+) -> None:
+    env.hub.add_repo(
+        "org/q-GGUF", gguf_repo(tmp_path, "q", {"q.Q4_K_M.gguf": MiB, "q.Q5_K_M.gguf": MiB})
+    )
+    result = env.cli("pull", reference)
+    assert result.returncode == code, result.stderr
+    text = result.stderr.replace("\n", " ")
+    for needle in needles:
+        assert needle in text
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_pull_with_the_network_down_says_so(env: Env) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = env.cli("pull", "hf.co/org/x-GGUF", HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert result.returncode == 7, result.stderr
+    assert "cannot reach the Hub" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_pull_from_a_hub_too_slow_gives_up_after_retries_and_keeps_nothing_broken(
+    env: Env, tmp_path: Path
+) -> None:
+    name = "s.Q4_K_M.gguf"
+    env.hub.add_repo("org/s-GGUF", gguf_repo(tmp_path, "s", {name: MiB}))
+    env.hub.fault(name, delay_s=2.5, times=20)
+    result = env.cli("pull", "hf.co/org/s-GGUF", HF_HUB_DOWNLOAD_TIMEOUT="1")
+    assert result.returncode == 7, result.stderr
+    assert "too slow" in result.stderr and "Traceback" not in result.stderr
+    assert len([r for r in env.hub.requests if r.file == name]) > 1  # it retried
+    assert env.listed() == []
+
+
+@pytest.mark.slow
+def test_rm_purge_cache_deletes_only_files_no_other_model_uses(env: Env, tmp_path: Path) -> None:
+    repo = gguf_repo(tmp_path, "p", {"p.Q4_K_M.gguf": MiB, "p.Q8_0.gguf": MiB})
+    env.hub.add_repo("org/p-GGUF", repo)
+    assert env.cli("pull", "hf.co/org/p-GGUF:Q4_K_M").returncode == 0
+    assert env.cli("pull", "hf.co/org/p-GGUF:Q8_0").returncode == 0
+    q8 = next(m for m in env.listed() if m["quant"] == "Q8_0")
+    assert env.cli("rm", "org--p-gguf:Q4_K_M", "--purge-cache").returncode == 0
+    assert Path(q8["path"]).exists()
+    large = [p for p in env.blobs("org/p-GGUF") if p.stat().st_size > 1000]
+    assert len(large) == 1 and Path(q8["path"]).resolve() == large[0]
+
+
+# --- import -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_import_registers_by_reference_or_copies(env: Env, tmp_path: Path) -> None:
+    path = fake_gguf(tmp_path / "mine.Q4_K_M.gguf", MiB)
+    result = env.cli("import", str(path))
+    assert result.returncode == 0, result.stderr
+    result = env.cli("import", str(path), "--name", "copied", "--copy")
+    assert result.returncode == 0, result.stderr
+    models = {m["name"]: m for m in env.listed()}
+    assert models["mine"]["path"] == str(path) and models["mine"]["owned"] is False
+    assert models["copied"]["owned"] is True
+    assert Path(models["copied"]["path"]).is_relative_to(env.home)
+    assert env.cli("rm", "copied").returncode == 0 and path.exists()
+
+
+@pytest.mark.slow
+def test_import_rejects_a_file_that_is_not_gguf(env: Env, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    result = env.cli("import", str(bad))
+    assert result.returncode == 6 and "not a GGUF file" in result.stderr
+    assert env.listed() == []
