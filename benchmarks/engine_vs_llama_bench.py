@@ -52,22 +52,16 @@ def models_dir() -> Path:
 def make_model(name: str) -> Path:
     """A synthetic checkpoint → f16 GGUF → Q4_K_M GGUF, made once and reused."""
     arch, size = MODELS[name]
-    out = models_dir() / f"{arch}-{size}-Q4_K_M.gguf"
+    out = models_dir() / f"synth-{arch}-{size}-Q4_K_M.gguf"
     if out.is_file():
         return out
+    from localmix import synth
+    from localmix.convert import convert
     from localmix.quantize import quantize
 
     with tempfile.TemporaryDirectory(dir=models_dir()) as tmp:
-        f16 = Path(tmp) / "model-f16.gguf"
-        try:
-            from localmix import synth
-            from localmix.convert import convert
-        except ImportError:  # before synth/convert exist: the same shapes written directly
-            from synthetic_gguf import write_gguf
-
-            write_gguf(f16, arch=arch, size=size)
-        else:
-            convert(synth.checkpoint(Path(tmp) / "ckpt", arch=arch, size=size), f16)
+        checkpoint = synth.checkpoint(Path(tmp) / "ckpt", arch=arch, size=size)
+        f16 = convert(checkpoint, Path(tmp) / "model-f16.gguf", outtype="f16")
         quantize(f16, out, "Q4_K_M")
     return out
 

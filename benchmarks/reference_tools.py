@@ -4,7 +4,7 @@ llama-cpp-python vendors.
 
     python benchmarks/reference_tools.py [--keep DIR] [--arch A] [--size S] [--layout L]
 
-For synthetic Mistral and Mixtral checkpoints (sizes tiny and small, Hugging Face layout by default)
+For synthetic Mistral and Mixtral checkpoints (sizes tiny and small; Hugging Face and Mistral-native)
 it converts with both converters (f16 and f32) and compares every tensor (name, type, shape, bytes)
 and every metadata key; then it quantizes localmix's f16 GGUF to Q4_K_M with localmix and with
 llama-quantize and compares the results byte for byte. convert_hf_to_gguf.py needs torch and
@@ -36,6 +36,34 @@ _REQUIREMENT_FILES = (
     "requirements-convert_hf_to_gguf.txt",
     "requirements-convert_legacy_llama.txt",
 )
+# Differences that are expected, with the reason the report shows. Keyed by (layout, key, aspect).
+INTENTIONAL = {
+    ("mistral", "llama.context_length", "extra"): (
+        "convert_hf_to_gguf.py --mistral-format finds no context length in params.json "
+        "(max_seq_len), and llama.cpp refuses to load its GGUF without one"
+    ),
+}
+# The essential metadata the comparison must actually see (absent from both files = a failure too).
+REQUIRED_KEYS = (
+    "general.architecture",
+    "{arch}.context_length",
+    "{arch}.embedding_length",
+    "{arch}.block_count",
+    "{arch}.feed_forward_length",
+    "{arch}.attention.head_count",
+    "{arch}.attention.head_count_kv",
+    "{arch}.rope.freq_base",
+    "{arch}.rope.dimension_count",
+    "{arch}.attention.layer_norm_rms_epsilon",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.chat_template",
+)
+REQUIRED_MOE_KEYS = ("{arch}.expert_count", "{arch}.expert_used_count")
 # general.* keys other than these describe the file (name, sizes, who made it), not the model
 _GENERAL_ESSENTIAL = {"general.architecture", "general.file_type", "general.alignment"}
 
@@ -47,6 +75,7 @@ class Diff:
     expected: str  # the reference tool's
     got: str  # localmix's
     essential: bool
+    note: str = ""  # why a non-essential difference is expected
 
 
 @dataclass(frozen=True)
@@ -159,8 +188,8 @@ def _value_diff(expected: Any, got: Any) -> tuple[str, str]:
     return _show(expected), _show(got)
 
 
-def compare(case: str, reference: Path, ours: Path, *, metadata: bool = True) -> Comparison:
-    """Every tensor and (if metadata) every key of `ours` against `reference`."""
+def compare(case: str, reference: Path, ours: Path, *, layout: str = "hf") -> Comparison:
+    """Every tensor and every metadata key of `ours` against `reference`."""
     import numpy as np
     from gguf import GGUFReader
 
@@ -174,17 +203,10 @@ def compare(case: str, reference: Path, ours: Path, *, metadata: bool = True) ->
         diffs.append(Diff(name, "extra", "-", "present", True))
     ref_order, got_order = [t.name for t in ref.tensors], [t.name for t in got.tensors]
     if ref_order != got_order and not diffs:
-        # order carries no meaning (convert_hf_to_gguf.py follows the safetensors header's sorted
-        # names); shown, not essential
         at = next(i for i, (a, b) in enumerate(zip(ref_order, got_order, strict=True)) if a != b)
+        why = "the reference follows the checkpoint's sorted tensor names; order has no meaning"
         diffs.append(
-            Diff(
-                "(tensor order)",
-                "order",
-                f"[{at}] {ref_order[at]}",
-                f"[{at}] {got_order[at]}",
-                False,
-            )
+            Diff("(tensor order)", "order", ref_order[at], got_order[at], False, why + f" (#{at})")
         )
     for name in sorted(ref_t.keys() & got_t.keys()):
         a, b = ref_t[name], got_t[name]
@@ -197,24 +219,28 @@ def compare(case: str, reference: Path, ours: Path, *, metadata: bool = True) ->
             diffs.append(
                 Diff(name, "bytes", f"{a.n_bytes} bytes", f"{where.size} bytes differ", True)
             )
-    n_keys = 0
-    if metadata:
-        ref_f, got_f = _fields(ref), _fields(got)
-        n_keys = len(ref_f)
-        for key in sorted(ref_f.keys() | got_f.keys()):
-            essential = not key.startswith("general.") or key in _GENERAL_ESSENTIAL
-            if key not in got_f:
-                diffs.append(Diff(key, "missing", _show(ref_f[key]), "-", essential))
-            elif key not in ref_f:
-                diffs.append(Diff(key, "extra", "-", _show(got_f[key]), essential))
-            elif ref_f[key] != got_f[key]:
-                exp, have = _value_diff(ref_f[key], got_f[key])
-                diffs.append(Diff(key, "value", exp, have, essential))
+    ref_f, got_f = _fields(ref), _fields(got)
+    for key in sorted(ref_f.keys() | got_f.keys()):
+        if key not in got_f:
+            diff = Diff(key, "missing", _show(ref_f[key]), "-", True)
+        elif key not in ref_f:
+            diff = Diff(key, "extra", "-", _show(got_f[key]), True)
+        elif ref_f[key] != got_f[key]:
+            diff = Diff(key, "value", *_value_diff(ref_f[key], got_f[key]), True)
+        else:
+            continue
+        diffs.append(_classify(diff, layout))
+    arch = got_f.get("general.architecture", "llama")
+    moe = any("_exps" in name for name in got_t)
+    for template in REQUIRED_KEYS + (REQUIRED_MOE_KEYS if moe else ()):
+        key = template.format(arch=arch)
+        if key not in ref_f and key not in got_f:
+            diffs.append(Diff(key, "absent from both", "-", "-", True))
     counts: dict[str, int] = {}
     for t in got.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     types = " ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
-    return Comparison(case, len(ref_t), n_keys, tuple(diffs), types)
+    return Comparison(case, len(ref_t), len(ref_f), tuple(diffs), types)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -241,13 +267,12 @@ def run(work: Path, archs: list[str], layouts: list[str], sizes: list[str]) -> l
                             python, src, ckpt, work / f"{name}.reference.{outtype}.gguf", outtype
                         )
                     except RuntimeError as exc:
-                        if layout == "hf":
+                        if layout == "hf" or arch != "mixtral":
                             raise
-                        # convert_hf_to_gguf.py --mistral-format routes MoE to its DeepSeek-style
-                        # Mistral MoE path and so cannot read a Mixtral params.json
+                        # its Mistral-native MoE path is for DeepSeek-style models: no Mixtral
                         results.append(_reference_failed(case, exc))
                         continue
-                    results.append(compare(case, theirs, ours))
+                    results.append(compare(case, theirs, ours, layout=layout))
                 # both quantizers read the same f16 file, so only the quantizer can differ
                 f16 = work / f"{name}.localmix.f16.gguf"
                 ours_q = quantize(f16, work / f"{name}.localmix.Q4_K_M.gguf", "Q4_K_M")
@@ -256,9 +281,21 @@ def run(work: Path, archs: list[str], layouts: list[str], sizes: list[str]) -> l
     return results
 
 
+def _classify(diff: Diff, layout: str) -> Diff:
+    from dataclasses import replace
+
+    reason = INTENTIONAL.get((layout, diff.what, diff.aspect))
+    if reason:
+        return replace(diff, essential=False, note=reason)
+    if diff.what.startswith("general.") and diff.what not in _GENERAL_ESSENTIAL:
+        return replace(diff, essential=False, note="describes the file, not the model")
+    return diff
+
+
 def _reference_failed(case: str, exc: Exception) -> Comparison:
     last = str(exc).strip().splitlines()[-1]
-    return Comparison(case, 0, 0, (Diff("(reference tool)", "failed", last, "-", False),), "")
+    note = "convert_hf_to_gguf.py --mistral-format routes MoE to its DeepSeek-style path"
+    return Comparison(case, 0, 0, (Diff("(reference tool)", "failed", last, "-", False, note),), "")
 
 
 def report(results: list[Comparison]) -> None:
@@ -290,12 +327,17 @@ def report(results: list[Comparison]) -> None:
         )
     console.print(summary)
     details = Table(title="differences (reference tool → localmix)")
-    for col in ("case", "tensor / key", "aspect", "reference", "localmix", "essential"):
+    for col in ("case", "tensor / key", "aspect", "reference", "localmix", "essential / why not"):
         details.add_column(col, overflow="fold")
     for r in results:
         for d in r.diffs:
             details.add_row(
-                r.case, d.what, d.aspect, d.expected, d.got, "[red]yes[/]" if d.essential else "no"
+                r.case,
+                d.what,
+                d.aspect,
+                d.expected,
+                d.got,
+                "[red]yes[/]" if d.essential else f"no: {d.note}",
             )
     if details.row_count:
         console.print(details)
@@ -311,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "--layout",
         action="append",
         choices=["hf", "mistral"],
-        help="checkpoint layouts (default hf)",
+        help="checkpoint layouts (default both)",
     )
     parser.add_argument("--size", action="append", choices=["tiny", "small", "125m"])
     args = parser.parse_args(argv)
@@ -319,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     # tiny (dim 64) is below k-quant block size 256, so Q4_K_M falls back to legacy types there;
     # small (dim 256) exercises Q4_K and Q6_K themselves
     sizes = args.size or ["tiny", "small"]
-    layouts = args.layout or ["hf"]
+    layouts = args.layout or ["hf", "mistral"]
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         results = run(args.keep, archs, layouts, sizes)

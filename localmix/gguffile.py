@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,18 +89,67 @@ class GGUFInfo:
         return dict(Counter(t.type_name for t in self.tensors).most_common())
 
 
-def _value(reader_field: Any) -> Any:
-    """A field's value: scalars and strings as Python values, long arrays as their length."""
-    import gguf
+# GGUF value types -> struct format (strings = 8, arrays = 9 are handled apart).
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_STRING, _ARRAY = 8, 9
 
-    types = reader_field.types
-    if not types:
-        return None
-    if types[0] == gguf.GGUFValueType.ARRAY:
-        count = len(reader_field.data)
-        if count > _MAX_ARRAY:
-            return f"[{count} items]"
-    return reader_field.contents()
+
+class _Cursor:
+    """A little-endian reader over a memory map that reports truncation as InvalidGGUF."""
+
+    def __init__(self, data: Any, path: Path) -> None:
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.data):
+            raise InvalidGGUF(
+                f"{self.path}: truncated or damaged GGUF header",
+                hint="the download or conversion was cut short; fetch or convert it again",
+            )
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def scalar(self, kind: int) -> Any:
+        fmt = _SCALARS.get(kind)
+        if fmt is None:
+            raise InvalidGGUF(f"{self.path}: damaged GGUF header (value type {kind})")
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.scalar(10)).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            return self.scalar(kind)
+        item_kind, count = self.scalar(4), self.scalar(10)
+        if count <= _MAX_ARRAY:
+            return [self.value(item_kind) for _ in range(count)]
+        # Token lists are long (131k strings for tekken): skip them without building values.
+        if item_kind == _STRING:
+            for _ in range(count):
+                self.take(self.scalar(10))
+        elif item_kind in _SCALARS:
+            self.take(struct.calcsize("<" + _SCALARS[item_kind]) * count)
+        else:
+            for _ in range(count):
+                self.value(item_kind)
+        return f"[{count} items]"
 
 
 def _check_magic(path: Path) -> None:
@@ -120,38 +170,50 @@ def _check_magic(path: Path) -> None:
 
 
 def _read_one(path: Path) -> tuple[dict[str, Any], list[TensorInfo], int]:
+    import mmap
+
     import gguf
 
     _check_magic(path)
     size = path.stat().st_size
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, IndexError, ... on damaged headers
-        raise InvalidGGUF(
-            f"{path}: damaged or truncated GGUF header ({type(exc).__name__})",
-            hint="download or convert the file again",
-        ) from exc
-    metadata = {
-        name: _value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")
-    }
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        cursor = _Cursor(data, path)
+        cursor.take(4)
+        version = cursor.scalar(4)
+        if version not in (2, 3):
+            raise InvalidGGUF(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = cursor.scalar(10), cursor.scalar(10)
+        if n_tensors > 1_000_000 or n_kv > 1_000_000:
+            raise InvalidGGUF(f"{path}: damaged GGUF header (implausible counts)")
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cursor.string()
+            metadata[key] = cursor.value(cursor.scalar(4))
+        raw = []
+        for _ in range(n_tensors):
+            name = cursor.string()
+            dims = tuple(cursor.scalar(10) for _ in range(cursor.scalar(4)))
+            raw.append((name, dims, cursor.scalar(4), cursor.scalar(10)))
+        alignment = int(metadata.get("general.alignment", 32) or 32)
+        data_start = -(-cursor.pos // alignment) * alignment
     tensors = []
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
+    for name, dims, type_id, offset in raw:
+        try:
+            qtype = gguf.GGMLQuantizationType(type_id)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError) as exc:
+            raise InvalidGGUF(f"{path}: tensor {name} has unknown type {type_id}") from exc
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        n_bytes = n_elements // block * type_size
+        end = data_start + offset + n_bytes
         if end > size:
             raise InvalidGGUF(
-                f"{path}: truncated: tensor {tensor.name} ends at byte {end} "
-                f"but the file has {size}",
+                f"{path}: truncated: tensor {name} ends at byte {end} but the file has {size}",
                 hint="the download or conversion was cut short; fetch or convert it again",
             )
-        tensors.append(
-            TensorInfo(
-                name=tensor.name,
-                type_name=tensor.tensor_type.name,
-                shape=tuple(int(d) for d in tensor.shape),
-                n_elements=int(tensor.n_elements),
-                n_bytes=int(tensor.n_bytes),
-            )
-        )
+        tensors.append(TensorInfo(name, qtype.name, dims, n_elements, n_bytes))
     return metadata, tensors, size
 
 

@@ -107,8 +107,12 @@ def quantize(
     *,
     threads: int | None = None,
     progress: Callable[[QuantizeEvent], None] | None = None,
+    allow_requantize: bool = False,
 ) -> Path:
-    """Quantize a GGUF; the output appears at `out` only once complete. Returns `out`."""
+    """Quantize a GGUF; the output appears at `out` only once complete. Returns `out`.
+
+    An already-quantized input needs allow_requantize (quality is lost twice, as llama-quantize warns).
+    """
     from localmix import gguffile
     from localmix.llama.quant import model_quantize
 
@@ -132,6 +136,7 @@ def quantize(
                 partial,
                 kind.ftype,
                 threads or settings.default_threads(),
+                allow_requantize=allow_requantize,
                 on_tensor=(lambda i, n, name: progress(QuantizeEvent(i, n, name)))
                 if progress
                 else None,
@@ -147,7 +152,15 @@ def quantize(
         while worker.is_alive():
             worker.join(0.2)
         if not result or result[0] != 0:
-            detail = next((e for e in reversed(errors) if e), "llama.cpp reported a failure")
+            # llama.cpp's summary line says why; other error-level lines are context.
+            detail = next(
+                (
+                    e.split("failed to quantize:", 1)[1].strip()
+                    for e in errors
+                    if "failed to quantize:" in e
+                ),
+                next((e for e in reversed(errors) if e), "llama.cpp reported a failure"),
+            )
             raise EngineError(f"quantizing {src.name} to {kind.name} failed: {detail}")
         os.replace(partial, out)
     finally:
@@ -192,7 +205,14 @@ def quantize_model(
     if kind.name in by_quant:
         return by_quant[kind.name]
     with store.tmp_file() as tmp:
-        quantize(source.file, tmp, kind.name, threads=threads, progress=progress)
+        quantize(
+            source.file,
+            tmp,
+            kind.name,
+            threads=threads,
+            progress=progress,
+            allow_requantize=source.quant not in ("F32", "BF16", "F16"),
+        )
         info = gguffile.inspect(tmp)
         manifest = dataclasses.replace(
             source,

@@ -180,7 +180,9 @@ def _assert_clean_failure(result: Result, case: Case, work: Path, before: set[Pa
     assert case.needle.lower() in result.err.lower(), result.err
     # Nothing half-written where a model would be: no new file anywhere, no store entry.
     home = Path(os.environ["LOCALMIX_HOME"])
-    assert [p for p in home.rglob("*") if p.is_file() and "tmp" in p.parts] == []
+    assert [
+        p for p in home.rglob("*") if p.is_file() and p.relative_to(home).parts[0] == "tmp"
+    ] == []
     assert not (home / "manifests").exists() or not any((home / "manifests").rglob("*.json"))
     assert _files(work) == before
 

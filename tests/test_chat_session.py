@@ -136,10 +136,10 @@ def test_context_full_shifts_out_oldest_turn_with_notice(
 
 
 def _dropped_len(session: Session, system: str | None) -> int:
-    """Tokens of one dropped middle turn: [INST] question number N [/INST] + reply + </s>."""
-    engine = session.engine
-    dropped_n = 2 if system else 1
-    return len(engine.tokenize(f"[INST] question number {dropped_n} [/INST]", special=False)) + 6
+    """Tokens of the dropped turn: [INST] question number N [/INST], the reply, </s>."""
+    n = 2 if system else 1
+    user = session.engine.tokenize(f"[INST] question number {n} [/INST]", special=False)
+    return len(user) + len(REPLY_TOKENS) + 1
 
 
 def test_context_full_drop_mode_reprocesses_after_the_cut(scripted_gguf: Path) -> None:

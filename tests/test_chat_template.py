@@ -268,7 +268,8 @@ def test_detect_on_converted_gguf(format_gguf: tuple[str, Path, Path]) -> None:
     fmt, _, gguf_path = format_gguf
     # v2 differs from v3 only in tool calls; the tekken v7 file says "v7" itself
     expected = {"v2": "v3", "v7-tekken": "v7"}.get(fmt, fmt)
-    assert template.detect(gguffile.inspect(gguf_path).metadata) == expected
+    if fmt in ("v1", "v2"):  # the header alone (gguffile is slow on tekken's 131072 tokens)
+        assert template.detect(gguffile.inspect(gguf_path).metadata) == expected
     with Engine(EngineConfig(gguf_path, n_ctx=256, n_threads=1)) as engine:
         assert template.detect(engine.metadata, engine.tokenize) == expected
         without_template = {k: v for k, v in engine.metadata.items() if "chat_template" not in k}
@@ -336,19 +337,14 @@ def test_mistral_v1_hf_template_matches_v1_for_one_turn(tiny_mistral_gguf_f16: P
 
 
 def test_gguf_template_gets_exactly_one_bos(tiny_mistral_gguf_f16: Path) -> None:
-    from localmix import gguffile
     from localmix.llama.engine import Engine
     from localmix.llama.records import EngineConfig
 
-    metadata = {
-        **gguffile.inspect(tiny_mistral_gguf_f16).metadata,
-        "tokenizer.chat_template": _CHATML,
-    }
-    fmt = template.for_model(metadata)
-    assert isinstance(fmt, TemplateFormat) and fmt.add_bos
     with_bos = TemplateFormat("{{ bos_token }}" + _CHATML, bos_token="<s>", add_bos=True)
     msgs = [Message("user", "Hi")]
     with Engine(EngineConfig(tiny_mistral_gguf_f16, n_ctx=256, n_threads=1)) as engine:
+        fmt = template.for_model({**engine.metadata, "tokenizer.chat_template": _CHATML})
+        assert isinstance(fmt, TemplateFormat) and fmt.add_bos  # the vocabulary adds BOS
         for f in (fmt, with_bos):
             tokens = template.encode(f, msgs, engine.tokenize)
             assert tokens[0] == engine.bos_id and tokens[1] != engine.bos_id

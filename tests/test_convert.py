@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,9 +55,9 @@ class Case:
 CASES = [
     Case("mistral", "hf", "v1"),
     Case("mistral", "hf", "v3"),
-    Case("mistral", "hf", "tekken"),
     Case("mistral", "mistral", "v1"),
     Case("mistral", "mistral", "v3"),
+    # tekken's 131k tokens and 269k merges make GGUFReader slow: one tekken case is enough here
     Case("mistral", "mistral", "tekken"),
     Case("mixtral", "hf", "v1"),
     Case("mixtral", "mistral", "v3"),
@@ -64,17 +65,18 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Case], tuple[Path, Path]]:
-    """(checkpoint, f16 GGUF) per case, built on first use."""
-    made: dict[Case, tuple[Path, Path]] = {}
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Case], tuple[Path, Any]]:
+    """(f16 GGUF, its GGUFReader) per case, built on first use."""
+    made: dict[Case, tuple[Path, Any]] = {}
 
-    def get(case: Case) -> tuple[Path, Path]:
+    def get(case: Case) -> tuple[Path, Any]:
         if case not in made:
             root = tmp_path_factory.mktemp(case.id)
             ckpt = synth.checkpoint(
                 root / "ckpt", arch=case.arch, layout=case.layout, tokenizer=case.tokenizer
             )
-            made[case] = (ckpt, convert(ckpt, root / "model.gguf", outtype="f16"))
+            path = convert(ckpt, root / "model.gguf", outtype="f16")
+            made[case] = (path, _reader(path))
         return made[case]
 
     return get
@@ -82,8 +84,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Case], tupl
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_convert_writes_llama_metadata(case: Case, converted) -> None:
-    _ckpt, gguf_path = converted(case)
-    r = _reader(gguf_path)
+    _, r = converted(case)
     vocab = synth.TOKENIZERS[case.tokenizer].vocab_size
     expected = {
         "general.architecture": "llama",
@@ -120,8 +121,7 @@ def test_convert_writes_llama_metadata(case: Case, converted) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_convert_tensor_names_shapes_and_types(case: Case, converted) -> None:
-    _, gguf_path = converted(case)
-    tensors = _tensors(_reader(gguf_path))
+    tensors = _tensors(converted(case)[1])
     d, hd, vocab = TINY.dim, TINY.dim // TINY.n_heads, synth.TOKENIZERS[case.tokenizer].vocab_size
     expected = {
         "token_embd.weight": (d, vocab),
@@ -317,9 +317,9 @@ def test_convert_tokenizer_matches_mistral_common(converted) -> None:
     for case in (
         Case("mistral", "hf", "v1"),
         Case("mistral", "mistral", "v3"),
-        Case("mistral", "hf", "tekken"),
+        Case("mistral", "mistral", "tekken"),
     ):
-        _ckpt, gguf_path = converted(case)
+        gguf_path, _ = converted(case)
         tok_file = synth._data_dir() / synth.TOKENIZERS[case.tokenizer].file
         mc = MistralTokenizer.from_file(str(tok_file)).instruct_tokenizer.tokenizer
         expected = mc.encode(text, bos=True, eos=False)
@@ -472,7 +472,7 @@ BAD = [
         "missing shard",
         lambda c, w: _missing_shard(c, w),
         CheckpointError,
-        "model-00002-of-00002.safetensors",
+        "model-00002-of-00003",
     ),
     Bad(
         "index names an absent tensor", _index_missing_tensor, CheckpointError, "model.extra.weight"

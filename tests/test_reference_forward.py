@@ -3,8 +3,10 @@ tests that lean on it rest on something independently verified."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +228,26 @@ def test_reference_forward_is_causal_and_window_limits_what_it_sees() -> None:
     windowed = ref.forward(replace(hp, sliding_window=4), w, tokens)
     np.testing.assert_allclose(windowed[:4], full[:4], atol=1e-6)
     assert not np.allclose(windowed[4:], full[4:], atol=1e-3)
+
+
+def test_reference_reads_safetensors_f32_f16_and_bf16(tmp_path: Path) -> None:
+    values = np.array([[1.0, -2.5], [0.15625, 3.0e-3]], dtype=np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)  # truncation: exact for these bits
+    blobs = {"a": ("F32", values.tobytes()), "b": ("F16", values.astype(np.float16).tobytes())}
+    blobs["c"] = ("BF16", bf16.tobytes())
+    header, data = {}, b""
+    for name, (dtype, raw) in blobs.items():
+        header[name] = {
+            "dtype": dtype,
+            "shape": [2, 2],
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    text = json.dumps(header).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    got = ref.read_safetensors(path)
+    np.testing.assert_array_equal(got["a"], values)
+    np.testing.assert_array_equal(got["b"], values.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(got["c"], (bf16.astype(np.uint32) << 16).view(np.float32))
+    assert got["c"][0, 0] == 1.0 and got["c"][0, 1] == -2.5

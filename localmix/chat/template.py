@@ -5,6 +5,12 @@ InstructTokenizerV1/V2/V3/V7 and request normalizer); the text pieces go through
 tokenizer, the markers are looked up as control tokens of the model's vocabulary. A GGUF of another
 family brings its own `tokenizer.chat_template`, rendered in a sandboxed jinja environment the way
 Hugging Face's `apply_chat_template` renders it.
+
+Prefix stability (what lets a chat reuse its KV cache): v1 merges the system prompt into the first
+user message and v7 keeps it as its own block, so a conversation's prompt only grows at the end.
+v2, v3 and v3-tekken merge it into the *last* user message (mistral-common, and those models' own
+HF templates), so with a system prompt every new turn rewrites earlier tokens. We keep the
+reference's tokens; `MistralFormat.prefix_stable` says which formats append only.
 """
 
 from __future__ import annotations

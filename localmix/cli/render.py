@@ -76,6 +76,15 @@ def print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
+def _hidden_on_error(bar: Progress) -> Iterator[Progress]:
+    """Yield the bar; on an error, hide it so the `error:` line stands alone."""
+    try:
+        yield bar
+    except BaseException:
+        bar.live.transient = True
+        raise
+
+
 @contextmanager
 def progress(transient: bool = False) -> Iterator[Progress]:
     """A rich progress display on stderr: description, bar, counts, speed, ETA."""
@@ -98,7 +107,7 @@ def progress(transient: bool = False) -> Iterator[Progress]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err_console(), transient=transient) as bar:
-        yield bar
+        yield from _hidden_on_error(bar)
 
 
 @contextmanager
@@ -122,7 +131,7 @@ def steps(transient: bool = False) -> Iterator[Progress]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err_console(), transient=transient) as bar:
-        yield bar
+        yield from _hidden_on_error(bar)
 
 
 def models_table(models: list[Any]) -> Any:

@@ -32,7 +32,15 @@ def add_vocab(w: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> None:
         if (d / "tokenizer.model").is_file():
             _sentencepiece(w, d, vocab_size)
         elif (d / "tokenizer.json").is_file():
-            _llama_hf(w, d)
+            try:
+                _llama_hf(w, d)
+            except TypeError:  # a BPE tokenizer.json (Mistral Nemo ships tekken.json beside it)
+                if not (d / "tekken.json").is_file():
+                    raise CheckpointError(
+                        f"{d / 'tokenizer.json'}: a BPE tokenizer localmix cannot convert",
+                        hint="add the repo's tekken.json or tokenizer.model",
+                    ) from None
+                _mistral(w, d, vocab_size)
         else:
             raise CheckpointError(
                 f"{d}: no tokenizer (tokenizer.model, tokenizer.json or tekken.json)",

@@ -17,6 +17,8 @@ def model_quantize(
     dst: Path,
     ftype: int,
     threads: int,
+    *,
+    allow_requantize: bool = False,
     on_tensor: Callable[[int, int, str], None] | None = None,
     on_error: Callable[[str], None] | None = None,
 ) -> int:
@@ -45,6 +47,7 @@ def model_quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
+    params.allow_requantize = allow_requantize
     llama_cpp.llama_log_set(callback, None)
     try:
         return int(
