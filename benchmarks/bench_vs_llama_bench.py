@@ -1,4 +1,4 @@
-"""`localmix bench` against llama.cpp's own llama-bench: pp512 and tg128 on the same GGUF and threads.
+"""`localmix bench` against llama.cpp's llama-bench: pp512 and tg128, same GGUF and threads.
 
 The model is a ~125M-parameter synthetic Mistral (localmix.synth → convert → quantize Q4_K_M),
 made once and cached. llama-bench is built from the llama.cpp source that the pinned
@@ -118,11 +118,11 @@ def main() -> None:
     threads = [int(t) for t in (args.threads or str(settings.default_threads())).split(",")]
     tool("llama-bench")  # build before anything is timed
     model = args.model or model_path()
+    print(f"model: {model.name}; llama-cpp-python {pinned_version()}")
+    print(f"{args.rounds} rounds x {args.reps} repetitions per tool, alternating")
     print(
-        f"model: {model.name}; llama-cpp-python {pinned_version()}; {args.rounds} rounds x {args.reps} reps"
-    )
-    print(
-        f"{'threads':>7}  {'test':<6} {'llama-bench t/s':>18} {'localmix t/s':>18} {'ratio':>6}  target ±3%"
+        f"{'threads':>7}  {'test':<6} {'llama-bench t/s':>18} {'localmix t/s':>18} "
+        f"{'ratio':>6} {'paired':>6}  target ±3%"
     )
     worst = 0.0
     for n in threads:

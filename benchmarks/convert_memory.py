@@ -137,8 +137,9 @@ def report(results: list[Result], arch: str, outtype: str, dtype: str) -> None:
             f"{r.seconds:.0f} s",
             "[green]pass[/]" if r.ok else "[red]FAIL[/]",
         )
-    Console().print(table)
-    Console().print(
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(table)
+    console.print(
         f"budget = largest output tensor + {gib(SLACK)}; peak RSS = the child's ru_maxrss"
     )
 

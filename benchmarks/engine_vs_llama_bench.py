@@ -145,7 +145,7 @@ def report(results: dict[str, Samples], threads: int) -> None:
             mark = "[green]ok[/]" if ratio >= target else "[red]below[/]"
             row = (cell(bench), cell(ours), f"{ratio:.3f}", f"{median:.3f}", f"≥{target} {mark}")
             table.add_row(name, test, *row)
-    Console().print(table)
+    Console(width=120).print(table)
 
 
 def main() -> None:
@@ -159,7 +159,8 @@ def main() -> None:
     results = {}
     for name in args.models.split(","):
         model = make_model(name)
-        results[f"{name} ({model.name})"] = measure(name, model, threads, args.rounds)
+        print(f"{name}: {model}", file=sys.stderr)
+        results[name] = measure(name, model, threads, args.rounds)
     report(results, threads)
 
 

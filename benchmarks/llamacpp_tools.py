@@ -80,7 +80,10 @@ def _source(root: Path, version: str, log: Path) -> Path:
         )  # fmt: skip
         archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 refuses unsafe members
+                tar.extractall(tmp, filter="data")
+            else:
+                tar.extractall(tmp)  # older Pythons: the PyPI sdist of the pinned version
         top = next(p for p in Path(tmp).iterdir() if p.is_dir())
         vendored = top / "vendor" / "llama.cpp"
         if not (vendored / "CMakeLists.txt").is_file():

@@ -86,15 +86,15 @@ def test_greedy_stream_is_deterministic(engine: Engine) -> None:
     assert stats.finish_reason in ("stop", "length")
 
 
-def test_greedy_stream_matches_llama_cpp_python(
-    tiny_mistral_gguf_f16: Path, engine: Engine
-) -> None:
+@pytest.mark.parametrize("model", ["tiny_mistral_gguf_f16", "tiny_mixtral_gguf_f16"])
+def test_greedy_stream_matches_llama_cpp_python(model: str, request: pytest.FixtureRequest) -> None:
     from llama_cpp import Llama
 
-    engine.clear()
-    chunks, _ = run(engine.stream(PROMPT, sampling=Sampling.greedy(), max_tokens=24))
+    path: Path = request.getfixturevalue(model)
+    with Engine(EngineConfig(path, n_ctx=512, n_threads=2)) as eng:
+        chunks, _ = run(eng.stream(PROMPT, sampling=Sampling.greedy(), max_tokens=24))
     ours = tokens_of(chunks)
-    reference = Llama(str(tiny_mistral_gguf_f16), n_ctx=512, n_threads=2, verbose=False)
+    reference = Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
     try:
         theirs = []
         for token in reference.generate(PROMPT, temp=0.0, repeat_penalty=1.0):

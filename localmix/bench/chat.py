@@ -18,7 +18,7 @@ from localmix.bench.result import mean, stdev
 from localmix.bench.run import build_info, engine_config, machine_info
 
 if TYPE_CHECKING:
-    from localmix.llama.engine import Engine
+    from localmix.llama.engine import Engine, Sampling, Stats
 
 MESSAGE = (
     "Explain, in a few paragraphs, how a lighthouse keeper in the nineteenth century kept the "
@@ -138,14 +138,14 @@ def run_chat(
     return results
 
 
-def _turn(engine: Engine, prompt: list[int], sampling: object, max_tokens: int) -> object:
+def _turn(engine: Engine, prompt: list[int], sampling: Sampling, max_tokens: int) -> Stats:
     """One streamed reply from an empty cache; returns the engine's Stats."""
     from localmix.llama.engine import Stats
 
     engine.clear()
     stats = None
     # ignore_eos: every turn generates max_tokens, so turns (and runs) compare like for like.
-    turn = engine.stream(prompt, sampling=sampling, max_tokens=max_tokens, ignore_eos=True)  # type: ignore[arg-type]
+    turn = engine.stream(prompt, sampling=sampling, max_tokens=max_tokens, ignore_eos=True)
     for item in turn:
         if isinstance(item, Stats):
             stats = item

@@ -272,9 +272,8 @@ def plot(results: Sequence[BenchResult], width: int = 40) -> str:
         pad = max(len(n) for n in names)
         lines = [title]
         for name, r in zip(names, members, strict=True):
-            lines.append(
-                f"  {name:>{pad}} │{bar(r.avg_ts, scale, width)}│ {ts_text(r.avg_ts, r.stddev_ts)}"
-            )
+            value = ts_text(r.avg_ts, r.stddev_ts)
+            lines.append(f"  {name:>{pad}} │{bar(r.avg_ts, scale, width)}│ {value}")
         charts.append("\n".join(lines))
     return "\n\n".join(charts) + "\n"
 

@@ -1,4 +1,4 @@
-"""llama-bench's measurements on localmix's Engine, and a chat benchmark through Engine.stream().
+"""llama-bench's measurements (pp, tg, pp+tg, at a depth) on localmix's Engine.
 
 Semantics follow llama.cpp's tools/llama-bench: random tokens (the first one BOS when the model
 adds one); pp = one prompt of n_prompt tokens processed in n_batch chunks; tg = n_gen single-token

@@ -1,4 +1,4 @@
-"""bench: llama-bench's tests and formats on localmix's engine, plus roofline, chat, history, plot."""
+"""bench: llama-bench's tests and formats on localmix's engine; roofline, chat, history, plot."""
 
 from __future__ import annotations
 

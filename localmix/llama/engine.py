@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import ctypes
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,11 @@ __all__ = ["Chunk", "Engine", "EngineConfig", "Sampling", "Stats"]
 
 _LOAD_MODE_NONE, _LOAD_MODE_AUTO = 0, -1  # enum llama_load_mode
 _DECODE_ERRORS = {1: "no free KV cache slot", 2: "aborted", -1: "invalid batch"}
+
+
+def _plain_greedy(sampling: Sampling) -> bool:
+    """Temperature 0 and nothing that changes logits: the choice is the argmax."""
+    return sampling.is_greedy and (sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0)
 
 
 def _int32_array(values: Sequence[int]) -> Any:
@@ -405,6 +411,26 @@ class Engine:
         self._live = self._generate(prompt, sampling, max_tokens, tuple(stop), ignore_eos)
         return self._live
 
+    def _argmax_picker(self) -> Callable[[], int]:
+        """Greedy picks from the last logits: the token llama.cpp's greedy sampler would choose
+        (the first maximum), without copying the vocabulary into a candidate array (~30 us)."""
+        import numpy as np
+
+        as_array, logits_at, ctx, shape = (
+            np.ctypeslib.as_array,
+            self._c.llama_get_logits_ith,
+            self._ctx,
+            (self.n_vocab,),
+        )
+
+        def pick() -> int:
+            logits = logits_at(ctx, -1)
+            if not logits:
+                raise EngineError("llama.cpp returned no logits")
+            return int(as_array(logits, shape=shape).argmax())
+
+        return pick
+
     def _generate(
         self,
         prompt: list[int],
@@ -423,15 +449,18 @@ class Engine:
             self._decode(prompt[cached:])
             c.llama_synchronize(self._ctx)
             t_prompt = clock()
-            chain = sampler_chain(c, self._ctx, sampling, prompt)
+            if _plain_greedy(sampling):
+                pick = self._argmax_picker()
+            else:
+                chain = sampler_chain(c, self._ctx, sampling, prompt)
+                pick = partial(c.llama_sampler_sample, chain, self._ctx, -1)
             text = TextStream(stop)
             # Locals for the loop: each token costs one decode, one sample and a dict lookup.
-            sample, is_eog = c.llama_sampler_sample, c.llama_vocab_is_eog
-            ctx, vocab, kv, n_ctx = self._ctx, self._vocab, self._kv, self.n_ctx
+            is_eog, vocab, kv, n_ctx = c.llama_vocab_is_eog, self._vocab, self._kv, self.n_ctx
             pieces, piece, step = self._pieces, self._piece, self._step
             finish = "length"
             while n_gen < max_tokens:
-                token = sample(chain, ctx, -1)
+                token = pick()
                 t_last = clock()
                 n_samples += 1
                 if n_samples == 1:

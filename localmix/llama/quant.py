@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # llama.cpp logs "[  12/ 291] blk.0.attn_q.weight - [...], type = f16, converting to q4_K .."
-_LOG_LEVEL_ERROR = 3  # ggml_log_level
+_LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
 _TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 
 
@@ -27,9 +27,9 @@ def model_quantize(
     on_tensor(index, total, name) is called as llama.cpp starts each tensor; on_error gets
     llama.cpp's error lines, so a failure can be explained in one line.
     """
-    import llama_cpp
+    from localmix.llama.backend import llama
 
-    llama_cpp.llama_backend_init()
+    llama_cpp = llama()
 
     def log(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
         if not text:
