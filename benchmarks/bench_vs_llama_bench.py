@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -114,11 +115,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--model", type=Path, default=None, help="a GGUF (default: synthetic)")
+    parser.add_argument(
+        "--same-libs",
+        action="store_true",
+        help="run localmix on llama-bench's own libllama / libggml (LLAMA_CPP_LIB_PATH), so any "
+        "difference left is the harness, not the build",
+    )
     args = parser.parse_args()
+    if args.same_libs:  # before anything imports llama_cpp
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(tool("llama-bench").parent)
     threads = [int(t) for t in (args.threads or str(settings.default_threads())).split(",")]
     tool("llama-bench")  # build before anything is timed
     model = args.model or model_path()
-    print(f"model: {model.name}; llama-cpp-python {pinned_version()}")
+    libs = "llama-bench's libraries" if args.same_libs else "its own build"
+    print(f"model: {model.name}; llama-cpp-python {pinned_version()} on {libs}")
     print(f"{args.rounds} rounds x {args.reps} repetitions per tool, alternating")
     print(
         f"{'threads':>7}  {'test':<6} {'llama-bench t/s':>18} {'localmix t/s':>18} "

@@ -142,7 +142,12 @@ def models_table(models: list[Any]) -> Any:
 
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "QUANT", "SIZE", "ARCH", "PARAMS", "CONTEXT", "SOURCE", "CREATED"):
-        table.add_column(column, justify="right" if column in ("SIZE", "PARAMS") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("SIZE", "PARAMS") else "left",
+            no_wrap=column != "SOURCE",
+            overflow="fold" if column == "SOURCE" else "ellipsis",
+        )
     for m in models:
         age = max(0.0, time.time() - m.created)
         when = (
@@ -169,8 +174,12 @@ def catalog_table(specs: list[Any]) -> Any:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "PARAMS", "FORMAT", "CONTEXT", "GATED", "ALIASES", "DESCRIPTION"):
-        table.add_column(column)
+    widest = max((len(s.name) for s in specs), default=4)
+    table.add_column("NAME", no_wrap=True, min_width=widest)
+    for column in ("PARAMS", "FORMAT", "CONTEXT", "GATED"):
+        table.add_column(column, no_wrap=True, min_width=len(column))
+    table.add_column("FROM", no_wrap=True, overflow="ellipsis")
+    table.add_column("ALIASES", overflow="fold")
     for s in sorted(specs, key=lambda s: s.name):
         table.add_row(
             s.name,
@@ -178,8 +187,8 @@ def catalog_table(specs: list[Any]) -> Any:
             s.chat_format,
             str(s.context_length),
             "yes" if s.gated else "",
+            "built here" if s.synthetic else s.source,
             ", ".join(s.aliases),
-            s.description,
         )
     return table
 

@@ -1,0 +1,275 @@
+"""chat: the REPL on a terminal; with a prompt argument or piped input, just the reply."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt
+
+if TYPE_CHECKING:
+    from localmix.chat.session import Session
+    from localmix.llama.records import EngineConfig, Sampling, Stats
+
+DEFAULT_CTX = 4096
+DEFAULT_MAX_TOKENS = 1024
+
+PromptArg = Annotated[
+    Optional[str],  # noqa: UP045 - typer needs Optional at runtime on 3.10
+    typer.Argument(help="A message: print the reply and exit. Piped input is sent too (after it)."),
+]
+SystemOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--system", "-s", help="System prompt."),
+]
+TempOpt = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option("--temperature", "--temp", min=0, help="Sampling temperature (0: greedy)."),
+]
+TopPOpt = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option("--top-p", min=0, max=1, help="Nucleus sampling threshold."),
+]
+TopKOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0: all)."),
+]
+MinPOpt = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option("--min-p", min=0, max=1, help="Drop tokens below this share of the best one."),
+]
+RepeatOpt = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option("--repeat-penalty", help="Penalty for repeating recent tokens (1: off)."),
+]
+SeedOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--seed", help="Sampling seed (default: random)."),
+]
+MaxTokensOpt = Annotated[
+    int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens in one reply.")
+]
+CtxOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--ctx",
+        "-c",
+        min=0,
+        help=f"Context size in tokens (0: the model's own; default: {DEFAULT_CTX} or less).",
+    ),
+]
+NglOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU (-1: all; default: none)."),
+]
+FormatOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--format", help="Chat format: v1, v2, v3, v3-tekken, v7 (default: from the model)."
+    ),
+]
+OverflowOpt = Annotated[
+    str,
+    typer.Option(
+        "--overflow",
+        help="When the context is full: shift (drop the oldest turns, keep the KV cache) or "
+        "drop (drop them and re-process).",
+    ),
+]
+PlainOpt = Annotated[
+    bool, typer.Option("--plain", help="Show replies as plain text, not rendered markdown.")
+]
+StatsOpt = Annotated[
+    bool, typer.Option("--stats", help="With a prompt: print the stats line on stderr.")
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model to chat with: its file, the name to show, chat format and trained context."""
+
+    path: Path
+    name: str
+    chat_format: str | None
+    context_length: int
+
+
+def chat_command(
+    model: ModelArg,
+    prompt: PromptArg = None,
+    system: SystemOpt = None,
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = DEFAULT_MAX_TOKENS,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    n_gpu_layers: NglOpt = None,
+    chat_format: FormatOpt = None,
+    overflow: OverflowOpt = "shift",
+    json_out: JsonOpt = False,
+    plain: PlainOpt = False,
+    stats: StatsOpt = False,
+) -> None:
+    """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply."""
+    from localmix.llama.records import Sampling
+
+    picked = {
+        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+        "repeat_penalty": repeat_penalty, "seed": seed,
+    }  # fmt: skip
+    sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
+    message = _message(prompt)
+
+    def load(name: str, status: bool = False) -> Session:
+        return open_session(
+            name, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
+            system=system, sampling=sampling, max_tokens=max_tokens, overflow=overflow,
+            status=status,
+        )  # fmt: skip
+
+    session = load(model, status=message is None)
+    try:
+        if message is None:
+            _interactive(session, load, markdown=not plain)
+        else:
+            _one_shot(session, message, json_out=json_out, show_stats=stats)
+    finally:
+        session.engine.close()
+
+
+def _message(prompt: str | None) -> str | None:
+    """The one-shot message (prompt argument, then piped stdin), or None for the REPL."""
+    from localmix.errors import UsageError
+
+    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    if prompt is None and piped is None:
+        return None
+    text = "\n\n".join(part.strip("\n") for part in (prompt, piped) if part and part.strip())
+    if not text.strip():
+        raise UsageError("nothing to send: the prompt and standard input are empty")
+    return text
+
+
+def resolve(reference: str) -> Target:
+    """A store reference (mistral, tiny-mixtral:Q4_K_M) or a path to a .gguf file."""
+    from localmix import gguffile, store
+    from localmix.errors import ModelNotFound
+
+    candidate = Path(reference).expanduser()
+    if candidate.suffix == ".gguf" or candidate.is_file():
+        if not candidate.is_file():
+            raise ModelNotFound(f"{candidate}: no such file", hint="give a .gguf path or a name")
+        info = gguffile.inspect(candidate)
+        return Target(candidate, candidate.name, None, info.context_length or 0)
+    manifest = store.get(reference)
+    return Target(manifest.file, manifest.ref, manifest.chat_format, manifest.context_length)
+
+
+def engine_config(
+    target: Target, *, ctx: int | None, threads: int | None, n_gpu_layers: int | None
+) -> EngineConfig:
+    """How to load the model: context (default: 4096, or the model's own when smaller)."""
+    from localmix.llama.records import EngineConfig
+
+    if ctx is None:
+        ctx = min(DEFAULT_CTX, target.context_length) if target.context_length > 0 else DEFAULT_CTX
+    config = EngineConfig(target.path, n_ctx=ctx, n_threads=threads)
+    # Offload hook: --estimate / --vram-budget / --cpu-moe (localmix.llama.offload) turn a plan
+    # into n_gpu_layers, tensor_overrides, KV types here; an explicit -ngl skips the plan.
+    if n_gpu_layers is not None:
+        config = replace(config, n_gpu_layers=n_gpu_layers)
+    return config
+
+
+def open_session(
+    reference: str,
+    *,
+    ctx: int | None = None,
+    threads: int | None = None,
+    n_gpu_layers: int | None = None,
+    chat_format: str | None = None,
+    system: str | None = None,
+    sampling: Sampling | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    overflow: str = "shift",
+    status: bool = False,
+) -> Session:
+    """Load a model and start a chat Session on it; the caller closes session.engine."""
+    from contextlib import nullcontext
+
+    from localmix.chat.session import Session
+    from localmix.cli.render import err_console
+    from localmix.llama.engine import Engine
+
+    target = resolve(reference)
+    config = engine_config(target, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+    spinner = err_console().status(f"loading {target.name}") if status else nullcontext()
+    with spinner:
+        engine = Engine(config)
+    try:
+        # the manifest's format, else Session detects it from the GGUF's metadata
+        return Session(
+            engine, chat_format or target.chat_format, system=system, sampling=sampling,
+            max_tokens=max_tokens, overflow=overflow, model=target.name,
+        )  # fmt: skip
+    except BaseException:
+        engine.close()
+        raise
+
+
+def _interactive(session: Session, load: Callable[[str], Session], *, markdown: bool) -> None:
+    from localmix.cli.render import console
+    from localmix.cli.repl import Repl
+
+    repl = Repl(session, console=console(), loader=load, markdown=markdown)
+    repl.banner()
+    try:
+        repl.run()
+    finally:
+        if repl.session is not session:  # /model switched: close the one in use now
+            repl.session.engine.close()
+
+
+def _one_shot(session: Session, message: str, *, json_out: bool, show_stats: bool) -> None:
+    """Print only the reply (streamed, no colors) or, with --json, the reply and its stats."""
+    from localmix.chat.session import Notice
+    from localmix.cli import render
+    from localmix.cli.reply import printable
+    from localmix.llama.records import Chunk, Stats
+
+    out = sys.stdout
+    tty = out.isatty()  # a terminal gets no control characters from the model; a pipe gets all
+    pieces: list[str] = []
+    final: Stats | None = None
+    for item in session.send(message):
+        if isinstance(item, Chunk):
+            pieces.append(item.text)
+            if not json_out:
+                out.write(printable(item.text) if tty else item.text)
+                out.flush()
+        elif isinstance(item, Stats):
+            final = item
+        elif isinstance(item, Notice):
+            render.err_console().print(item.text, style="dim", markup=False, highlight=False)
+    reply = "".join(pieces)
+    if json_out:
+        render.print_json({"model": session.model, "reply": reply, "stats": final})
+        return
+    if not reply.endswith("\n"):
+        out.write("\n")
+        out.flush()
+    if show_stats and final is not None:
+        render.err_console().print(render.stats_line(final), style="dim", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat")(chat_command)

@@ -1,0 +1,154 @@
+"""`localmix chat` without a terminal: a prompt argument or piped input prints just the reply."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from localmix import store
+from localmix.errors import ContextTooLong, ModelNotFound, UsageError
+from tests.cli_run import run_cli
+from tests.scripted_gguf import write_scripted_gguf
+
+REPLY = "Hello there, world."
+# greedy: "]" (end of "[/INST]") -> ▁Hello ▁there , ▁world . -> </s>
+SCRIPT = {28793: 22557, 22557: 736, 736: 28725, 28725: 1526, 1526: 28723, 28723: 2}
+GREEDY = ("--temperature", "0", "-t", "1")
+
+
+@pytest.fixture(scope="module")
+def scripted_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_scripted_gguf(tmp_path_factory.mktemp("scripted") / "scripted.gguf", SCRIPT)
+
+
+@pytest.fixture
+def scripted(scripted_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The scripted model in this test's store, and an empty standard input."""
+    size = scripted_path.stat().st_size
+    manifest = store.Manifest(
+        name="scripted", quant="F32", path=str(scripted_path), size=size, sha256="0" * 64,
+        architecture="llama", chat_format="v1", context_length=512, parameters=0,
+        source=f"path:{scripted_path}", created=time.time(), owned=False,
+    )  # fmt: skip
+    store.add(manifest)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    return "scripted"
+
+
+def test_prompt_argument_prints_just_the_reply(
+    scripted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "chat", scripted, "Hi", *GREEDY)
+    assert result.code == 0, result.err
+    assert result.out == REPLY + "\n"
+    assert "\x1b" not in result.out
+
+
+def test_piped_stdin_prints_just_the_reply(scripted: str) -> None:
+    # a real pipe and a real process: llama.cpp's own logging must stay off stdout too
+    result = subprocess.run(
+        [sys.executable, "-m", "localmix", "chat", scripted, *GREEDY],
+        input="Hi\n", capture_output=True, text=True, env=dict(os.environ), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == REPLY + "\n"
+    assert "Traceback" not in result.stderr
+
+
+def test_piped_stdin_follows_the_prompt_argument(
+    scripted: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alone = json.loads(run_cli(capsys, "chat", scripted, "Summarize:", "--json", *GREEDY).out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a file of several words\n"))
+    both = json.loads(run_cli(capsys, "chat", scripted, "Summarize:", "--json", *GREEDY).out)
+    assert both["stats"]["prompt_tokens"] >= alone["stats"]["prompt_tokens"] + 5
+    assert both["reply"] == REPLY
+
+
+def test_json_has_the_reply_and_its_stats(
+    scripted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "chat", scripted, "Hi", "--json", *GREEDY)
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["reply"] == REPLY
+    assert data["model"] == "scripted:F32"
+    stats = data["stats"]
+    assert stats["generated_tokens"] == 5 and stats["finish_reason"] == "stop"
+    assert stats["prompt_tokens"] > 0 and stats["cached_tokens"] == 0
+    for key in ("ttft_s", "prompt_tps", "gen_tps"):
+        assert isinstance(stats[key], float)
+
+
+def test_stats_option_prints_the_stats_line_on_stderr(
+    scripted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "chat", scripted, "Hi", "--stats", *GREEDY)
+    assert result.out == REPLY + "\n"
+    assert "5 tok" in result.err and "first token" in result.err
+
+
+def test_max_tokens_cuts_the_reply(scripted: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys, "chat", scripted, "Hi", "-n", "2", *GREEDY)
+    assert result.out == "Hello there\n"
+
+
+def test_prompt_longer_than_the_context_is_a_one_line_error(
+    scripted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_cli(capsys, "chat", scripted, "word " * 600, "-c", "256", *GREEDY)
+    assert result.code == ContextTooLong.exit_code
+    assert result.out == ""
+    lines = result.err.strip().splitlines()
+    assert lines[0].startswith("error: the prompt is ") and "context holds 256" in lines[0]
+    assert lines[1].startswith("hint: ") and len(lines) == 2
+    assert "Traceback" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("nowhere", "Hi"), ModelNotFound.exit_code, "error: model 'nowhere' is not in the store"),
+        (("missing.gguf", "Hi"), ModelNotFound.exit_code, "no such file"),
+        (("scripted", "Hi", "--top-p", "0"), UsageError.exit_code, "top_p must be in (0, 1]"),
+        (("scripted", "Hi", "--overflow", "wrap"), UsageError.exit_code, "overflow mode"),
+        (("scripted", "Hi", "--format", "v9"), UsageError.exit_code, "error:"),
+        (("scripted", "   "), UsageError.exit_code, "nothing to send"),
+    ],
+)
+def test_bad_input_is_a_clear_error(
+    scripted: str, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], code: int,
+    message: str,
+) -> None:  # fmt: skip
+    result = run_cli(capsys, "chat", *args, "-t", "1")
+    assert result.code == code
+    assert message in result.err
+    assert "Traceback" not in result.err
+
+
+def test_gguf_path_detects_its_chat_format(
+    tiny_mistral_gguf_f16: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    result = run_cli(
+        capsys, "chat", str(tiny_mistral_gguf_f16), "Hi", "-n", "4", "--json", "-t", "1"
+    )
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert data["stats"]["generated_tokens"] <= 4 and data["model"] == tiny_mistral_gguf_f16.name
+
+
+def test_format_option_names_the_chat_format(
+    scripted_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    result = run_cli(capsys, "chat", str(scripted_path), "Hi", "--format", "v1", *GREEDY)
+    assert result.out == REPLY + "\n"
