@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from localmix.cli.plan import CpuMoeOpt, EstimateOpt, VramBudgetOpt
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
@@ -86,6 +88,9 @@ def bench_command(
     plot: PlotOpt = False,
     warmup: WarmupOpt = True,
     save: SaveOpt = True,
+    estimate: EstimateOpt = False,
+    vram_budget: VramBudgetOpt = None,
+    cpu_moe: CpuMoeOpt = None,
 ) -> None:
     """Measure tokens/s the way llama-bench does: pp (prompt) and tg (generation), mean ± std."""
     from localmix.bench import params as bp
@@ -116,12 +121,72 @@ def bench_command(
             sweep[name] = parse(values)
     params = bp.BenchParams(**sweep)  # type: ignore[arg-type]
     paths, formats = _resolve(models)
-    # Offload hook: --estimate / --vram-budget / --cpu-moe (localmix.llama.offload) will turn a
-    # plan into params.n_gpu_layers and params.tensor_overrides here, before anything loads.
-    if chat:
-        _chat(paths, formats, params, output)
-    else:
-        _bench(paths, params, output=output, compare=compare, plot=plot, save=save)
+    planned = _planned(
+        paths, params, estimate, vram_budget, cpu_moe, explicit_ngl=bool(n_gpu_layers)
+    )
+    if estimate:
+        return
+    for group, group_params in planned:
+        if chat:
+            _chat(group, formats, group_params, output)
+        else:
+            _bench(group, group_params, output=output, compare=compare, plot=plot, save=save)
+
+
+def _planned(
+    paths: list[Path],
+    params: BenchParams,
+    estimate: bool,
+    vram_budget: str | None,
+    cpu_moe: int | None,
+    *,
+    explicit_ngl: bool,
+) -> list[tuple[list[Path], BenchParams]]:
+    """Apply the offload plan per model when asked (or when a GPU is there and -ngl is not).
+
+    Without a plan, all models share one sweep, like llama-bench; with one, each model gets its
+    own GPU layers and expert overrides.
+    """
+    import dataclasses
+
+    from localmix.llama import offload
+    from localmix.llama.hardware import probe
+
+    asked = estimate or vram_budget is not None or cpu_moe is not None
+    if not asked and (explicit_ngl or not probe(bandwidth=False).gpus):
+        return [(paths, params)]
+    from localmix.cli import render
+    from localmix.cli.plan import plan_table
+
+    groups = []
+    for path in paths:
+        n_ctx = max(p + g for p in params.n_prompt for g in params.n_gen) + max(params.n_depth)
+        plan = offload.estimate_for(
+            path,
+            n_ctx=max(n_ctx, 256),
+            type_k=params.type_k[0],
+            type_v=params.type_v[0],
+            n_ubatch=params.n_ubatch[0],
+            flash_attn=params.flash_attn[0],
+            vram_budget=vram_budget,
+            ngl=params.n_gpu_layers[0] if explicit_ngl else None,
+            cpu_moe=cpu_moe,
+        )
+        if estimate:
+            render.console().print(f"[bold]{path.name}[/]")
+            render.console().print(plan_table(plan))
+            continue
+        groups.append(
+            (
+                [path],
+                dataclasses.replace(
+                    params,
+                    n_gpu_layers=(plan.n_gpu_layers,),
+                    tensor_overrides=plan.tensor_overrides,
+                ),
+            )
+        )
+    return groups
 
 
 def _resolve(names: list[str]) -> tuple[list[Path], dict[Path, str | None]]:

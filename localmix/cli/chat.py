@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt
+from localmix.cli.plan import CpuMoeOpt, EstimateOpt, VramBudgetOpt
 
 if TYPE_CHECKING:
     from localmix.chat.session import Session
+    from localmix.llama.offload import Plan
     from localmix.llama.records import EngineConfig, Sampling, Stats
 
 DEFAULT_CTX = 4096
@@ -118,6 +120,9 @@ def chat_command(
     json_out: JsonOpt = False,
     plain: PlainOpt = False,
     stats: StatsOpt = False,
+    estimate: EstimateOpt = False,
+    vram_budget: VramBudgetOpt = None,
+    cpu_moe: CpuMoeOpt = None,
 ) -> None:
     """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply."""
     from localmix.llama.records import Sampling
@@ -127,11 +132,22 @@ def chat_command(
         "repeat_penalty": repeat_penalty, "seed": seed,
     }  # fmt: skip
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
+    if estimate:
+        from localmix.cli.plan import plan_table
+        from localmix.cli.render import console
+
+        plan = offload_plan(
+            resolve(model), ctx=ctx, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
+            cpu_moe=cpu_moe, force=True,
+        )  # fmt: skip
+        console().print(plan_table(plan))
+        return
     message = _message(prompt)
 
     def load(name: str, status: bool = False) -> Session:
         return open_session(
-            name, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
+            name, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
+            cpu_moe=cpu_moe, chat_format=chat_format,
             system=system, sampling=sampling, max_tokens=max_tokens, overflow=overflow,
             status=status,
         )  # fmt: skip
@@ -175,19 +191,60 @@ def resolve(reference: str) -> Target:
 
 
 def engine_config(
-    target: Target, *, ctx: int | None, threads: int | None, n_gpu_layers: int | None
+    target: Target,
+    *,
+    ctx: int | None,
+    threads: int | None,
+    n_gpu_layers: int | None,
+    vram_budget: str | None = None,
+    cpu_moe: int | None = None,
 ) -> EngineConfig:
-    """How to load the model: context (default: 4096, or the model's own when smaller)."""
+    """How to load the model: context (default: 4096, or the model's own when smaller) and the
+    offload plan's placement when a GPU is there or a budget / --cpu-moe is given."""
     from localmix.llama.records import EngineConfig
 
-    if ctx is None:
-        ctx = min(DEFAULT_CTX, target.context_length) if target.context_length > 0 else DEFAULT_CTX
-    config = EngineConfig(target.path, n_ctx=ctx, n_threads=threads)
-    # Offload hook: --estimate / --vram-budget / --cpu-moe (localmix.llama.offload) turn a plan
-    # into n_gpu_layers, tensor_overrides, KV types here; an explicit -ngl skips the plan.
+    config = EngineConfig(target.path, n_ctx=_ctx(target, ctx), n_threads=threads)
+    plan = offload_plan(
+        target, ctx=ctx, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget, cpu_moe=cpu_moe
+    )
+    if plan is not None:
+        return replace(config, **plan.engine_fields())
     if n_gpu_layers is not None:
         config = replace(config, n_gpu_layers=n_gpu_layers)
     return config
+
+
+def _ctx(target: Target, ctx: int | None) -> int:
+    if ctx is None:
+        return min(DEFAULT_CTX, target.context_length) if target.context_length > 0 else DEFAULT_CTX
+    return ctx
+
+
+def offload_plan(
+    target: Target,
+    *,
+    ctx: int | None,
+    n_gpu_layers: int | None,
+    vram_budget: str | None,
+    cpu_moe: int | None,
+    force: bool = False,
+) -> Plan | None:
+    """The fit plan (llama.offload) when it has something to decide, else None (CPU only)."""
+    from localmix.llama import offload
+    from localmix.llama.hardware import probe
+
+    asked = force or vram_budget is not None or cpu_moe is not None
+    machine = probe(bandwidth=False)
+    if not asked and (n_gpu_layers is not None or not machine.gpus):
+        return None
+    return offload.estimate_for(
+        target.path,
+        n_ctx=_ctx(target, ctx) or target.context_length,
+        vram_budget=vram_budget,
+        ngl=n_gpu_layers,
+        cpu_moe=cpu_moe,
+        hardware=machine,
+    )
 
 
 def open_session(
@@ -196,6 +253,8 @@ def open_session(
     ctx: int | None = None,
     threads: int | None = None,
     n_gpu_layers: int | None = None,
+    vram_budget: str | None = None,
+    cpu_moe: int | None = None,
     chat_format: str | None = None,
     system: str | None = None,
     sampling: Sampling | None = None,
@@ -211,7 +270,14 @@ def open_session(
     from localmix.llama.engine import Engine
 
     target = resolve(reference)
-    config = engine_config(target, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+    config = engine_config(
+        target,
+        ctx=ctx,
+        threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        vram_budget=vram_budget,
+        cpu_moe=cpu_moe,
+    )
     spinner = err_console().status(f"loading {target.name}") if status else nullcontext()
     with spinner:
         engine = Engine(config)
