@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 import typer
@@ -51,8 +50,7 @@ def _root(
 
 
 for _module in COMMAND_MODULES:
-    if importlib.util.find_spec(_module) is not None:  # TODO(lead): drop once all land
-        importlib.import_module(_module).register(app)
+    importlib.import_module(_module).register(app)
 
 
 def _say(message: str, hint: str | None = None) -> None:
