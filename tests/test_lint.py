@@ -16,7 +16,9 @@ TARGETS = ["localmix", "tests", "benchmarks"]
 def _ruff() -> list[str]:
     exe = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if exe is None:
-        pytest.fail("ruff is not installed: it is part of the test extra (pip install -e '.[test]')")
+        pytest.fail(
+            "ruff is not installed: it is part of the test extra (pip install -e '.[test]')"
+        )
     return [exe]
 
 
