@@ -320,3 +320,30 @@ def clean_tmp(older_than_s: float = 0.0) -> int:
                 freed += path.stat().st_size
                 path.unlink()
     return freed
+
+
+@dataclass(frozen=True)
+class Located:
+    """A model a command can load: its file, the name to show, chat format, trained context."""
+
+    path: Path
+    name: str
+    chat_format: str | None
+    context_length: int
+
+
+def locate(reference: str) -> Located:
+    """A store reference (mistral, tiny-mixtral:Q4_K_M) or a path to a .gguf file."""
+    candidate = Path(reference).expanduser()
+    if candidate.suffix == ".gguf" or candidate.is_file():
+        if not candidate.is_file():
+            raise ModelNotFound(
+                f"{candidate}: no such file",
+                hint="give a .gguf path or a name from `localmix list`",
+            )
+        from localmix import gguffile
+
+        info = gguffile.inspect(candidate)  # a damaged or foreign file fails here, clearly
+        return Located(candidate, candidate.name, None, info.context_length or 0)
+    manifest = get(reference)
+    return Located(manifest.file, manifest.ref, manifest.chat_format, manifest.context_length)

@@ -191,25 +191,10 @@ def _planned(
 
 def _resolve(names: list[str]) -> tuple[list[Path], dict[Path, str | None]]:
     """Store names or .gguf paths to files, with each one's chat format when the store knows it."""
-    from localmix import store
-    from localmix.errors import ModelNotFound
+    from localmix.store import locate
 
-    paths: list[Path] = []
-    formats: dict[Path, str | None] = {}
-    for name in names:
-        candidate = Path(name).expanduser()
-        if candidate.suffix == ".gguf" or candidate.is_file():
-            if not candidate.is_file():
-                raise ModelNotFound(
-                    f"{candidate}: no such file", hint="give a .gguf path or a store name"
-                )
-            paths.append(candidate)  # the engine explains a damaged or foreign file on load
-            formats[candidate] = None
-            continue
-        manifest = store.get(name)
-        paths.append(manifest.file)
-        formats[manifest.file] = manifest.chat_format
-    return paths, formats
+    found = [locate(name) for name in names]
+    return [m.path for m in found], {m.path: m.chat_format for m in found}
 
 
 def _bench(paths: list[Path], params: BenchParams, *, output: str | None, compare: bool,

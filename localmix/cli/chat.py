@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -17,6 +16,7 @@ if TYPE_CHECKING:
     from localmix.chat.session import Session
     from localmix.llama.offload import Plan
     from localmix.llama.records import EngineConfig, Sampling, Stats
+    from localmix.store import Located
 
 DEFAULT_CTX = 4096
 DEFAULT_MAX_TOKENS = 1024
@@ -91,16 +91,6 @@ StatsOpt = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class Target:
-    """A model to chat with: its file, the name to show, chat format and trained context."""
-
-    path: Path
-    name: str
-    chat_format: str | None
-    context_length: int
-
-
 def chat_command(
     model: ModelArg,
     prompt: PromptArg = None,
@@ -133,11 +123,12 @@ def chat_command(
     }  # fmt: skip
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
     if estimate:
+        from localmix import store
         from localmix.cli.plan import plan_table
         from localmix.cli.render import console
 
         plan = offload_plan(
-            resolve(model), ctx=ctx, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
+            store.locate(model), ctx=ctx, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
             cpu_moe=cpu_moe, force=True,
         )  # fmt: skip
         console().print(plan_table(plan))
@@ -175,23 +166,8 @@ def _message(prompt: str | None) -> str | None:
     return text
 
 
-def resolve(reference: str) -> Target:
-    """A store reference (mistral, tiny-mixtral:Q4_K_M) or a path to a .gguf file."""
-    from localmix import gguffile, store
-    from localmix.errors import ModelNotFound
-
-    candidate = Path(reference).expanduser()
-    if candidate.suffix == ".gguf" or candidate.is_file():
-        if not candidate.is_file():
-            raise ModelNotFound(f"{candidate}: no such file", hint="give a .gguf path or a name")
-        info = gguffile.inspect(candidate)
-        return Target(candidate, candidate.name, None, info.context_length or 0)
-    manifest = store.get(reference)
-    return Target(manifest.file, manifest.ref, manifest.chat_format, manifest.context_length)
-
-
 def engine_config(
-    target: Target,
+    target: Located,
     *,
     ctx: int | None,
     threads: int | None,
@@ -214,14 +190,14 @@ def engine_config(
     return config
 
 
-def _ctx(target: Target, ctx: int | None) -> int:
+def _ctx(target: Located, ctx: int | None) -> int:
     if ctx is None:
         return min(DEFAULT_CTX, target.context_length) if target.context_length > 0 else DEFAULT_CTX
     return ctx
 
 
 def offload_plan(
-    target: Target,
+    target: Located,
     *,
     ctx: int | None,
     n_gpu_layers: int | None,
@@ -265,11 +241,12 @@ def open_session(
     """Load a model and start a chat Session on it; the caller closes session.engine."""
     from contextlib import nullcontext
 
+    from localmix import store
     from localmix.chat.session import Session
     from localmix.cli.render import err_console
     from localmix.llama.engine import Engine
 
-    target = resolve(reference)
+    target = store.locate(reference)
     config = engine_config(
         target,
         ctx=ctx,
