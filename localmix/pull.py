@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmix import catalog, hub, settings, store
+from localmix import catalog, hub, repofiles, settings, store
 from localmix.errors import DiskSpaceError, ModelNotFound, OfflineMiss, UsageError
 from localmix.store import Manifest
 
@@ -166,9 +166,9 @@ def pull(
         return found
     emit(Stage("resolve", f"{plan.repo}@{revision or 'main'}"))
     listing = hub.repo_files(plan.repo, revision, offline=offline)
-    if plan.convert and not _has_checkpoint(listing) and hub.gguf_quants(listing.names):
+    if plan.convert and not _has_checkpoint(listing) and repofiles.gguf_quants(listing.names):
         if from_source:
-            hub.checkpoint_files(listing.names)  # raises: a GGUF repo holds no checkpoint
+            repofiles.checkpoint_files(listing.names)  # raises: a GGUF repo holds no checkpoint
         plan = dataclasses.replace(plan, convert=False)  # ORG/REPO named a GGUF repo
     if plan.convert:
         return _pull_checkpoint(plan, listing, keep_source, emit)
@@ -177,7 +177,7 @@ def pull(
 
 def _has_checkpoint(listing: hub.Listing) -> bool:
     try:
-        hub.checkpoint_files(listing.names)
+        repofiles.checkpoint_files(listing.names)
     except Exception:
         return False
     return True
@@ -197,7 +197,7 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
     from localmix import gguffile
 
     try:
-        quant, names = hub.choose_gguf(
+        quant, names = repofiles.choose_gguf(
             listing.names, plan.quant, repo=plan.repo, preferred=plan.preferred_file
         )
     except ModelNotFound as exc:
@@ -243,7 +243,7 @@ def _pull_checkpoint(
     if found := _existing(plan.name, quant):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
-    names = hub.checkpoint_files(listing.names)
+    names = repofiles.checkpoint_files(listing.names)
     weights = sum(listing.file(n).size for n in names if n.endswith(".safetensors"))
     # Published checkpoints are 16-bit, so the f16 GGUF is about the size of the weights (an f32
     # checkpoint makes it half: the estimate errs on the safe side), and n_params = bytes / 2.
@@ -315,7 +315,7 @@ def _register_owned(
 def _name_from_file(path: Path) -> str:
     """`mistral-7b-instruct-v0.2.Q4_K_M.gguf` -> `mistral-7b-instruct-v0.2` (shards too)."""
     stem = re.sub(r"(-\d{5}-of-\d{5})?\.gguf$", "", path.name, flags=re.IGNORECASE)
-    tag = hub.quant_of(path.name)
+    tag = repofiles.quant_of(path.name)
     if tag and stem.upper().endswith(tag) and stem[-len(tag) - 1 : -len(tag)] in ".-_":
         stem = stem[: -len(tag) - 1]
     return stem.lower() or "model"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from localmix import hub as hubmod
+from localmix import repofiles
 from localmix.errors import CheckpointError, DiskSpaceError, ModelNotFound
 from tests.hub_server import HubServer
 
@@ -124,19 +124,21 @@ QUANT_CASES = [
 def test_choose_gguf_picks_the_quant_and_every_shard(
     names: list[str], quant: str | None, expected: list[str]
 ) -> None:
-    assert hubmod.choose_gguf([*names, "README.md"], quant)[1] == expected
+    assert repofiles.choose_gguf([*names, "README.md"], quant)[1] == expected
 
 
 def test_choose_gguf_without_that_quant_lists_the_quants_that_exist() -> None:
     with pytest.raises(ModelNotFound) as caught:
-        hubmod.choose_gguf(["m.Q4_K_M.gguf", "m.Q5_K_M.gguf"], "Q8_0", repo="org/m")
+        repofiles.choose_gguf(["m.Q4_K_M.gguf", "m.Q5_K_M.gguf"], "Q8_0", repo="org/m")
     assert "Q8_0" in caught.value.message
     assert "Q4_K_M, Q5_K_M" in (caught.value.hint or "")
 
 
 def test_choose_gguf_refuses_a_split_gguf_with_missing_parts() -> None:
     with pytest.raises(ModelNotFound, match="split into 3 parts"):
-        hubmod.choose_gguf(["b-Q4_K_M-00001-of-00003.gguf", "b-Q4_K_M-00002-of-00003.gguf"], None)
+        repofiles.choose_gguf(
+            ["b-Q4_K_M-00001-of-00003.gguf", "b-Q4_K_M-00002-of-00003.gguf"], None
+        )
 
 
 CHECKPOINT_CASES = [
@@ -164,12 +166,12 @@ CHECKPOINT_CASES = [
 def test_checkpoint_files_take_safetensors_config_and_tokenizer(
     names: list[str], expected: list[str]
 ) -> None:
-    assert hubmod.checkpoint_files(names) == expected
+    assert repofiles.checkpoint_files(names) == expected
 
 
 def test_checkpoint_files_refuse_pickled_weights() -> None:
     with pytest.raises(CheckpointError) as caught:
-        hubmod.checkpoint_files(["config.json", "pytorch_model.bin", "tokenizer.model"])
+        repofiles.checkpoint_files(["config.json", "pytorch_model.bin", "tokenizer.model"])
     assert ".bin" in (caught.value.hint or "")
 
 
