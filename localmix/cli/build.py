@@ -23,11 +23,13 @@ def convert_command(
 
     out = output or Path.cwd() / f"{src.resolve().name}.{outtype.upper()}.gguf"
     with render.steps() as bar:
-        task = bar.add_task("converting", total=None, detail="")
+        tasks: list[object] = []  # the bar appears with the first tensor, after the input checks
 
         def show(event: object) -> None:
+            if not tasks:
+                tasks.append(bar.add_task("converting", total=None, detail=""))
             bar.update(
-                task,
+                tasks[0],  # type: ignore[arg-type]
                 completed=event.index,  # type: ignore[attr-defined]
                 total=event.total,  # type: ignore[attr-defined]
                 detail=event.tensor_name,  # type: ignore[attr-defined]
@@ -53,10 +55,12 @@ def quantize_command(
 
     kind = q.quant_type(qtype)
     with render.steps() as bar:
-        task = bar.add_task(f"quantizing to {kind.name}", total=None, detail="")
+        tasks: list[object] = []  # the bar appears with the first tensor, after the input checks
 
         def show(event: q.QuantizeEvent) -> None:
-            bar.update(task, completed=event.index, total=event.total, detail=event.tensor)
+            if not tasks:
+                tasks.append(bar.add_task(f"quantizing to {kind.name}", total=None, detail=""))
+            bar.update(tasks[0], completed=event.index, total=event.total, detail=event.tensor)  # type: ignore[arg-type]
 
         path = Path(src)
         if path.suffix == ".gguf" or path.exists():

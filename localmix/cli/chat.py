@@ -115,6 +115,7 @@ def chat_command(
     cpu_moe: CpuMoeOpt = None,
 ) -> None:
     """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply."""
+    from localmix import store
     from localmix.llama.records import Sampling
 
     picked = {
@@ -123,7 +124,6 @@ def chat_command(
     }  # fmt: skip
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
     if estimate:
-        from localmix import store
         from localmix.cli.plan import plan_table
         from localmix.cli.render import console
 
@@ -133,6 +133,7 @@ def chat_command(
         )  # fmt: skip
         console().print(plan_table(plan))
         return
+    store.locate(model)  # an unknown model is the first thing to say, before reading stdin
     message = _message(prompt)
 
     def load(name: str, status: bool = False) -> Session:

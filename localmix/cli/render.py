@@ -76,6 +76,29 @@ def print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
+def _progress_options(transient: bool) -> dict[str, Any]:
+    # Off a terminal (pipes, CI logs) a live bar only leaves residue: no bar, one line per task.
+    return {
+        "console": err_console(),
+        "transient": transient,
+        "disable": not err_console().is_terminal,
+    }
+
+
+def _progress_type() -> type[Progress]:
+    from rich.progress import Progress
+
+    class LoggedProgress(Progress):
+        """A rich Progress that, when disabled off a terminal, still logs each task it starts."""
+
+        def add_task(self, description: str, *args: Any, **kwargs: Any) -> Any:
+            if self.disable:
+                self.console.print(description, highlight=False, markup=False)
+            return super().add_task(description, *args, **kwargs)
+
+    return LoggedProgress
+
+
 def _hidden_on_error(bar: Progress) -> Iterator[Progress]:
     """Yield the bar; on an error, hide it so the `error:` line stands alone."""
     try:
@@ -91,7 +114,6 @@ def progress(transient: bool = False) -> Iterator[Progress]:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
-        Progress,
         TaskProgressColumn,
         TextColumn,
         TimeRemainingColumn,
@@ -106,7 +128,7 @@ def progress(transient: bool = False) -> Iterator[Progress]:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console(), transient=transient) as bar:
+    with _progress_type()(*columns, **_progress_options(transient)) as bar:
         yield from _hidden_on_error(bar)
 
 
@@ -116,7 +138,6 @@ def steps(transient: bool = False) -> Iterator[Progress]:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -130,7 +151,7 @@ def steps(transient: bool = False) -> Iterator[Progress]:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console(), transient=transient) as bar:
+    with _progress_type()(*columns, **_progress_options(transient)) as bar:
         yield from _hidden_on_error(bar)
 
 
