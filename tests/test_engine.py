@@ -117,6 +117,25 @@ def test_greedy_tokens_are_the_argmax_of_logits(engine: Engine) -> None:
     assert str(logits.dtype) == "float32"
     assert list(logits[len(PROMPT) - 1 :].argmax(axis=1)) == generated
     assert engine.kv_tokens == tuple(PROMPT + generated[:-1])
+    # logits() grew llama.cpp's output buffer (it may move): greedy picks read the new one.
+    engine.clear()
+    again, _ = run(engine.stream(PROMPT, sampling=Sampling.greedy(), max_tokens=8, ignore_eos=True))
+    assert tokens_of(again) == generated
+
+
+def test_engines_keep_cpu_thread_pools(tiny_mistral_gguf_f16: Path) -> None:
+    """One pool when prompt and generation use the same thread count, two otherwise (as llama-cli
+    does), and the output does not depend on the pools."""
+    outputs = []
+    for threads, batch, pools in ((2, None, 1), (1, 2, 2)):
+        config = EngineConfig(
+            tiny_mistral_gguf_f16, n_ctx=256, n_threads=threads, n_threads_batch=batch
+        )
+        with Engine(config) as eng:
+            assert eng.thread_pools == pools
+            chunks, _ = run(eng.stream(PROMPT, sampling=Sampling.greedy(), max_tokens=6))
+            outputs.append(tokens_of(chunks))
+    assert outputs[0] == outputs[1] and outputs[0]
 
 
 def test_seeded_sampling_is_reproducible(engine: Engine) -> None:

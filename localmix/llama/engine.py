@@ -52,6 +52,7 @@ class Engine:
         self.last_stats: Stats | None = None
         self._kv: list[int] = []
         self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         self._live: Iterator[Chunk | Stats] | None = None
         self._closed = False
         self._stack = ExitStack()
@@ -83,13 +84,15 @@ class Engine:
         self._stack.callback(c.llama_model_free, model)
 
         threads = config.n_threads or settings.default_threads()
+        batch_threads = config.n_threads_batch or threads
+        pools = self._threadpools(threads, batch_threads)  # made before the context, freed after
         cparams = c.llama_context_default_params()
         cparams.n_ctx = config.n_ctx
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = config.n_ubatch
         cparams.n_seq_max = 1
         cparams.n_threads = threads
-        cparams.n_threads_batch = config.n_threads_batch or threads
+        cparams.n_threads_batch = batch_threads
         cparams.flash_attn_type = FLASH_ATTN[config.flash_attn]
         cparams.type_k = KV_CACHE_TYPES[config.type_k]
         cparams.type_v = KV_CACHE_TYPES[config.type_v]
@@ -102,6 +105,12 @@ class Engine:
             )
         self._ctx = ctx
         self._stack.callback(c.llama_free, ctx)
+        self.thread_pools = 0  # CPU thread pools attached: 1, 2 (own batch pool) or 0 (none)
+        if pools:
+            from localmix.llama.lib import attach_threadpools
+
+            attach_threadpools(ctx, *pools)
+            self.thread_pools = 2 if pools[1] else 1
         self._vocab = self._not_null(c.llama_model_get_vocab(model), "the model's vocabulary")
         self._mem = self._not_null(c.llama_get_memory(ctx), "the context's KV cache")
 
@@ -125,6 +134,20 @@ class Engine:
         # Field access on a ctypes struct builds a new pointer object: keep these once.
         self._one_token, self._one_pos = self._one.token, self._one.pos
         self._piece_buf = ctypes.create_string_buffer(256)
+
+    def _threadpools(self, threads: int, batch_threads: int) -> tuple[int, int | None] | None:
+        """CPU thread pools kept for the engine's life, as llama-bench and llama-cli keep them:
+        (pool, batch pool or None for the same), or None where the build cannot make them."""
+        from localmix.llama.lib import free_threadpool, new_threadpool
+
+        pools: list[int] = []
+        for count in dict.fromkeys((threads, batch_threads)):
+            pool = new_threadpool(count)
+            if pool is None:
+                return None
+            self._stack.callback(free_threadpool, pool)
+            pools.append(pool)
+        return pools[0], pools[1] if len(pools) > 1 else None
 
     def _load_failed(self, path: Path) -> None:
         from localmix import gguffile
@@ -413,23 +436,33 @@ class Engine:
 
     def _argmax_picker(self) -> Callable[[], int]:
         """Greedy picks from the last logits: the token llama.cpp's greedy sampler would choose
-        (the first maximum), without copying the vocabulary into a candidate array (~30 us)."""
+        (the first maximum), without building its candidate array (~30 us a token). The numpy
+        view over the logits buffer is made once per buffer address, not once per token."""
         import numpy as np
 
-        as_array, logits_at, ctx, shape = (
-            np.ctypeslib.as_array,
-            self._c.llama_get_logits_ith,
-            self._ctx,
-            (self.n_vocab,),
-        )
+        from localmix.llama.lib import logits_address
+
+        address_of, ctx, n_vocab = logits_address(), self._ctx, self.n_vocab
+        views: dict[int, numpy.ndarray] = {}
 
         def pick() -> int:
-            logits = logits_at(ctx, -1)
-            if not logits:
-                raise EngineError("llama.cpp returned no logits")
-            return int(as_array(logits, shape=shape).argmax())
+            address = address_of(ctx, -1)
+            view = views.get(address)
+            if view is None:
+                if not address:
+                    raise EngineError("llama.cpp returned no logits")
+                buffer = (ctypes.c_float * n_vocab).from_address(address)
+                view = views[address] = np.frombuffer(buffer, dtype=np.float32)
+            return int(view.argmax())
 
         return pick
+
+    def _is_end(self, token: int) -> bool:
+        """llama_vocab_is_eog, remembered per token (a decode loop asks about the same few)."""
+        known = self._eog.get(token)
+        if known is None:
+            known = self._eog[token] = bool(self._c.llama_vocab_is_eog(self._vocab, token))
+        return known
 
     def _generate(
         self,
@@ -456,7 +489,7 @@ class Engine:
                 pick = partial(c.llama_sampler_sample, chain, self._ctx, -1)
             text = TextStream(stop)
             # Locals for the loop: each token costs one decode, one sample and a dict lookup.
-            is_eog, vocab, kv, n_ctx = c.llama_vocab_is_eog, self._vocab, self._kv, self.n_ctx
+            eog, is_end, kv, n_ctx = self._eog, self._is_end, self._kv, self.n_ctx
             pieces, piece, step = self._pieces, self._piece, self._step
             finish = "length"
             while n_gen < max_tokens:
@@ -465,7 +498,10 @@ class Engine:
                 n_samples += 1
                 if n_samples == 1:
                     t_first = t_last
-                if not ignore_eos and is_eog(vocab, token):
+                end = eog.get(token)
+                if end is None:
+                    end = is_end(token)
+                if end and not ignore_eos:
                     finish = "stop"
                     break
                 n_gen += 1

@@ -1,7 +1,8 @@
 """The one room for ctypes that llama-cpp-python 0.3.36 does not bind.
 
-ggml's backend-device API (devices, their memory and buffer types) and llama_model_params'
-tensor_buft_overrides. Nothing ctypes leaves this module: callers get records and plain values.
+ggml's backend-device API (devices, their memory and buffer types), llama_model_params'
+tensor_buft_overrides, the CPU backend's thread pools and a lean logits getter for the decode
+loop. Nothing ctypes leaves this module: callers get records, plain values and opaque handles.
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ class OverrideKeepalive:
     overrides: tuple[tuple[str, str], ...]
 
 
+class _ThreadpoolParams(ctypes.Structure):
+    """struct ggml_threadpool_params (ggml.h); GGML_MAX_N_THREADS is 512."""
+
+    _fields_ = (
+        ("cpumask", ctypes.c_bool * 512),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    )
+
+
 def _declare(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
     function = getattr(lib, name)
     function.restype = restype
@@ -79,6 +93,11 @@ def _ggml() -> ctypes.CDLL:
     _declare(lib, "ggml_backend_buft_name", c, p)
     _declare(lib, "ggml_backend_cpu_buffer_type", p)
     _declare(lib, "ggml_backend_load_all_from_path", None, c)
+    _declare(lib, "ggml_backend_reg_by_name", p, c)
+    _declare(lib, "ggml_backend_reg_get_proc_address", p, p, c)
+    _declare(
+        lib, "ggml_threadpool_params_init", None, ctypes.POINTER(_ThreadpoolParams), ctypes.c_int
+    )
     if lib.ggml_backend_dev_count() == 0:
         # A GGML_BACKEND_DL build registers nothing until its backend libraries are loaded.
         lib_dir = llama_cpp.llama_cpp._base_path
@@ -196,3 +215,71 @@ def supports_gpu_offload() -> bool:
     import llama_cpp
 
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class _ThreadpoolAPI:
+    new: Any
+    free: Any
+    attach: Any
+
+
+@functools.lru_cache(maxsize=1)
+def _threadpool_api() -> _ThreadpoolAPI | None:
+    """The CPU backend's thread-pool functions, found the way llama-bench finds them (through the
+    backend registry, so a build with dynamically loaded backends works too); None without them."""
+    import llama_cpp
+
+    lib = _ggml()
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    if not reg:
+        return None
+    new = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_new")
+    free = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_free")
+    if not (new and free):
+        return None
+    p = ctypes.c_void_p
+    attach = ctypes.CFUNCTYPE(None, p, p, p)(("llama_attach_threadpool", llama_cpp.llama_cpp._lib))
+    return _ThreadpoolAPI(
+        new=ctypes.CFUNCTYPE(p, ctypes.POINTER(_ThreadpoolParams))(new),
+        free=ctypes.CFUNCTYPE(None, p)(free),
+        attach=attach,
+    )
+
+
+def new_threadpool(n_threads: int) -> int | None:
+    """A CPU thread pool of n_threads with ggml's defaults (hybrid polling, inherited affinity and
+    priority), as llama-bench and llama-cli make one; None where the build has no such API.
+
+    Without one, ggml sets up a throwaway pool for every graph it computes: on builds without
+    OpenMP (macOS among them) that is a thread start and join per decoded token."""
+    api = _threadpool_api()
+    if api is None:
+        return None
+    params = _ThreadpoolParams()
+    _ggml().ggml_threadpool_params_init(ctypes.byref(params), n_threads)
+    return api.new(ctypes.byref(params)) or None
+
+
+def free_threadpool(pool: int) -> None:
+    """Free a pool from new_threadpool, after every context that used it is freed."""
+    api = _threadpool_api()
+    if api is not None:
+        api.free(pool)
+
+
+def attach_threadpools(ctx: Any, pool: int, pool_batch: int | None = None) -> None:
+    """Compute ctx's single-token graphs on pool and its batches on pool_batch (default: pool)."""
+    api = _threadpool_api()
+    if api is not None:
+        api.attach(ctx, pool, pool_batch)
+
+
+@functools.lru_cache(maxsize=1)
+def logits_address() -> Any:
+    """llama_get_logits_ith(ctx, i) returning the address as an int (0 for none): the binding's
+    own returns a ctypes pointer, and wrapping that in an array each token costs microseconds."""
+    import llama_cpp
+
+    prototype = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
+    return prototype(("llama_get_logits_ith", llama_cpp.llama_cpp._lib))
