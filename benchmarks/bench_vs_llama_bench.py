@@ -1,13 +1,12 @@
 """`localmix bench` against llama.cpp's llama-bench: pp512 and tg128, same GGUF and threads.
 
-The model is a ~125M-parameter synthetic Mistral (localmix.synth → convert → quantize Q4_K_M),
-made once and cached. llama-bench is built from the llama.cpp source that the pinned
-llama-cpp-python vendors (llamacpp_tools.py). Rounds alternate the two tools, and swap which goes
-first, so drift on a busy machine hits both alike; each round runs -r repetitions after a warmup.
-`ratio` is localmix / llama-bench of the mean t/s over all rounds; `paired` the median over rounds
-of the same ratio within a round, which slow drift affects less. Target: within ±3%.
+The models are a ~125M-parameter synthetic Mistral and a small synthetic Mixtral (localmix.synth →
+convert → quantize Q4_K_M), made once and cached. llama-bench is built from the llama.cpp source
+that the pinned llama-cpp-python vendors (llamacpp_tools.py). Each round runs both tools back to
+back (-r repetitions after a warmup each), swapping which goes first; the verdict is the median of
+the per-round ratios, with its 95% bootstrap interval (pairing.py). Target: within ±3%.
 
-    python benchmarks/bench_vs_llama_bench.py [--threads 1,2] [--rounds 4] [--reps 5]
+    python benchmarks/bench_vs_llama_bench.py [--threads 1,2] [--rounds 20] [--reps 2]
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from engine_vs_llama_bench import make_model
 from llamacpp_tools import pinned_version, tool
+from pairing import mean_std, paired
 
 from localmix import settings
 from localmix.bench.params import BenchParams
@@ -31,26 +31,6 @@ from localmix.bench.run import run
 
 TESTS = ("pp512", "tg128")
 TARGET = 0.03
-
-
-def model_path() -> Path:
-    """The 125M synthetic Mistral at Q4_K_M, through localmix's own synth, convert and quantize."""
-    import platformdirs
-
-    from localmix import synth
-    from localmix.convert import convert
-    from localmix.quantize import quantize
-
-    folder = Path(platformdirs.user_cache_dir("localmix", appauthor=False)) / "bench-models"
-    out = folder / "synth-mistral-125m-Q4_K_M.gguf"
-    if out.is_file():
-        return out
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        ckpt = synth.checkpoint(Path(tmp) / "ckpt", arch="mistral", size="125m")
-        f16 = convert(ckpt, Path(tmp) / "model-f16.gguf", outtype="f16")
-        quantize(f16, out, "Q4_K_M")
-    return out
 
 
 def llama_bench(model: Path, threads: int, reps: int) -> dict[str, list[float]]:
@@ -97,24 +77,13 @@ def measure(model: Path, threads: int, rounds: int, reps: int) -> Samples:
     return samples
 
 
-def paired_ratio(ours: list[list[float]], ref: list[list[float]]) -> float:
-    """Median over rounds of localmix / llama-bench: robust to drift between rounds."""
-    return statistics.median(
-        statistics.mean(a) / statistics.mean(b) for a, b in zip(ours, ref, strict=True)
-    )
-
-
-def cell(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):9.2f} ± {std:6.2f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default=None, help="comma list (default: physical cores)")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--model", type=Path, default=None, help="a GGUF (default: synthetic)")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--models", default="mistral,mixtral", help="synthetic models to run")
+    parser.add_argument("--model", type=Path, default=None, help="a GGUF instead of --models")
     parser.add_argument(
         "--same-libs",
         action="store_true",
@@ -126,29 +95,31 @@ def main() -> None:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(tool("llama-bench").parent)
     threads = [int(t) for t in (args.threads or str(settings.default_threads())).split(",")]
     tool("llama-bench")  # build before anything is timed
-    model = args.model or model_path()
+    models = [args.model] if args.model else [make_model(m) for m in args.models.split(",")]
     libs = "llama-bench's libraries" if args.same_libs else "its own build"
-    print(f"model: {model.name}; llama-cpp-python {pinned_version()} on {libs}")
+    print(f"llama-cpp-python {pinned_version()} on {libs}")
     print(f"{args.rounds} rounds x {args.reps} repetitions per tool, alternating")
-    print(
-        f"{'threads':>7}  {'test':<6} {'llama-bench t/s':>18} {'localmix t/s':>18} "
-        f"{'ratio':>6} {'paired':>6}  target ±3%"
+    print("ratio: median of per-round localmix/llama-bench [95% bootstrap interval]")
+    header = (
+        f"{'model':<34} {'threads':>7}  {'test':<6} {'llama-bench t/s':>17} {'localmix t/s':>17}"
     )
-    worst = 0.0
-    for n in threads:
-        samples = measure(model, n, args.rounds, args.reps)
-        for test in TESTS:
-            ref_rounds, our_rounds = samples["llama-bench"][test], samples["localmix"][test]
-            ref = [v for values in ref_rounds for v in values]
-            ours = [v for values in our_rounds for v in values]
-            ratio = statistics.mean(ours) / statistics.mean(ref)
-            paired = paired_ratio(our_rounds, ref_rounds)
-            worst = max(worst, abs(ratio - 1))
-            verdict = "ok" if abs(ratio - 1) <= TARGET else "OUTSIDE"
-            print(
-                f"{n:>7}  {test:<6} {cell(ref)} {cell(ours)} {ratio:6.3f} {paired:6.3f}  {verdict}"
-            )
-    sys.exit(0 if worst <= TARGET else 1)
+    print(f"{header} {'ratio':>22} {'range':>12}  target ±3%")
+    ok = True
+    for model in models:
+        for n in threads:
+            samples = measure(model, n, args.rounds, args.reps)
+            for test in TESTS:
+                ref = [statistics.mean(v) for v in samples["llama-bench"][test]]
+                ours = [statistics.mean(v) for v in samples["localmix"][test]]
+                ratio = paired(ours, ref)
+                good = abs(ratio.median - 1) <= TARGET
+                ok &= good
+                print(
+                    f"{model.name:<34} {n:>7}  {test:<6} {mean_std(ref):>17} {mean_std(ours):>17} "
+                    f"{ratio!s:>22} {ratio.lowest:.3f}..{ratio.highest:.3f}  "
+                    + ("ok" if good else "OUTSIDE")
+                )
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -94,25 +94,26 @@ def _source(root: Path, version: str, log: Path) -> Path:
     return src
 
 
-def build(jobs: int | None = None) -> Path:
-    """Build the tools if they are not built yet; returns the directory that holds them."""
+def _build(name: str, targets: tuple[str, ...], flags: tuple[str, ...], jobs: int | None) -> Path:
+    """Configure and build `targets` into <cache>/<name> once; returns its bin directory."""
     version = pinned_version()
     root = cache_dir(version)
-    bin_dir = root / "build" / "bin"
-    if all((bin_dir / name).is_file() for name in TOOLS):
+    bin_dir = root / name / "bin"
+    done = root / name / ".built"
+    if done.is_file():
         return bin_dir
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
-        if all((bin_dir / name).is_file() for name in TOOLS):  # another process built them
+        if done.is_file():  # another process built them
             return bin_dir
-        log = root / "build.log"
+        log = root / f"{name}.log"
         src = _source(root, version, log)
-        build_dir = root / "build"
+        build_dir = root / name
         _run(
             [
                 "cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                 "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
-                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", *flags,
                 *(["-G", "Ninja"] if shutil.which("ninja") else []),
             ],
             log,
@@ -120,11 +121,25 @@ def build(jobs: int | None = None) -> Path:
         _run(
             [
                 "cmake", "--build", str(build_dir), "--config", "Release", "-j",
-                str(jobs or os.cpu_count() or 1), "--target", *TOOLS,
+                str(jobs or os.cpu_count() or 1), "--target", *targets,
             ],
             log,
         )  # fmt: skip
+        done.touch()
     return bin_dir
+
+
+def build(jobs: int | None = None) -> Path:
+    """Build the tools if they are not built yet; returns the directory that holds them."""
+    return _build("build", TOOLS, (), jobs)
+
+
+def libraries_without_openmp(jobs: int | None = None) -> Path:
+    """libllama and libggml built with GGML_OPENMP=OFF, as macOS builds are: ggml's own thread
+    pool then does all the threading. For LLAMA_CPP_LIB_PATH; returns their directory."""
+    return _build(
+        "build-no-openmp", ("llama",), ("-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TOOLS=OFF"), jobs
+    )
 
 
 def tool(name: str) -> Path:
