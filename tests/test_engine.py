@@ -379,3 +379,16 @@ def test_close_is_idempotent_and_final(tiny_mistral_gguf_f16: Path) -> None:
         eng.tokenize("hi")
     with pytest.raises(EngineError):
         eng.stream(PROMPT)
+
+
+def test_a_build_without_the_thread_pool_api_still_loads(
+    tiny_mistral_gguf_f16: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ggml then makes a pool per graph itself: slower on some builds, never wrong."""
+    from localmix.llama import lib
+
+    monkeypatch.setattr(lib, "_threadpool_api", lambda: None)
+    with Engine(EngineConfig(tiny_mistral_gguf_f16, n_ctx=256, n_threads=2)) as eng:
+        assert eng.thread_pools == 0
+        chunks, stats = run(eng.stream(PROMPT, sampling=Sampling.greedy(), max_tokens=4))
+        assert stats.generated_tokens == len(tokens_of(chunks)) > 0
