@@ -69,19 +69,20 @@ QUANT_TYPES: dict[str, QuantType] = {
 DEFAULT_TYPE = "Q4_K_M"
 
 
-def quant_type(name: str) -> QuantType:
-    """Look a quant type up by name, case-insensitively; UsageError listing the types otherwise."""
+def quant_type(name: str, *, imatrix: bool = False) -> QuantType:
+    """Look a quant type up by name, case-insensitively; UsageError listing the types otherwise.
+    The lowest-bit types need an importance matrix (imatrix=True says one is given)."""
     key = name.strip().upper()
     if key not in QUANT_TYPES:
         raise UsageError(
-            f"unknown quantization type {name!r}",
-            hint="one of: " + ", ".join(q for q in QUANT_TYPES if not QUANT_TYPES[q].needs_imatrix),
+            f"unknown quantization type {name!r}", hint="one of: " + ", ".join(QUANT_TYPES)
         )
     qtype = QUANT_TYPES[key]
-    if qtype.needs_imatrix:
+    if qtype.needs_imatrix and not imatrix:
         raise UsageError(
-            f"{qtype.name} needs an importance matrix, which localmix does not compute yet",
-            hint="use Q2_K, Q3_K_M or IQ3_M for the smallest files without one",
+            f"{qtype.name} needs an importance matrix",
+            hint="pass --imatrix FILE (from llama-imatrix, or the one published beside a "
+            "model's GGUFs), or use Q2_K, Q3_K_M or IQ3_M, which need none",
         )
     return qtype
 
@@ -108,17 +109,21 @@ def quantize(
     threads: int | None = None,
     progress: Callable[[QuantizeEvent], None] | None = None,
     allow_requantize: bool = False,
+    imatrix: Path | None = None,
 ) -> Path:
     """Quantize a GGUF; the output appears at `out` only once complete. Returns `out`.
 
-    An already-quantized input needs allow_requantize (quality is lost twice, as llama-quantize warns).
+    An already-quantized input needs allow_requantize (quality is lost twice, as llama-quantize
+    warns). imatrix, an importance matrix file, guides every type and is needed by the lowest-bit ones.
     """
     from localmix import gguffile
+    from localmix import imatrix as importance
     from localmix.llama.quant import model_quantize
 
-    kind = quant_type(qtype)
+    kind = quant_type(qtype, imatrix=imatrix is not None)
     src, out = Path(src), Path(out)
     info = gguffile.inspect(src)  # a truncated or non-GGUF input fails here, not in C
+    matrix = importance.load(imatrix) if imatrix is not None else None
     out_dir = out.parent if str(out.parent) else Path(".")
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir}: no such directory")
@@ -137,6 +142,7 @@ def quantize(
                 kind.ftype,
                 threads or settings.default_threads(),
                 allow_requantize=allow_requantize,
+                imatrix=matrix,
                 on_tensor=(lambda i, n, name: progress(QuantizeEvent(i, n, name)))
                 if progress
                 else None,
@@ -180,6 +186,7 @@ def quantize_model(
     threads: int | None = None,
     progress: Callable[[QuantizeEvent], None] | None = None,
     allow_requantize: bool = False,
+    imatrix: Path | None = None,
 ) -> Manifest:
     """Make another quant of a store model and register it (`localmix quantize mistral -q Q5_K_M`)."""
     import dataclasses
@@ -187,7 +194,7 @@ def quantize_model(
 
     from localmix import gguffile, store
 
-    kind = quant_type(qtype)
+    kind = quant_type(qtype, imatrix=imatrix is not None)
     name, _ = store.split_ref(reference)
     candidates = store.find(name)
     if not candidates:
@@ -212,6 +219,7 @@ def quantize_model(
             threads=threads,
             progress=progress,
             allow_requantize=source.quant not in ("F32", "BF16", "F16"),
+            imatrix=imatrix,
         )
         info = gguffile.inspect(tmp)
         manifest = dataclasses.replace(

@@ -48,12 +48,19 @@ def quantize_command(
         bool,
         typer.Option("--allow-requantize", help="Quantize an already-quantized store model."),
     ] = False,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(
+            "--imatrix",
+            help="Importance matrix (llama-imatrix's GGUF or .dat); needed by IQ1/IQ2/IQ3_XXS/Q2_K_S.",
+        ),
+    ] = None,
 ) -> None:
     """Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default."""
     from localmix import quantize as q
     from localmix.cli import render
 
-    kind = q.quant_type(qtype)
+    kind = q.quant_type(qtype, imatrix=imatrix is not None)
     with render.steps() as bar:
         tasks: list[object] = []  # the bar appears with the first tensor, after the input checks
 
@@ -65,10 +72,17 @@ def quantize_command(
         path = Path(src)
         if path.suffix == ".gguf" or path.exists():
             out = output or path.with_name(f"{path.stem.rsplit('.', 1)[0]}.{kind.name}.gguf")
-            result = q.quantize(path, out, kind.name, threads=threads, progress=show)
+            result = q.quantize(
+                path, out, kind.name, threads=threads, progress=show, imatrix=imatrix
+            )
         else:
             manifest = q.quantize_model(
-                src, kind.name, threads=threads, progress=show, allow_requantize=allow_requantize
+                src,
+                kind.name,
+                threads=threads,
+                progress=show,
+                allow_requantize=allow_requantize,
+                imatrix=imatrix,
             )
             result = manifest.file
     render.err_console().print(f"wrote {result} ({render.human_size(result.stat().st_size)})")

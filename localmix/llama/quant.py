@@ -6,10 +6,45 @@ import ctypes
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from localmix.imatrix import Imatrix
 
 # llama.cpp logs "[  12/ 291] blk.0.attn_q.weight - [...], type = f16, converting to q4_K .."
 _LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)
 _TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_KV_INT, _KV_STR = 0, 3  # enum llama_model_kv_override_type
+
+
+def _imatrix_params(params: Any, imatrix: Imatrix, llama_cpp: Any) -> list[Any]:
+    """Point params at the importance values and at the metadata llama-quantize records with
+    them (the same keys and values, so the output matches llama-quantize's byte for byte).
+    Returns what must stay alive until llama_model_quantize returns."""
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix.values) + 1))()
+    names = []
+    for index, (name, values) in enumerate(imatrix.values.items()):
+        names.append(name.encode())
+        entries[index].name = names[-1]
+        entries[index].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[index].size = values.size
+    params.imatrix = entries  # the zeroed last entry (name NULL) ends the list
+    metadata: list[tuple[str, int | str]] = [("quantize.imatrix.file", str(imatrix.path))]
+    if imatrix.datasets:
+        metadata.append(("quantize.imatrix.dataset", imatrix.datasets[0]))
+    metadata.append(("quantize.imatrix.entries_count", len(imatrix.values)))
+    if imatrix.chunks > 0:
+        metadata.append(("quantize.imatrix.chunks_count", imatrix.chunks))
+    overrides = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()
+    for index, (key, value) in enumerate(metadata):
+        slot = overrides[index]
+        slot.key = key.encode()
+        if isinstance(value, int):
+            slot.tag, slot.value.val_i64 = _KV_INT, value
+        else:
+            slot.tag, slot.value.val_str = _KV_STR, value.encode()[:127]
+    params.kv_overrides = overrides  # the zeroed last entry (empty key) ends the list
+    return [entries, names, overrides, imatrix]
 
 
 def model_quantize(
@@ -19,6 +54,7 @@ def model_quantize(
     threads: int,
     *,
     allow_requantize: bool = False,
+    imatrix: Imatrix | None = None,
     on_tensor: Callable[[int, int, str], None] | None = None,
     on_error: Callable[[str], None] | None = None,
 ) -> int:
@@ -48,6 +84,7 @@ def model_quantize(
     params.ftype = ftype
     params.nthread = threads
     params.allow_requantize = allow_requantize
+    keepalive = _imatrix_params(params, imatrix, llama_cpp) if imatrix is not None else []
     llama_cpp.llama_log_set(callback, None)
     try:
         return int(
@@ -57,3 +94,4 @@ def model_quantize(
         )
     finally:
         llama_cpp.llama_log_set(old_callback, old_user)
+        del keepalive
