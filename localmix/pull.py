@@ -144,10 +144,16 @@ def pull(
     from_source: bool = False,
     keep_source: bool = False,
     offline: bool = False,
+    imatrix: Path | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
-    """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store."""
+    """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store.
+    imatrix, an importance-matrix file, guides the quantization of a converted checkpoint."""
     emit = progress or (lambda _event: None)
+    if imatrix is not None:
+        from localmix import imatrix as importance
+
+        importance.load(imatrix)  # a bad file fails before any download
     ref = catalog.resolve(reference)
     if ref.spec is not None and ref.spec.synthetic:
         # Built-in synthetic models are built here, offline, not downloaded.
@@ -171,7 +177,7 @@ def pull(
             repofiles.checkpoint_files(listing.names)  # raises: a GGUF repo holds no checkpoint
         plan = dataclasses.replace(plan, convert=False)  # ORG/REPO named a GGUF repo
     if plan.convert:
-        return _pull_checkpoint(plan, listing, keep_source, emit)
+        return _pull_checkpoint(plan, listing, keep_source, emit, imatrix)
     return _pull_gguf(plan, listing, emit)
 
 
@@ -233,13 +239,14 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
 
 
 def _pull_checkpoint(
-    plan: _Plan, listing: hub.Listing, keep_source: bool, emit: Progress
+    plan: _Plan, listing: hub.Listing, keep_source: bool, emit: Progress, imatrix: Path | None
 ) -> Manifest:
     from localmix import quantize
 
     quant = (plan.quant or quantize.DEFAULT_TYPE).upper()
     if quant not in _CONVERT_TYPES:
-        quantize.quant_type(quant)  # an unknown type fails before any download
+        # an unknown type, or one that needs a missing imatrix, fails before any download
+        quantize.quant_type(quant, imatrix=imatrix is not None)
     if found := _existing(plan.name, quant):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
@@ -257,7 +264,7 @@ def _pull_checkpoint(
     )
     emit(Stage("download", f"{len(names)} files"))
     download = hub.download(listing, names, progress=emit)
-    manifest = _convert_and_quantize(plan, quant, download, keep_source, emit)
+    manifest = _convert_and_quantize(plan, quant, download, keep_source, emit, imatrix)
     if not keep_source:
         hub.discard(download)  # the checkpoint served its purpose; files other tools had stay
     emit(Stage("done", manifest.ref))
@@ -265,7 +272,12 @@ def _pull_checkpoint(
 
 
 def _convert_and_quantize(
-    plan: _Plan, quant: str, download: hub.Download, keep_source: bool, emit: Progress
+    plan: _Plan,
+    quant: str,
+    download: hub.Download,
+    keep_source: bool,
+    emit: Progress,
+    imatrix: Path | None = None,
 ) -> Manifest:
     from localmix import quantize
     from localmix.convert import convert
@@ -280,7 +292,7 @@ def _convert_and_quantize(
             return _register_owned(plan, quant, f16, source, hub_files, emit)
         with store.tmp_file(".gguf") as out:
             emit(Stage("quantize", quant))
-            quantize.quantize(f16, out, quant, progress=emit)
+            quantize.quantize(f16, out, quant, progress=emit, imatrix=imatrix)
             manifest = _register_owned(plan, quant, out, source, hub_files, emit)
         if keep_source:  # the f16 stays as NAME:F16, the best input for `localmix quantize`
             _register_owned(plan, "F16", f16, source, hub_files, emit)

@@ -267,6 +267,27 @@ def test_pull_checkpoint_keep_source_keeps_the_f16_and_the_download(
     assert list(snapshots.glob("*/*.safetensors"))  # the checkpoint stays in the HF cache
 
 
+@pytest.mark.slow
+def test_pull_checkpoint_to_a_low_bit_type_takes_an_imatrix(
+    env: Env, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from localmix.convert import convert
+
+    from .imatrix_files import write_gguf_imatrix
+
+    env.hub.add_repo("org/tiny-mistral", tiny_checkpoint)
+    refused = env.cli("pull", "org/tiny-mistral:IQ2_XS")
+    assert refused.returncode == 2 and "--imatrix" in refused.stderr
+    assert not [r for r in env.hub.requests if (r.file or "").endswith(".safetensors")]
+    f16 = convert(tiny_checkpoint, tmp_path / "f16.gguf", outtype="f16")
+    matrix = write_gguf_imatrix(f16, tmp_path / "imatrix.gguf")
+    result = env.cli("pull", "org/tiny-mistral:IQ2_XS", "--imatrix", str(matrix))
+    assert result.returncode == 0, result.stderr
+    (model,) = env.listed()
+    assert model["quant"] == "IQ2_XS"
+    one_chat_turn(model)
+
+
 # --- the journeys, through the CLI --------------------------------------------------------------
 
 

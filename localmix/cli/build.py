@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from localmix.cli.options import OutputOpt, QuantOpt, ThreadsOpt
+from localmix.cli.options import ImatrixOpt, OutputOpt, QuantOpt, ThreadsOpt
 
 
 def convert_command(
@@ -48,13 +48,7 @@ def quantize_command(
         bool,
         typer.Option("--allow-requantize", help="Quantize an already-quantized store model."),
     ] = False,
-    imatrix: Annotated[
-        Path | None,
-        typer.Option(
-            "--imatrix",
-            help="Importance matrix (llama-imatrix's GGUF or .dat); needed by IQ1/IQ2/IQ3_XXS/Q2_K_S.",
-        ),
-    ] = None,
+    imatrix: ImatrixOpt = None,
 ) -> None:
     """Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default."""
     from localmix import quantize as q

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt
+from localmix.cli.options import ImatrixOpt, JsonOpt
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -137,6 +137,7 @@ def pull_command(
     offline: Annotated[
         bool, typer.Option("--offline", help="Use only the local Hugging Face cache.")
     ] = False,
+    imatrix: ImatrixOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Download a model from the Hugging Face Hub (resumable, sha256-verified) into the store."""
@@ -151,6 +152,7 @@ def pull_command(
             from_source=from_source,
             keep_source=keep_source,
             offline=offline,
+            imatrix=imatrix,
             progress=view,
         )
     if json_out:
