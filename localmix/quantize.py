@@ -167,7 +167,11 @@ def quantize(
                 ),
                 next((e for e in reversed(errors) if e), "llama.cpp reported a failure"),
             )
-            raise EngineError(f"quantizing {src.name} to {kind.name} failed: {detail}")
+            mismatch = matrix is not None and "matrix" in detail.lower()
+            raise EngineError(
+                f"quantizing {src.name} to {kind.name} failed: {detail}",
+                hint=f"is {matrix.path.name} made for this model?" if mismatch and matrix else None,
+            )
         os.replace(partial, out)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -118,3 +118,16 @@ def test_cli_quantize_takes_an_imatrix(
     assert failed.code == 2 and "Traceback" not in failed.err
     assert failed.err.strip().splitlines()[0].startswith("error:")
     assert not target.exists()
+
+
+def test_an_imatrix_of_another_model_fails_clearly_and_writes_nothing(
+    tiny_mistral_gguf_f16: Path, tiny_mixtral_gguf_f16: Path, tmp_path: Path
+) -> None:
+    from localmix.errors import EngineError
+
+    matrix = write_gguf_imatrix(tiny_mixtral_gguf_f16, tmp_path / "mixtral-imatrix.gguf")
+    out = tmp_path / "out.gguf"
+    with pytest.raises(EngineError) as caught:
+        quantize(tiny_mistral_gguf_f16, out, "IQ2_XS", imatrix=matrix)
+    assert "mixtral-imatrix.gguf" in (caught.value.hint or "")
+    assert not out.exists() and list(tmp_path.iterdir()) == [matrix]
