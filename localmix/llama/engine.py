@@ -418,7 +418,8 @@ class Engine:
         ignore_eos: bool = False,
     ) -> Iterator[Chunk | Stats]:
         """Generate after prompt: Chunks of text, then Stats last. ignore_eos keeps going past
-        end-of-generation tokens (benchmarks). Raises ContextTooLong if the prompt alone does not fit."""
+        end-of-generation tokens (benchmarks). Raises ContextTooLong if the prompt alone does not fit.
+        A token is in the KV cache by the time its Chunk is handed out (the last one excepted)."""
         self._check()
         prompt = list(prompt)
         if not prompt:
@@ -505,14 +506,19 @@ class Engine:
                     finish = "stop"
                     break
                 n_gen += 1
+                # Decode the token before handing out its text: on a GPU llama_decode only queues
+                # the work, so the caller's time with the text (rendering, printing) overlaps it.
+                # On the CPU, where llama_decode returns when done, the order changes nothing.
+                more = n_gen < max_tokens and len(kv) < n_ctx
+                if more:
+                    step(token)
                 data = pieces.get(token)
                 yield Chunk(text.feed(piece(token) if data is None else data), token)
                 if text.stopped:
                     finish = "stop_string"
                     break
-                if n_gen == max_tokens or len(kv) >= n_ctx:
+                if not more:
                     break
-                step(token)
             tail = text.flush()
             if tail:
                 yield Chunk(tail, -1)
