@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_vs_llama_bench import make_model
+from engine_vs_llama_bench import N_PROMPT, engine_pp, make_model
 from llamacpp_tools import libraries_without_openmp, pinned_version
 
-N_PROMPT, N_GEN = 512, 128
+N_GEN = 128
 
 
 def child(model: Path, threads: int, rounds: int) -> dict[str, list[float]]:
@@ -54,22 +54,15 @@ def child(model: Path, threads: int, rounds: int) -> dict[str, list[float]]:
             engine.decode_one(token)
         return N_GEN / (time.perf_counter() - start)
 
-    def pp(engine: Engine) -> float:
-        engine.clear()
-        tokens = [engine.bos_id] + [rng.randrange(engine.n_vocab) for _ in range(N_PROMPT - 1)]
-        start = time.perf_counter()
-        engine.process(tokens)
-        return N_PROMPT / (time.perf_counter() - start)
-
     engines = {"pools": load(True), "none": load(False)}
     assert engines["pools"].thread_pools and not engines["none"].thread_pools
     out: dict[str, list[float]] = {}
     for engine in engines.values():  # warmup
-        pp(engine), tg(engine)
+        engine_pp(engine, rng), tg(engine)
     for index in range(rounds):
         order = list(engines) if index % 2 == 0 else list(reversed(engines))
         for name in order:
-            out.setdefault(f"pp512 {name}", []).append(pp(engines[name]))
+            out.setdefault(f"pp512 {name}", []).append(engine_pp(engines[name], rng))
             out.setdefault(f"tg128 {name}", []).append(tg(engines[name]))
     for engine in engines.values():
         engine.close()

@@ -24,6 +24,7 @@ from localmix.store import Manifest
 
 if TYPE_CHECKING:
     from localmix.gguffile import GGUFInfo
+    from localmix.imatrix import Imatrix
 
 # Output types convert writes directly (no quantize step).
 _CONVERT_TYPES = ("F16", "BF16", "F32")
@@ -150,10 +151,11 @@ def pull(
     """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store.
     imatrix, an importance-matrix file, guides the quantization of a converted checkpoint."""
     emit = progress or (lambda _event: None)
+    matrix = None
     if imatrix is not None:
         from localmix import imatrix as importance
 
-        importance.load(imatrix)  # a bad file fails before any download
+        matrix = importance.load(imatrix)  # a bad file fails before any download
     ref = catalog.resolve(reference)
     if ref.spec is not None and ref.spec.synthetic:
         # Built-in synthetic models are built here, offline, not downloaded.
@@ -177,7 +179,7 @@ def pull(
             repofiles.checkpoint_files(listing.names)  # raises: a GGUF repo holds no checkpoint
         plan = dataclasses.replace(plan, convert=False)  # ORG/REPO named a GGUF repo
     if plan.convert:
-        return _pull_checkpoint(plan, listing, keep_source, emit, imatrix)
+        return _pull_checkpoint(plan, listing, keep_source, emit, matrix)
     return _pull_gguf(plan, listing, emit)
 
 
@@ -239,7 +241,7 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
 
 
 def _pull_checkpoint(
-    plan: _Plan, listing: hub.Listing, keep_source: bool, emit: Progress, imatrix: Path | None
+    plan: _Plan, listing: hub.Listing, keep_source: bool, emit: Progress, imatrix: Imatrix | None
 ) -> Manifest:
     from localmix import quantize
 
@@ -277,7 +279,7 @@ def _convert_and_quantize(
     download: hub.Download,
     keep_source: bool,
     emit: Progress,
-    imatrix: Path | None = None,
+    imatrix: Imatrix | None = None,
 ) -> Manifest:
     from localmix import quantize
     from localmix.convert import convert

@@ -15,6 +15,7 @@ from localmix import settings
 from localmix.errors import EngineError, OutputError, UsageError
 
 if TYPE_CHECKING:
+    from localmix.imatrix import Imatrix
     from localmix.store import Manifest
 
 
@@ -109,12 +110,13 @@ def quantize(
     threads: int | None = None,
     progress: Callable[[QuantizeEvent], None] | None = None,
     allow_requantize: bool = False,
-    imatrix: Path | None = None,
+    imatrix: Path | Imatrix | None = None,
 ) -> Path:
     """Quantize a GGUF; the output appears at `out` only once complete. Returns `out`.
 
     An already-quantized input needs allow_requantize (quality is lost twice, as llama-quantize
-    warns). imatrix, an importance matrix file, guides every type and is needed by the lowest-bit ones.
+    warns). imatrix, an importance matrix (a file, or one already loaded), guides every type and is
+    needed by the lowest-bit ones.
     """
     from localmix import gguffile
     from localmix import imatrix as importance
@@ -123,7 +125,7 @@ def quantize(
     kind = quant_type(qtype, imatrix=imatrix is not None)
     src, out = Path(src), Path(out)
     info = gguffile.inspect(src)  # a truncated or non-GGUF input fails here, not in C
-    matrix = importance.load(imatrix) if imatrix is not None else None
+    matrix = importance.load(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     out_dir = out.parent if str(out.parent) else Path(".")
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir}: no such directory")

@@ -459,10 +459,8 @@ class Engine:
         return pick
 
     def _is_end(self, token: int) -> bool:
-        """llama_vocab_is_eog, remembered per token (a decode loop asks about the same few)."""
-        known = self._eog.get(token)
-        if known is None:
-            known = self._eog[token] = bool(self._c.llama_vocab_is_eog(self._vocab, token))
+        """llama_vocab_is_eog, remembered in self._eog (the decode loop looks there first)."""
+        known = self._eog[token] = bool(self._c.llama_vocab_is_eog(self._vocab, token))
         return known
 
     def _generate(
