@@ -12,6 +12,7 @@ shared Hugging Face cache); `rm` deletes only what localmix owns.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -21,9 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from localmix import settings
 from localmix.errors import LocalmixError, ModelNotFound, OutputError
+
+if TYPE_CHECKING:
+    from localmix.gguffile import GGUFInfo
 
 MANIFEST_VERSION = 1
 # Preferred quant when a name is given without one and several exist.
@@ -331,6 +336,13 @@ class Located:
     chat_format: str | None
     context_length: int
 
+    @functools.cached_property
+    def info(self) -> GGUFInfo:
+        """The file's GGUF header, read once however many callers (plan, engine) ask."""
+        from localmix import gguffile
+
+        return gguffile.inspect(self.path)
+
 
 def locate(reference: str) -> Located:
     """A store reference (mistral, tiny-mixtral:Q4_K_M) or a path to a .gguf file."""
@@ -344,6 +356,8 @@ def locate(reference: str) -> Located:
         from localmix import gguffile
 
         info = gguffile.inspect(candidate)  # a damaged or foreign file fails here, clearly
-        return Located(candidate, candidate.name, None, info.context_length or 0)
+        located = Located(candidate, candidate.name, None, info.context_length or 0)
+        located.__dict__["info"] = info  # already read: the plan reuses it
+        return located
     manifest = get(reference)
     return Located(manifest.file, manifest.ref, manifest.chat_format, manifest.context_length)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from localmix.bench.params import BenchParams, cases
 from localmix.bench.result import mean, stdev
-from localmix.bench.run import build_info, engine_config, machine_info
+from localmix.bench.run import build_info, machine_info, open_case
 
 if TYPE_CHECKING:
     from localmix.llama.engine import Engine, Sampling, Stats
@@ -89,7 +89,7 @@ def run_chat(
     progress: Callable[[str], None] | None = None,
 ) -> list[ChatBenchResult]:
     """One chat turn per repetition, for each model and each -t / -ngl value."""
-    from localmix.llama.engine import Engine, Sampling
+    from localmix.llama.engine import Sampling
 
     machine = machine_info()
     sweep = BenchParams(
@@ -102,7 +102,7 @@ def run_chat(
     for case in cases(models, sweep):
         if progress:
             progress(f"{case.model.name}: loading")
-        with Engine(engine_config(case, 0)) as engine:
+        with open_case(case, 0) as engine:
             fmt = (chat_formats or {}).get(case.model)
             prompt = chat_prompt(engine, fmt, message)
             n_ctx_left = engine.n_ctx - len(prompt)

@@ -20,7 +20,8 @@ from localmix.bench.params import BenchCase, BenchParams, cases
 from localmix.bench.result import BenchResult
 
 if TYPE_CHECKING:
-    from localmix.llama.engine import Engine, EngineConfig
+    from localmix.llama.engine import Engine
+    from localmix.load import LoadSettings
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def run(
         first_index, first = key_cases[0]
         _emit(progress, "load", first_index, len(todo), first, params)
         n_ctx = max(case.n_ctx for _, case in key_cases)
-        with _open(first, n_ctx) as engine:
+        with open_case(first, max(n_ctx, 1)) as engine:
             for index, case in key_cases:
                 result = _run_case(engine, case, params, machine, index, len(todo), progress)
                 results[index] = result
@@ -78,14 +79,15 @@ def _by_engine(todo: list[BenchCase]) -> list[list[tuple[int, BenchCase]]]:
     return list(groups.values())
 
 
-def engine_config(case: BenchCase, n_ctx: int) -> EngineConfig:
-    from localmix.llama.engine import EngineConfig
+def load_settings(case: BenchCase, n_ctx: int) -> LoadSettings:
+    """The door's settings for a test: all explicit (GPU layers too), so nothing is re-planned;
+    n_ctx 0 is the model's own context."""
+    from localmix.load import LoadSettings
 
-    return EngineConfig(
-        model_path=case.model,
-        n_ctx=max(n_ctx, 1),
-        n_threads=case.n_threads,
-        n_threads_batch=case.n_threads,  # llama-bench uses one count for both
+    return LoadSettings(
+        ctx=max(n_ctx, 0),
+        threads=case.n_threads,
+        threads_batch=case.n_threads,  # llama-bench uses one count for both
         n_batch=case.n_batch,
         n_ubatch=case.n_ubatch,
         n_gpu_layers=case.n_gpu_layers,
@@ -96,10 +98,11 @@ def engine_config(case: BenchCase, n_ctx: int) -> EngineConfig:
     )
 
 
-def _open(case: BenchCase, n_ctx: int) -> Engine:
-    from localmix.llama.engine import Engine
+def open_case(case: BenchCase, n_ctx: int) -> Engine:
+    """The model of a test, loaded through the door (load.open_model)."""
+    from localmix import load
 
-    return Engine(engine_config(case, n_ctx))
+    return load.open_model(case.model, load_settings(case, n_ctx)).engine
 
 
 def _emit(

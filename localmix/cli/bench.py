@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from localmix.bench.params import BenchParams
+    from localmix.store import Located
 
 _LIST = "Comma list or range (1-8, 1-8+2, 1-16*2); repeatable."
 Ints = Optional[list[str]]  # noqa: UP045 - typer reads Optional at runtime on 3.10
@@ -120,9 +121,12 @@ def bench_command(
         if values:
             sweep[name] = parse(values)
     params = bp.BenchParams(**sweep)  # type: ignore[arg-type]
-    paths, formats = _resolve(models)
+    from localmix import load
+
+    targets = [load.locate(name) for name in models]  # each name walked once
+    formats = {t.path: t.chat_format for t in targets}
     planned = _planned(
-        paths, params, estimate, vram_budget, cpu_moe, explicit_ngl=bool(n_gpu_layers)
+        targets, params, estimate, vram_budget, cpu_moe, explicit_ngl=bool(n_gpu_layers)
     )
     if estimate:
         return
@@ -134,7 +138,7 @@ def bench_command(
 
 
 def _planned(
-    paths: list[Path],
+    targets: list[Located],
     params: BenchParams,
     estimate: bool,
     vram_budget: str | None,
@@ -142,59 +146,44 @@ def _planned(
     *,
     explicit_ngl: bool,
 ) -> list[tuple[list[Path], BenchParams]]:
-    """Apply the offload plan per model when asked (or when a GPU is there and -ngl is not).
+    """Apply the offload plan per model where the door's rule (load.plan_for) makes one.
 
     Without a plan, all models share one sweep, like llama-bench; with one, each model gets its
     own GPU layers and expert overrides.
     """
     import dataclasses
 
-    from localmix.llama import offload
-    from localmix.llama.hardware import probe
-
-    asked = estimate or vram_budget is not None or cpu_moe is not None
-    if not asked and (explicit_ngl or not probe(bandwidth=False).gpus):
-        return [(paths, params)]
+    from localmix import load
     from localmix.cli import render
     from localmix.cli.plan import plan_table
 
-    groups = []
-    for path in paths:
-        n_ctx = max(p + g for p in params.n_prompt for g in params.n_gen) + max(params.n_depth)
-        plan = offload.estimate_for(
-            path,
-            n_ctx=max(n_ctx, 256),
-            type_k=params.type_k[0],
-            type_v=params.type_v[0],
-            n_ubatch=params.n_ubatch[0],
-            flash_attn=params.flash_attn[0],
-            vram_budget=vram_budget,
-            ngl=params.n_gpu_layers[0] if explicit_ngl else None,
-            cpu_moe=cpu_moe,
-        )
-        if estimate:
+    n_ctx = max(p + g for p in params.n_prompt for g in params.n_gen) + max(params.n_depth)
+    settings = load.LoadSettings(
+        ctx=max(n_ctx, 256),
+        n_gpu_layers=params.n_gpu_layers[0] if explicit_ngl else None,
+        vram_budget=vram_budget,
+        cpu_moe=cpu_moe,
+        n_ubatch=params.n_ubatch[0],
+        flash_attn=params.flash_attn[0],
+        type_k=params.type_k[0],
+        type_v=params.type_v[0],
+    )
+    shared: list[Path] = []
+    groups: list[tuple[list[Path], BenchParams]] = []
+    for target in targets:
+        path = target.path
+        plan = load.plan_for(target, settings, force=estimate)
+        if estimate and plan is not None:
             render.console().print(f"[bold]{path.name}[/]")
             render.console().print(plan_table(plan))
-            continue
-        groups.append(
-            (
-                [path],
-                dataclasses.replace(
-                    params,
-                    n_gpu_layers=(plan.n_gpu_layers,),
-                    tensor_overrides=plan.tensor_overrides,
-                ),
+        elif plan is None:
+            shared.append(path)
+        else:
+            planned = dataclasses.replace(
+                params, n_gpu_layers=(plan.n_gpu_layers,), tensor_overrides=plan.tensor_overrides
             )
-        )
-    return groups
-
-
-def _resolve(names: list[str]) -> tuple[list[Path], dict[Path, str | None]]:
-    """Store names or .gguf paths to files, with each one's chat format when the store knows it."""
-    from localmix.store import locate
-
-    found = [locate(name) for name in names]
-    return [m.path for m in found], {m.path: m.chat_format for m in found}
+            groups.append(([path], planned))
+    return ([(shared, params)] if shared else []) + groups
 
 
 def _bench(paths: list[Path], params: BenchParams, *, output: str | None, compare: bool,

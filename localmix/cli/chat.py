@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -14,11 +13,11 @@ from localmix.cli.plan import CpuMoeOpt, EstimateOpt, VramBudgetOpt
 
 if TYPE_CHECKING:
     from localmix.chat.session import Session
-    from localmix.llama.offload import Plan
-    from localmix.llama.records import EngineConfig, Sampling, Stats
+    from localmix.llama.records import Sampling, Stats
+    from localmix.load import LoadSettings
     from localmix.store import Located
 
-DEFAULT_CTX = 4096
+DEFAULT_CTX = 4096  # load.DEFAULT_CTX, repeated here so --help needs no import
 DEFAULT_MAX_TOKENS = 1024
 
 PromptArg = Annotated[
@@ -115,7 +114,7 @@ def chat_command(
     cpu_moe: CpuMoeOpt = None,
 ) -> None:
     """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply."""
-    from localmix import store
+    from localmix import load
     from localmix.llama.records import Sampling
 
     picked = {
@@ -123,31 +122,31 @@ def chat_command(
         "repeat_penalty": repeat_penalty, "seed": seed,
     }  # fmt: skip
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
+    settings = load.LoadSettings(
+        ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
+        cpu_moe=cpu_moe,
+    )  # fmt: skip
+    target = load.locate(model)  # an unknown model is the first thing to say, before stdin
     if estimate:
         from localmix.cli.plan import plan_table
         from localmix.cli.render import console
 
-        plan = offload_plan(
-            store.locate(model), ctx=ctx, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
-            cpu_moe=cpu_moe, force=True,
-        )  # fmt: skip
+        plan = load.plan_for(target, settings, force=True)
+        assert plan is not None  # forced
         console().print(plan_table(plan))
         return
-    store.locate(model)  # an unknown model is the first thing to say, before reading stdin
     message = _message(prompt)
 
-    def load(name: str, status: bool = False) -> Session:
+    def open_chat(reference: str | Located, status: bool = False) -> Session:
         return open_session(
-            name, ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
-            cpu_moe=cpu_moe, chat_format=chat_format,
-            system=system, sampling=sampling, max_tokens=max_tokens, overflow=overflow,
-            status=status,
+            reference, settings, chat_format=chat_format, system=system, sampling=sampling,
+            max_tokens=max_tokens, overflow=overflow, status=status,
         )  # fmt: skip
 
-    session = load(model, status=message is None)
+    session = open_chat(target, status=message is None)
     try:
         if message is None:
-            _interactive(session, load, markdown=not plain)
+            _interactive(session, open_chat, markdown=not plain)
         else:
             _one_shot(session, message, json_out=json_out, show_stats=stats)
     finally:
@@ -167,71 +166,10 @@ def _message(prompt: str | None) -> str | None:
     return text
 
 
-def engine_config(
-    target: Located,
-    *,
-    ctx: int | None,
-    threads: int | None,
-    n_gpu_layers: int | None,
-    vram_budget: str | None = None,
-    cpu_moe: int | None = None,
-) -> EngineConfig:
-    """How to load the model: context (default: 4096, or the model's own when smaller) and the
-    offload plan's placement when a GPU is there or a budget / --cpu-moe is given."""
-    from localmix.llama.records import EngineConfig
-
-    config = EngineConfig(target.path, n_ctx=_ctx(target, ctx), n_threads=threads)
-    plan = offload_plan(
-        target, ctx=ctx, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget, cpu_moe=cpu_moe
-    )
-    if plan is not None:
-        return replace(config, **plan.engine_fields())
-    if n_gpu_layers is not None:
-        config = replace(config, n_gpu_layers=n_gpu_layers)
-    return config
-
-
-def _ctx(target: Located, ctx: int | None) -> int:
-    if ctx is None:
-        return min(DEFAULT_CTX, target.context_length) if target.context_length > 0 else DEFAULT_CTX
-    return ctx
-
-
-def offload_plan(
-    target: Located,
-    *,
-    ctx: int | None,
-    n_gpu_layers: int | None,
-    vram_budget: str | None,
-    cpu_moe: int | None,
-    force: bool = False,
-) -> Plan | None:
-    """The fit plan (llama.offload) when it has something to decide, else None (CPU only)."""
-    from localmix.llama import offload
-    from localmix.llama.hardware import probe
-
-    asked = force or vram_budget is not None or cpu_moe is not None
-    machine = probe(bandwidth=False)
-    if not asked and (n_gpu_layers is not None or not machine.gpus):
-        return None
-    return offload.estimate_for(
-        target.path,
-        n_ctx=_ctx(target, ctx) or target.context_length,
-        vram_budget=vram_budget,
-        ngl=n_gpu_layers,
-        cpu_moe=cpu_moe,
-        hardware=machine,
-    )
-
-
 def open_session(
-    reference: str,
+    reference: str | Located,
+    settings: LoadSettings | None = None,
     *,
-    ctx: int | None = None,
-    threads: int | None = None,
-    n_gpu_layers: int | None = None,
-    vram_budget: str | None = None,
-    cpu_moe: int | None = None,
     chat_format: str | None = None,
     system: str | None = None,
     sampling: Sampling | None = None,
@@ -239,42 +177,34 @@ def open_session(
     overflow: str = "shift",
     status: bool = False,
 ) -> Session:
-    """Load a model and start a chat Session on it; the caller closes session.engine."""
+    """Open a model through the door (load.open_model) and start a chat Session on it; the
+    caller closes session.engine. status shows a spinner while it loads."""
     from contextlib import nullcontext
 
-    from localmix import store
+    from localmix import load
     from localmix.chat.session import Session
     from localmix.cli.render import err_console
-    from localmix.llama.engine import Engine
 
-    target = store.locate(reference)
-    config = engine_config(
-        target,
-        ctx=ctx,
-        threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        vram_budget=vram_budget,
-        cpu_moe=cpu_moe,
-    )
+    target = load.locate(reference)
     spinner = err_console().status(f"loading {target.name}") if status else nullcontext()
     with spinner:
-        engine = Engine(config)
+        loaded = load.open_model(target, settings)
     try:
         # the manifest's format, else Session detects it from the GGUF's metadata
         return Session(
-            engine, chat_format or target.chat_format, system=system, sampling=sampling,
+            loaded.engine, chat_format or target.chat_format, system=system, sampling=sampling,
             max_tokens=max_tokens, overflow=overflow, model=target.name,
         )  # fmt: skip
     except BaseException:
-        engine.close()
+        loaded.close()
         raise
 
 
-def _interactive(session: Session, load: Callable[[str], Session], *, markdown: bool) -> None:
+def _interactive(session: Session, loader: Callable[[str], Session], *, markdown: bool) -> None:
     from localmix.cli.render import console
     from localmix.cli.repl import Repl
 
-    repl = Repl(session, console=console(), loader=load, markdown=markdown)
+    repl = Repl(session, console=console(), loader=loader, markdown=markdown)
     repl.banner()
     try:
         repl.run()

@@ -97,18 +97,19 @@ def _bench(manifest: object, threads: int | None) -> list[object]:
 
 
 def _chat(manifest: object, threads: int | None, max_tokens: int) -> tuple[str, object]:
+    from localmix import load
     from localmix.chat.session import Session
     from localmix.cli import render
-    from localmix.llama.engine import Chunk, Engine, EngineConfig, Sampling, Stats
+    from localmix.llama.engine import Chunk, Sampling, Stats
 
     console = render.console()
     console.print(f"\n[bold]>>> {DEMO_PROMPT}[/]")
-    config = EngineConfig(model_path=manifest.file, n_ctx=1024, n_threads=threads)  # type: ignore[attr-defined]
+    settings = load.LoadSettings(ctx=1024, threads=threads)
     parts: list[str] = []
     stats: Stats | None = None
-    with Engine(config) as engine:
+    with load.open_model(manifest.file, settings) as loaded:  # type: ignore[attr-defined]
         session = Session(
-            engine,
+            loaded.engine,
             manifest.chat_format,  # type: ignore[attr-defined]
             sampling=Sampling(seed=42),
             max_tokens=max_tokens,

@@ -1,13 +1,81 @@
-"""llama.cpp's process-wide state: the backend, initialised once, and the log, silent unless an
-engine asks for it, keeping recent error lines so a NULL from C can be explained in one line."""
+"""llama.cpp's process-wide state: the one place `llama_cpp` is first imported (after the C++
+runtime is made global, see cxx_runtime_global), the backend, initialised once, and the log,
+silent unless an engine asks for it, keeping recent error lines so a NULL from C can be explained
+in one line."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import sys
 from collections import deque
 from typing import Any
 
 _LOG_ERROR, _LOG_CONT = 4, 5  # enum ggml_log_level (ggml.h)
+
+# One C++ runtime symbol that libllama calls and that CUDA builds of ggml also export: the
+# canary for "the global namespace resolves the C++ runtime to the real libstdc++".
+CXX_CANARY = "_ZNSo9_M_insertIlEERSoT_"  # std::ostream::_M_insert<long>(long)
+
+
+@functools.lru_cache(maxsize=1)
+def cxx_runtime_global() -> str | None:
+    """Load the C++ runtime (libstdc++) into the global symbol namespace; returns its path, or
+    None where there is nothing to do (macOS and Windows use other runtimes and loaders).
+
+    Why: llama-cpp-python loads libllama with RTLD_LOCAL, so libllama's calls into the C++
+    runtime are bound by searching its own dependency tree breadth first, and the order of that
+    tree decides which copy wins. A CUDA build of libggml-cuda.so exports its own weak copies of
+    libstdc++ template code (nvcc instantiates what g++ leaves to libstdc++, e.g.
+    std::ostream::_M_insert<long>); when libggml-cuda sits in that search before libstdc++,
+    libllama's model summary (llama_model::print_info) runs the copy inside libggml-cuda and
+    crashes. Symbols in the global namespace are searched before any library's own tree, so once
+    libstdc++ is global every C++ runtime call binds to the real runtime, whatever order the
+    libraries load in. It must happen before libllama is loaded: data relocations (std::cout,
+    vtables) bind at load time."""
+    if not sys.platform.startswith(("linux", "freebsd")):
+        return None
+    name = ctypes.util.find_library("stdc++") or "libstdc++.so.6"
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return None  # no libstdc++ (a libc++ system): llama.cpp then links what it links
+    return loaded_from(CXX_CANARY)
+
+
+def loaded_from(symbol: str) -> str | None:
+    """The file that the global namespace resolves `symbol` to (dladdr), or None if it does not."""
+    if not sys.platform.startswith(("linux", "freebsd")):
+        return None
+
+    class _DlInfo(ctypes.Structure):
+        _fields_ = (
+            ("dli_fname", ctypes.c_char_p),
+            ("dli_fbase", ctypes.c_void_p),
+            ("dli_sname", ctypes.c_char_p),
+            ("dli_saddr", ctypes.c_void_p),
+        )
+
+    process = ctypes.CDLL(None)  # dlopen(NULL): the global namespace
+    try:
+        address = ctypes.c_void_p.in_dll(process, symbol)
+    except ValueError:
+        return None
+    info = _DlInfo()
+    dladdr = process.dladdr
+    dladdr.argtypes = (ctypes.c_void_p, ctypes.POINTER(_DlInfo))
+    if not dladdr(ctypes.addressof(address), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return info.dli_fname.decode(errors="replace")
+
+
+def llama_cpp_module() -> Any:
+    """The llama_cpp package, imported the one way localmix imports it: C++ runtime first."""
+    cxx_runtime_global()  # cached; after a foreign import it still helps the lazy bindings
+    import llama_cpp
+
+    return llama_cpp
 
 
 class LlamaLog:
@@ -45,9 +113,16 @@ _READY: list[Any] = []
 
 def llama() -> Any:
     """The llama_cpp module, its backend initialised (once per process)."""
-    import llama_cpp
-
+    llama_cpp = llama_cpp_module()
     if not _READY:
         llama_cpp.llama_backend_init()
         _READY.append(llama_cpp)
     return llama_cpp
+
+
+def ggml_library() -> Any:
+    """libggml as llama-cpp-python loaded it (the same handle, so the same device registry)."""
+    llama()
+    from llama_cpp import _ggml
+
+    return _ggml.libggml

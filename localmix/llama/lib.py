@@ -72,11 +72,10 @@ def _declare(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
 @functools.lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
     """libggml as llama-cpp-python loaded it (same handle, so the same device registry)."""
-    import llama_cpp
-    from llama_cpp import _ggml as ggml_module
+    from localmix.llama.backend import ggml_library, llama
 
-    llama_cpp.llama_backend_init()
-    lib = ggml_module.libggml
+    llama_cpp = llama()  # through backend, the one importer of llama_cpp (C++ runtime first)
+    lib = ggml_library()
     p, c = ctypes.c_void_p, ctypes.c_char_p
     size = ctypes.c_size_t
     _declare(lib, "ggml_backend_dev_count", size)
@@ -172,9 +171,9 @@ def apply_tensor_overrides(
     if not overrides:
         model_params.tensor_buft_overrides = None
         return None
-    import llama_cpp
+    from localmix.llama.backend import llama
 
-    limit = int(llama_cpp.llama_max_tensor_buft_overrides())
+    limit = int(llama().llama_max_tensor_buft_overrides())
     if len(overrides) >= limit:
         raise UsageError(
             f"at most {limit - 1} tensor overrides are supported, got {len(overrides)}"
@@ -205,16 +204,16 @@ def apply_tensor_overrides(
 
 def system_info() -> str:
     """llama_print_system_info(): each backend with its compiled features."""
-    import llama_cpp
+    from localmix.llama.backend import llama
 
     _ggml()
-    return _text(llama_cpp.llama_print_system_info()).strip()
+    return _text(llama().llama_print_system_info()).strip()
 
 
 def supports_gpu_offload() -> bool:
-    import llama_cpp
+    from localmix.llama.backend import llama
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return bool(llama().llama_supports_gpu_offload())
 
 
 @dataclass(frozen=True)
@@ -228,9 +227,10 @@ class _ThreadpoolAPI:
 def _threadpool_api() -> _ThreadpoolAPI | None:
     """The CPU backend's thread-pool functions, found the way llama-bench finds them (through the
     backend registry, so a build with dynamically loaded backends works too); None without them."""
-    import llama_cpp
+    from localmix.llama.backend import llama
 
     lib = _ggml()
+    llama_cpp = llama()
     reg = lib.ggml_backend_reg_by_name(b"CPU")
     if not reg:
         return None
@@ -279,7 +279,7 @@ def attach_threadpools(ctx: Any, pool: int, pool_batch: int | None = None) -> No
 def logits_address() -> Any:
     """llama_get_logits_ith(ctx, i) returning the address as an int (0 for none): the binding's
     own returns a ctypes pointer, and wrapping that in an array each token costs microseconds."""
-    import llama_cpp
+    from localmix.llama.backend import llama
 
     prototype = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
-    return prototype(("llama_get_logits_ith", llama_cpp.llama_cpp._lib))
+    return prototype(("llama_get_logits_ith", llama().llama_cpp._lib))

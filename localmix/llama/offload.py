@@ -555,12 +555,14 @@ def estimate_for(
     ngl: int | None = None,
     cpu_moe: int | None = None,
     hardware: Hardware | None = None,
+    info: GGUFInfo | None = None,
 ) -> Plan:
-    """The plan for a GGUF file on this machine (reads the header only; probes the hardware)."""
+    """The plan for a GGUF file on this machine (reads the header unless given it; probes the
+    hardware unless given it)."""
     from localmix import gguffile
     from localmix.llama.hardware import probe
 
-    info = gguffile.inspect(path)
+    info = info or gguffile.inspect(path)
     machine = hardware or probe(bandwidth=False)
     budget = budget_for(machine, vram_budget)
     result = plan(

@@ -1,0 +1,160 @@
+"""The one door that opens a model: a name or path and the user's settings in, the loaded Engine
+with its offload plan out. chat, bench, demo, the REPL's /model (and next, serve) all come
+through here, so the plan rule, the context default and the C++-runtime fix for CUDA builds
+(llama.backend, reached through Engine) are written once.
+
+    with load.open_model("mistral", LoadSettings(ctx=8192)) as loaded:
+        for item in loaded.engine.stream(tokens): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from localmix.llama.engine import Engine
+    from localmix.llama.hardware import Hardware
+    from localmix.llama.offload import Plan
+    from localmix.llama.records import EngineConfig
+    from localmix.store import Located
+
+DEFAULT_CTX = 4096
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """What a user can say about loading: None means "decide for me".
+
+    ctx None is the default (4096, or the model's own context when smaller); 0 is the model's
+    own. n_gpu_layers None lets the offload plan decide when a GPU is there (CPU otherwise);
+    vram_budget or cpu_moe always ask for a plan."""
+
+    ctx: int | None = None
+    threads: int | None = None
+    threads_batch: int | None = None
+    n_gpu_layers: int | None = None
+    vram_budget: str | None = None
+    cpu_moe: int | None = None
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    flash_attn: str = "auto"
+    type_k: str = "f16"
+    type_v: str = "f16"
+    tensor_overrides: tuple[tuple[str, str], ...] = ()
+    verbose: bool = False
+
+    def n_ctx(self, target: Located) -> int:
+        """The context to load with: the asked size, else 4096 capped at the trained one."""
+        if self.ctx is not None:
+            return self.ctx
+        trained = target.context_length
+        return min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
+
+    @property
+    def asks_for_plan(self) -> bool:
+        return self.vram_budget is not None or self.cpu_moe is not None
+
+
+@dataclass
+class Loaded:
+    """A model opened through the door; closing it frees the engine (context manager)."""
+
+    target: Located
+    config: EngineConfig
+    plan: Plan | None
+    engine: Engine = field(repr=False)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Loaded:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def locate(reference: str | Path | Located) -> Located:
+    """A store name or .gguf path to the file a command loads (the walk of a name happens once)."""
+    from localmix import store
+
+    if isinstance(reference, store.Located):
+        return reference
+    return store.locate(str(reference))
+
+
+def plan_for(
+    target: Located,
+    settings: LoadSettings,
+    *,
+    force: bool = False,
+    hardware: Hardware | None = None,
+) -> Plan | None:
+    """The offload plan when it has something to decide, else None (the CPU, or the user's -ngl).
+
+    The rule: a plan when asked (force, --vram-budget, --cpu-moe), or when a GPU is there and
+    neither -ngl nor explicit tensor overrides were given."""
+    from localmix.llama import offload
+    from localmix.llama.hardware import probe
+
+    asked = force or settings.asks_for_plan
+    if not asked and (settings.n_gpu_layers is not None or settings.tensor_overrides):
+        return None  # the user placed the model: nothing to plan, no hardware probe
+    machine = hardware or probe(bandwidth=False)
+    if not asked and not machine.gpus:
+        return None
+    return offload.estimate_for(
+        target.path,
+        n_ctx=settings.n_ctx(target) or target.context_length,
+        type_k=settings.type_k,
+        type_v=settings.type_v,
+        n_ubatch=settings.n_ubatch,
+        flash_attn=settings.flash_attn,
+        vram_budget=settings.vram_budget,
+        ngl=settings.n_gpu_layers,
+        cpu_moe=settings.cpu_moe,
+        hardware=machine,
+        info=target.info,
+    )
+
+
+def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Plan | None]:
+    """The engine configuration for target under settings, and the plan that placed it (if any)."""
+    from localmix.llama.records import EngineConfig
+
+    config = EngineConfig(
+        model_path=target.path,
+        n_ctx=settings.n_ctx(target),
+        n_threads=settings.threads,
+        n_threads_batch=settings.threads_batch,
+        n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
+        n_gpu_layers=settings.n_gpu_layers or 0,
+        flash_attn=settings.flash_attn,
+        type_k=settings.type_k,
+        type_v=settings.type_v,
+        tensor_overrides=settings.tensor_overrides,
+        verbose=settings.verbose,
+    )
+    plan = plan_for(target, settings)
+    if plan is not None:
+        config = replace(config, **plan.engine_fields())
+    return config, plan
+
+
+def open_model(reference: str | Path | Located, settings: LoadSettings | None = None) -> Loaded:
+    """Locate, plan and load: the model ready to stream. The caller closes it."""
+    from localmix.llama.engine import Engine
+
+    target = locate(reference)
+    config, plan = configure(target, settings or LoadSettings())
+    return Loaded(target=target, config=config, plan=plan, engine=Engine(config))
