@@ -1,0 +1,66 @@
+"""The door that opens a model (localmix.load): one place for the context default, the plan rule
+and the engine, used by chat, bench, demo and the REPL's /model."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from localmix import load, store
+from localmix.cli import chat as chat_cli
+
+PACKAGE = Path(load.__file__).resolve().parent
+
+
+def test_the_context_default_is_4096_or_the_trained_context() -> None:
+    long = store.Located(Path("m.gguf"), "m", None, 32768)
+    short = store.Located(Path("m.gguf"), "m", None, 2048)
+    unknown = store.Located(Path("m.gguf"), "m", None, 0)
+    assert load.LoadSettings().n_ctx(long) == 4096
+    assert load.LoadSettings().n_ctx(short) == 2048
+    assert load.LoadSettings().n_ctx(unknown) == 4096
+    assert load.LoadSettings(ctx=0).n_ctx(long) == 0  # the model's own, as llama.cpp reads it
+    assert load.LoadSettings(ctx=8192).n_ctx(short) == 8192
+    assert chat_cli.DEFAULT_CTX == load.DEFAULT_CTX  # the help text says the same number
+
+
+def test_a_located_file_is_read_once(tiny_mistral_gguf_f16: Path) -> None:
+    target = load.locate(str(tiny_mistral_gguf_f16))
+    assert target.info is target.info  # the header read by locate, reused by the plan
+    assert load.locate(target) is target
+
+
+def test_the_plan_rule(tiny_mixtral_gguf_f16: Path) -> None:
+    target = load.locate(tiny_mixtral_gguf_f16)
+    # this CPU build has no GPU: nothing to plan unless asked
+    assert load.plan_for(target, load.LoadSettings()) is None
+    # the user placed the model: never re-planned
+    assert load.plan_for(target, load.LoadSettings(n_gpu_layers=0)) is None
+    # a budget or --cpu-moe asks for a plan, as does --estimate (force)
+    budgeted = load.plan_for(target, load.LoadSettings(vram_budget="24GiB"))
+    assert budgeted is not None and budgeted.budget.gpu_bytes == 24 * 1024**3
+    moe = load.plan_for(target, load.LoadSettings(cpu_moe=2))
+    assert moe is not None and moe.cpu_moe == 2
+    assert load.plan_for(target, load.LoadSettings(), force=True) is not None
+
+
+def test_open_model_loads_what_configure_says(tiny_mixtral_gguf_f16: Path) -> None:
+    settings = load.LoadSettings(ctx=256, threads=1, cpu_moe=1, vram_budget="1GiB")
+    config, plan = load.configure(load.locate(tiny_mixtral_gguf_f16), settings)
+    assert plan is not None and config.tensor_overrides == plan.tensor_overrides
+    assert config.n_gpu_layers == plan.n_gpu_layers and config.n_ctx == 256
+    with load.open_model(str(tiny_mixtral_gguf_f16), settings) as loaded:
+        assert loaded.config == config
+        assert loaded.engine.n_ctx == 256
+        assert loaded.target.name == tiny_mixtral_gguf_f16.name
+    assert loaded.engine._closed
+
+
+def test_commands_open_models_only_through_the_door() -> None:
+    """No command module builds an Engine itself: they all call load.open_model."""
+    offenders = []
+    for path in sorted((PACKAGE / "cli").glob("*.py")) + sorted((PACKAGE / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Engine":
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []
