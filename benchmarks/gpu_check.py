@@ -527,9 +527,13 @@ def stage_models(check: Check, scale: str) -> dict[str, Path]:
     with check.stage("models") as record:
         candidates = [Path("/dev/shm"), check.work] if scale == "full" else [check.work]
         need = 34 * 1024**3 if scale == "full" else 0
-        folder = next(
-            (d for d in candidates if d.is_dir() and shutil.disk_usage(d).free >= need), check.work
-        )
+
+        def room(folder: Path) -> int:  # free space, plus the files an earlier run left there
+            made = folder / "lmx-models"
+            kept = sum(f.stat().st_size for f in made.glob("*.gguf")) if made.is_dir() else 0
+            return shutil.disk_usage(folder).free + kept
+
+        folder = next((d for d in candidates if d.is_dir() and room(d) >= need), check.work)
         folder = folder / "lmx-models"
         made = check.run(
             "models",

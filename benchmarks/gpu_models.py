@@ -161,12 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    template = template_gguf(args.out / "template")
+    template = args.out / "template" / "tiny-v1.gguf"
+    template = template if template.is_file() else template_gguf(args.out / "template")
     for key in args.which.split(","):
         arch = MODELS[key] if args.scale == "full" else tiny(MODELS[key])
         path = args.out / f"{key}.gguf"
         start = time.perf_counter()
-        size = write_model(arch, path, template)
+        if not path.is_file():  # a complete file from an earlier run is the same file: reuse it
+            partial = path.with_suffix(".partial")
+            write_model(arch, partial, template)
+            partial.rename(path)
+        size = path.stat().st_size
         line = {"name": key, "path": str(path), "bytes": size}
         print(json.dumps(line | {"seconds": round(time.perf_counter() - start, 2)}), flush=True)
     return 0

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from localmix.store import Located
 
 DEFAULT_CTX = 4096
+ALL_LAYERS = 1 << 20  # cpu_moe: every layer's experts (the plan clamps it to the model's layers)
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,14 @@ class LoadSettings:
 
 @dataclass
 class Loaded:
-    """A model opened through the door; closing it frees the engine (context manager)."""
+    """A model opened through the door; closing it frees the engine (context manager).
+    notices: what the user should know about how it was loaded (shown, not fatal)."""
 
     target: Located
     config: EngineConfig
     plan: Plan | None
     engine: Engine = field(repr=False)
+    notices: tuple[str, ...] = ()
 
     def close(self) -> None:
         self.engine.close()
@@ -151,10 +154,28 @@ def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Pl
     return config, plan
 
 
+def notices(settings: LoadSettings) -> tuple[str, ...]:
+    """GPU settings on a llama.cpp build that cannot offload: said, then run on the CPU (as
+    llama.cpp does), so nobody mistakes a CPU run for a GPU one."""
+    wants_gpu = bool(settings.n_gpu_layers) or settings.asks_for_plan
+    if not wants_gpu:
+        return ()
+    from localmix.llama import lib
+
+    if lib.supports_gpu_offload():
+        return ()
+    return (
+        "this llama.cpp build has no GPU backend: GPU settings are ignored and everything runs "
+        "on the CPU (`localmix doctor` shows how to rebuild it for your GPU)",
+    )
+
+
 def open_model(reference: str | Path | Located, settings: LoadSettings | None = None) -> Loaded:
     """Locate, plan and load: the model ready to stream. The caller closes it."""
     from localmix.llama.engine import Engine
 
+    settings = settings or LoadSettings()
     target = locate(reference)
-    config, plan = configure(target, settings or LoadSettings())
-    return Loaded(target=target, config=config, plan=plan, engine=Engine(config))
+    config, plan = configure(target, settings)
+    engine = Engine(config)
+    return Loaded(target, config, plan, engine, notices=notices(settings))

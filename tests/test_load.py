@@ -4,10 +4,15 @@ and the engine, used by chat, bench, demo and the REPL's /model."""
 from __future__ import annotations
 
 import ast
+import io
+import sys
 from pathlib import Path
+
+import pytest
 
 from localmix import load, store
 from localmix.cli import chat as chat_cli
+from tests.cli_run import run_cli
 
 PACKAGE = Path(load.__file__).resolve().parent
 
@@ -64,3 +69,34 @@ def test_commands_open_models_only_through_the_door() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Engine":
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
+
+
+def test_cpu_moe_options_mean_what_they_mean_in_llama_cpp(
+    tiny_mixtral_gguf_f16: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--cpu-moe is a flag (every layer's experts), --n-cpu-moe / -ncmoe N the first N layers."""
+    model = str(tiny_mixtral_gguf_f16)
+    every = run_cli(capsys, "chat", model, "--estimate", "--cpu-moe", "--vram-budget", "1GiB")
+    assert every.code == 0 and "the experts of layers 0-1 on the CPU" in every.out, every  # 2
+    first = run_cli(capsys, "chat", model, "--estimate", "-ncmoe", "1", "--vram-budget", "1GiB")
+    assert first.code == 0 and "the experts of layer 0 on the CPU" in first.out, first
+    missing = run_cli(capsys, "chat", model, "--estimate", "--n-cpu-moe")
+    assert missing.code == 2 and "requires an argument" in missing.err, missing
+
+
+def test_gpu_settings_on_a_cpu_only_build_are_said(
+    tiny_mistral_gguf_f16: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from localmix.llama import lib
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    if lib.supports_gpu_offload():
+        pytest.skip("this build has a GPU backend")
+    args = ("chat", str(tiny_mistral_gguf_f16), "hi", "-n", "1", "--format", "v1", "-t", "1")
+    offloaded = run_cli(capsys, *args, "-ngl", "99")
+    assert offloaded.code == 0 and "no GPU backend" in offloaded.err
+    assert "no GPU backend" not in run_cli(capsys, *args).err
+    assert load.notices(load.LoadSettings()) == ()
+    assert load.notices(load.LoadSettings(n_gpu_layers=99))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from localmix.cli.plan import CpuMoeOpt, EstimateOpt, VramBudgetOpt
+from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -91,7 +91,8 @@ def bench_command(
     save: SaveOpt = True,
     estimate: EstimateOpt = False,
     vram_budget: VramBudgetOpt = None,
-    cpu_moe: CpuMoeOpt = None,
+    cpu_moe: CpuMoeOpt = False,
+    n_cpu_moe: NCpuMoeOpt = None,
 ) -> None:
     """Measure tokens/s the way llama-bench does: pp (prompt) and tg (generation), mean ± std."""
     from localmix.bench import params as bp
@@ -125,9 +126,8 @@ def bench_command(
 
     targets = [load.locate(name) for name in models]  # each name walked once
     formats = {t.path: t.chat_format for t in targets}
-    planned = _planned(
-        targets, params, estimate, vram_budget, cpu_moe, explicit_ngl=bool(n_gpu_layers)
-    )
+    moe = cpu_moe_layers(cpu_moe, n_cpu_moe)
+    planned = _planned(targets, params, estimate, vram_budget, moe, explicit_ngl=bool(n_gpu_layers))
     if estimate:
         return
     for group, group_params in planned:
@@ -168,6 +168,9 @@ def _planned(
         type_k=params.type_k[0],
         type_v=params.type_v[0],
     )
+    if not estimate:
+        for notice in load.notices(settings):
+            render.err_console().print(f"note: {notice}", style="dim", markup=False)
     shared: list[Path] = []
     groups: list[tuple[list[Path], BenchParams]] = []
     for target in targets:

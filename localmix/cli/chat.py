@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt
-from localmix.cli.plan import CpuMoeOpt, EstimateOpt, VramBudgetOpt
+from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
 
 if TYPE_CHECKING:
     from localmix.chat.session import Session
@@ -111,7 +111,8 @@ def chat_command(
     stats: StatsOpt = False,
     estimate: EstimateOpt = False,
     vram_budget: VramBudgetOpt = None,
-    cpu_moe: CpuMoeOpt = None,
+    cpu_moe: CpuMoeOpt = False,
+    n_cpu_moe: NCpuMoeOpt = None,
 ) -> None:
     """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply."""
     from localmix import load
@@ -124,7 +125,7 @@ def chat_command(
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
     settings = load.LoadSettings(
         ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
-        cpu_moe=cpu_moe,
+        cpu_moe=cpu_moe_layers(cpu_moe, n_cpu_moe),
     )  # fmt: skip
     target = load.locate(model)  # an unknown model is the first thing to say, before stdin
     if estimate:
@@ -189,6 +190,8 @@ def open_session(
     spinner = err_console().status(f"loading {target.name}") if status else nullcontext()
     with spinner:
         loaded = load.open_model(target, settings)
+    for notice in loaded.notices:
+        err_console().print(f"note: {notice}", style="dim", markup=False, highlight=False)
     try:
         # the manifest's format, else Session detects it from the GGUF's metadata
         return Session(

@@ -29,11 +29,25 @@ NglOpt = Annotated[
     typer.Option("--ngl", "--n-gpu-layers", help="Layers on the GPU (-1: all); skips the plan."),
 ]
 CpuMoeOpt = Annotated[
+    bool, typer.Option("--cpu-moe", "-cmoe", help="Keep all the experts (MoE weights) on the CPU.")
+]
+NCpuMoeOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--cpu-moe", "--n-cpu-moe", min=0, help="Keep the experts of the first N layers on the CPU."
+        "--n-cpu-moe",
+        "-ncmoe",
+        min=0,
+        metavar="N",
+        help="Keep the experts of the first N layers on the CPU.",
     ),
 ]
+
+
+def cpu_moe_layers(all_experts: bool, first_n: int | None) -> int | None:
+    """llama.cpp's two options as one number: --cpu-moe is every layer, --n-cpu-moe N the first N."""
+    from localmix.load import ALL_LAYERS
+
+    return ALL_LAYERS if all_experts else first_n
 
 
 def plan_table(plan: Plan) -> Any:
