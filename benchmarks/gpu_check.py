@@ -583,7 +583,7 @@ def stage_check(check: Check, model: Path) -> None:
             env = dict(check.env, LD_DEBUG="scopes,bindings",
                        LD_DEBUG_OUTPUT=str(check.work / f"ld-{mode}"))  # fmt: skip
             done = check.run(f"diag_fix_{mode}", [check.python, "-c", DIAG_SCRIPT, mode, *chat],
-                             timeout=90, env=env)  # fmt: skip
+                             timeout=45, env=env)  # fmt: skip
             record[f"cli_fix_{mode}_rc"] = done.rc
             record[f"bindings_fix_{mode}"] = bindings(check.work, f"ld-{mode}")
 
@@ -631,10 +631,12 @@ def bindings(work: Path, prefix: str) -> list[str]:
             elif follow and line.startswith("scope"):
                 keep.append(line)
                 follow -= 1
-            elif "_M_insertIlE" in line:
-                keep.append(line)
+            elif ("_M_insertI" in line or "_ZNSols" in line) and any(
+                name in line.split(" to ")[0] for name in libraries
+            ):
+                keep.append(line)  # a C++ runtime call from one of ours: where did it bind?
         log.unlink()
-    return keep[:60]
+    return keep[:120]
 
 
 def llama_bench_rows(run: Run) -> dict[str, dict[str, Any]]:
