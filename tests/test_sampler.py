@@ -74,9 +74,9 @@ def test_no_window_or_no_penalty_is_plain_greedy(engine: Engine) -> None:
     assert stream_tokens(engine, Sampling(temperature=0.0, repeat_penalty=1.0)) == plain
 
 
-def picker(penalty: float, last_n: int, history: list[int], n_vocab: int = 8) -> PenalizedGreedy:
+def picker(penalty: float, last_n: int, history: list[int]) -> PenalizedGreedy:
     sampling = Sampling(temperature=0.0, repeat_penalty=penalty, repeat_last_n=last_n)
-    return PenalizedGreedy(n_vocab, 4096, sampling, history)
+    return PenalizedGreedy(4096, sampling, history)
 
 
 def test_positive_logits_are_divided_and_negative_multiplied() -> None:

@@ -1,6 +1,8 @@
 """The engine: one GGUF model and one llama.cpp context, driven through llama-cpp-python's low-level
 API. stream() reuses the KV cache's longest common prefix, decodes the rest in batches, then samples
-with llama.cpp's own sampler chain; the per-token loop does only what C cannot."""
+with llama.cpp's own sampler chain, except at temperature 0, where the pick (with or without a
+repeat penalty) is the chain's choice made in numpy over the few logits that matter; the per-token
+loop does only what C cannot."""
 
 from __future__ import annotations
 
@@ -467,7 +469,7 @@ class Engine:
         """Greedy picks after the repeat penalty: llama.cpp's penalties → greedy chain, computed
         over only the penalized tokens (sampler.PenalizedGreedy)."""
         view = self._logits_view()
-        penalized = PenalizedGreedy(self.n_vocab, self.n_ctx, sampling, history)
+        penalized = PenalizedGreedy(self.n_ctx, sampling, history)
         return lambda: penalized.pick(view())
 
     def _is_end(self, token: int) -> bool:

@@ -65,22 +65,20 @@ class PenalizedGreedy:
 
     Through llama_sampler_sample that chain fills a 32k-entry candidate array, looks every
     candidate up in the penalty's hash map and scans them all again for the maximum: ~300 us a
-    token, 2% of a small model's token on one thread. Only the <= repeat_last_n recent tokens
+    token, several percent of a small model's token on the CPU. Only the repeat_last_n recent tokens
     change, so pick() rescales just those, exactly as llama_sampler_penalties_apply does (float32:
     a logit <= 0 is multiplied by the penalty, any other divided), takes the first maximum as
     llama_sampler_greedy_apply does, and puts the old values back. The window is the chain's: the
     last repeat_last_n tokens of the history given, then of every pick (as llama_sampler_sample
     accepts them, end-of-generation tokens included)."""
 
-    def __init__(
-        self, n_vocab: int, n_ctx: int, sampling: Sampling, history: Sequence[int]
-    ) -> None:
+    def __init__(self, n_ctx: int, sampling: Sampling, history: Sequence[int]) -> None:
         import numpy as np
 
         self.last_n = penalty_window(n_ctx, sampling)
         if self.last_n <= 0:
             raise ValueError("PenalizedGreedy needs a penalty window of at least one token")
-        self.n_vocab = n_vocab
+        self._where = np.where  # looked up once: pick() runs once a token
         self._penalty = np.float32(sampling.repeat_penalty)  # llama.cpp keeps it as a float
         # The window as a ring of token ids. A token twice in it is penalized once, as in
         # llama.cpp (a count, not a power): both copies read the same old value and write the
@@ -109,12 +107,10 @@ class PenalizedGreedy:
     def pick(self, logits: numpy.ndarray) -> int:
         """The greedy token for these float32 logits, then accepted into the window. The logits
         are changed while it runs and hold their old values again when it returns."""
-        import numpy as np
-
         ids, penalty = self._ids, self._penalty
         old = logits[ids]  # a copy: fancy indexing
         try:
-            logits[ids] = np.where(old <= 0, old * penalty, old / penalty)
+            logits[ids] = self._where(old <= 0, old * penalty, old / penalty)
             token = int(logits.argmax())
         finally:
             logits[ids] = old
