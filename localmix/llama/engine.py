@@ -1,6 +1,8 @@
 """The engine: one GGUF model and one llama.cpp context, driven through llama-cpp-python's low-level
 API. stream() reuses the KV cache's longest common prefix, decodes the rest in batches, then samples
-with llama.cpp's own sampler chain; the per-token loop does only what C cannot."""
+with llama.cpp's own sampler chain, except at temperature 0, where the pick (with or without a
+repeat penalty) is the chain's choice made in numpy over the few logits that matter; the per-token
+loop does only what C cannot."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from localmix.llama.records import (
     Sampling,
     Stats,
 )
-from localmix.llama.sampler import sampler_chain
+from localmix.llama.sampler import PenalizedGreedy, sampler_chain
 from localmix.llama.textstream import TextStream
 
 if TYPE_CHECKING:
@@ -435,10 +437,9 @@ class Engine:
         self._live = self._generate(prompt, sampling, max_tokens, tuple(stop), ignore_eos)
         return self._live
 
-    def _argmax_picker(self) -> Callable[[], int]:
-        """Greedy picks from the last logits: the token llama.cpp's greedy sampler would choose
-        (the first maximum), without building its candidate array (~30 us a token). The numpy
-        view over the logits buffer is made once per buffer address, not once per token."""
+    def _logits_view(self) -> Callable[[], numpy.ndarray]:
+        """The last logits as a numpy array over llama.cpp's own buffer (valid until the next
+        decode). The view is made once per buffer address, not once per token."""
         import numpy as np
 
         from localmix.llama.lib import logits_address
@@ -446,17 +447,30 @@ class Engine:
         address_of, ctx, n_vocab = logits_address(), self._ctx, self.n_vocab
         views: dict[int, numpy.ndarray] = {}
 
-        def pick() -> int:
+        def view() -> numpy.ndarray:
             address = address_of(ctx, -1)
-            view = views.get(address)
-            if view is None:
+            found = views.get(address)
+            if found is None:
                 if not address:
                     raise EngineError("llama.cpp returned no logits")
                 buffer = (ctypes.c_float * n_vocab).from_address(address)
-                view = views[address] = np.frombuffer(buffer, dtype=np.float32)
-            return int(view.argmax())
+                found = views[address] = np.frombuffer(buffer, dtype=np.float32)
+            return found
 
-        return pick
+        return view
+
+    def _argmax_picker(self) -> Callable[[], int]:
+        """Greedy picks from the last logits: the token llama.cpp's greedy sampler would choose
+        (the first maximum), without building its candidate array (~30 us a token)."""
+        view = self._logits_view()
+        return lambda: int(view().argmax())
+
+    def _penalized_greedy_picker(self, sampling: Sampling, history: list[int]) -> Callable[[], int]:
+        """Greedy picks after the repeat penalty: llama.cpp's penalties → greedy chain, computed
+        over only the penalized tokens (sampler.PenalizedGreedy)."""
+        view = self._logits_view()
+        penalized = PenalizedGreedy(self.n_ctx, sampling, history)
+        return lambda: penalized.pick(view())
 
     def _is_end(self, token: int) -> bool:
         """llama_vocab_is_eog, remembered in self._eog (the decode loop looks there first)."""
@@ -483,6 +497,8 @@ class Engine:
             t_prompt = clock()
             if _plain_greedy(sampling):
                 pick = self._argmax_picker()
+            elif sampling.is_greedy:
+                pick = self._penalized_greedy_picker(sampling, prompt)
             else:
                 chain = sampler_chain(c, self._ctx, sampling, prompt)
                 pick = partial(c.llama_sampler_sample, chain, self._ctx, -1)
