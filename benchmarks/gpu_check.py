@@ -545,7 +545,7 @@ def stage_models(check: Check, scale: str) -> dict[str, Path]:
         record["files"] = [json.loads(line) for line in made.stdout.splitlines() if line.strip()]
         if made.rc:
             raise RuntimeError("writing the models failed: see raw/models.err")
-    return {"7b": folder / "7b.gguf", "mixtral": folder / "mixtral.gguf"}
+    return {name: folder / f"{name}.gguf" for name in ("7b", "mixtral", "125m")}
 
 
 DIAG_SCRIPT = """
@@ -725,6 +725,34 @@ def stage_mixtral(
             check.save()
 
 
+CHAT_MODES = {
+    "greedy": ("--temperature", "0", "--repeat-penalty", "1"),
+    "greedy_penalty": ("--temperature", "0"),
+    "sampled": ("--seed", "7"),
+}
+
+
+def stage_cpu_chat(check: Check, model: Path, rounds: int, chat_n: int) -> None:
+    """`localmix chat` on the CPU, 1 thread, against llama-bench tg on the same file: on a
+    quiet many-core machine, where a shared 2-core one cannot say whether a few % are real."""
+    with check.stage("cpu_chat") as record:
+        for r in range(1, rounds + 1):
+            if check.left() < 30:
+                break
+            lb = check.run(f"cpu_llama_bench_r{r}", check.llama_bench_cmd(
+                model, "-ngl", "0", "-p", "0", "-n", str(chat_n), "-r", "3", "-t", "1",
+                "-o", "json"), vram=False)  # fmt: skip
+            row: dict[str, Any] = {"llama_bench": llama_bench_rows(lb)}
+            for mode, flags in CHAT_MODES.items():
+                chat = check.run(f"cpu_chat_{mode}_r{r}", check.localmix(
+                    "chat", str(model), STORY, "--format", "v1", "--json", "-n", str(chat_n),
+                    "-t", "1", "-ngl", "0", "--ctx", "1024", *flags), vram=False)  # fmt: skip
+                stats = (chat.json() or {}).get("stats") or {}
+                row[mode] = {k: stats.get(k) for k in ("gen_tps", "generated_tokens")}
+            record[f"r{r}"] = row
+            check.save()
+
+
 # ---- the plan, as JSON (runs in the venv, where localmix is installed) ------------------------
 
 
@@ -874,6 +902,18 @@ def summary(results: dict[str, Any]) -> str:
                 f"| **auto plan tg vs the best placement that fits ({best[1]})** | {_num(lm_tg)} "
                 f"| {_num(best[0])} | **{_ratio(lm_tg, best[0])}** |"
             )
+    cpu = stages.get("cpu_chat", {})
+    cpu_rounds = [v for k, v in cpu.items() if re.fullmatch(r"r\d+", k)]
+    if cpu_rounds:
+        chat_tg = tests["chat"]
+        ref = _median([r["llama_bench"].get(chat_tg, {}).get("avg_ts") for r in cpu_rounds])
+        for mode in CHAT_MODES:
+            ours = _median([(r.get(mode) or {}).get("gen_tps") for r in cpu_rounds])
+            made = _median([(r.get(mode) or {}).get("generated_tokens") for r in cpu_rounds])
+            rows.append(
+                f"| 125M on the CPU, 1 thread: `localmix chat` {mode.replace('_', ' + ')}, "
+                f"{made} tokens, vs {chat_tg} | {_num(ours)} | {_num(ref)} | {_ratio(ours, ref)} |"
+            )
     return "\n".join([*lines, "", *rows, ""])
 
 
@@ -922,6 +962,9 @@ def run_check(args: argparse.Namespace) -> int:
         check.threads = min(check.threads, 2)
     else:
         stage_python(check, PREPARED)
+        if not check.results["stages"]["python"].get("ok"):
+            print(summary(check.results))
+            return 1
         check.results["stages"]["build"] = build_record
 
         def build() -> None:
@@ -954,6 +997,9 @@ def run_check(args: argparse.Namespace) -> int:
     )
     stage_mixtral(check, models["mixtral"], budget, p, n, reps=1 if rehearse else 2,
                   configs_max=2 if rehearse else 6)  # fmt: skip
+    stage_cpu_chat(
+        check, models["125m"], rounds=1 if rehearse else 3, chat_n=16 if rehearse else 256
+    )
     check.save()
     text = summary(check.results)
     print(text)

@@ -39,7 +39,10 @@ SCALES: dict[str, tuple[tuple[int, ...], float]] = {
     "Q6_K": ((208,), 1e-5),
     "Q8_0": ((0,), 3e-4),
 }
-MODELS = {"7b": MISTRAL_7B, "mixtral": MIXTRAL_8X7B}
+# localmix synth's "125m" Mistral (the CPU benchmarks' model), for chat speed on a quiet machine
+MISTRAL_125M = Arch("Mistral 125M", n_layer=12, n_embd=768, n_ff=2048, n_head=12, n_head_kv=4,
+                    context_length=8192)  # fmt: skip
+MODELS = {"7b": MISTRAL_7B, "mixtral": MIXTRAL_8X7B, "125m": MISTRAL_125M}
 
 
 def tiny(arch: Arch) -> Arch:
@@ -157,7 +160,7 @@ def write_model(arch: Arch, path: Path, template: Path, seed: int = 0) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--which", default="7b,mixtral")
+    parser.add_argument("--which", default="7b,mixtral,125m")
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

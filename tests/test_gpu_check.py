@@ -34,7 +34,7 @@ def test_the_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     stages = results["stages"]
-    assert list(stages) == ["env", "models", "check", "7b", "mixtral"]
+    assert list(stages) == ["env", "models", "check", "7b", "mixtral", "cpu_chat"]
     assert all(stage["ok"] for stage in stages.values()), stages
     failed = {name: run["rc"] for name, run in results["runs"].items() if run["rc"] != 0}
     assert failed == {}
@@ -48,6 +48,7 @@ def test_the_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     table = (out / "summary.md").read_text()
     assert "7B pp32 t/s" in table and "`localmix chat` greedy" in table
     assert "auto plan tg vs the best placement that fits" in table
+    assert "125M on the CPU, 1 thread: `localmix chat` greedy + penalty" in table
     assert table.strip() in done.stdout
 
 
