@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt
+from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt, number_in
 from localmix.cli.plan import CpuMoeOpt, EstimateOpt, VramBudgetOpt
 
 if TYPE_CHECKING:
@@ -30,11 +30,13 @@ SystemOpt = Annotated[
 ]
 TempOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--temperature", "--temp", min=0, help="Sampling temperature (0: greedy)."),
+    typer.Option(
+        "--temperature", "--temp", callback=number_in(0), help="Sampling temperature (0: greedy)."
+    ),
 ]
 TopPOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--top-p", min=0, max=1, help="Nucleus sampling threshold."),
+    typer.Option("--top-p", callback=number_in(0, 1), help="Nucleus sampling threshold."),
 ]
 TopKOpt = Annotated[
     Optional[int],  # noqa: UP045
@@ -42,11 +44,17 @@ TopKOpt = Annotated[
 ]
 MinPOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--min-p", min=0, max=1, help="Drop tokens below this share of the best one."),
+    typer.Option(
+        "--min-p", callback=number_in(0, 1), help="Drop tokens below this share of the best one."
+    ),
 ]
 RepeatOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--repeat-penalty", help="Penalty for repeating recent tokens (1: off)."),
+    typer.Option(
+        "--repeat-penalty",
+        callback=number_in(0),
+        help="Penalty for repeating recent tokens (1: off).",
+    ),
 ]
 SeedOpt = Annotated[
     Optional[int],  # noqa: UP045
