@@ -151,6 +151,7 @@ def pull(
     """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store.
     imatrix, an importance-matrix file, guides the quantization of a converted checkpoint."""
     emit = progress or (lambda _event: None)
+    store.clean_tmp()  # leftovers of a pull, convert or quantize that was killed
     matrix = None
     if imatrix is not None:
         from localmix import imatrix as importance
@@ -339,9 +340,14 @@ def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False
     """Register a GGUF already on disk, by reference (or copied into the store), validated first."""
     from localmix import gguffile
 
+    if name is not None and (not name.strip() or name != name.strip()):
+        raise UsageError(
+            f"{name!r} is not a usable model name", hint="use letters, digits, - _ . and :"
+        )
     path = Path(path).expanduser().resolve()
     info = gguffile.inspect(path)  # InvalidGGUF for anything truncated or not GGUF
     name = name or _name_from_file(path)
+    store.slug(name)  # a name with nothing usable in it fails before any work
     quant = info.quant.upper()
     for manifest in store.find(f"{name}:{quant}"):
         if Path(manifest.path) == path and not copy:
