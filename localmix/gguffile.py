@@ -327,10 +327,10 @@ def _tensor_table(
         start = data_start + offset
         if start % TENSOR_ALIGNMENT:
             # ggml maps the file and asserts that tensor data sits at 32-byte boundaries
-            raise _damaged(
-                path,
-                f"tensor {name} data at byte {start} is not {TENSOR_ALIGNMENT}-byte aligned "
-                f"(general.alignment {alignment})",
+            raise InvalidGGUF(
+                f"{path}: tensor {name} data at byte {start} is not {TENSOR_ALIGNMENT}-byte "
+                f"aligned (general.alignment {alignment}), which llama.cpp cannot map",
+                hint=f"rewrite the file with general.alignment {DEFAULT_ALIGNMENT} or more",
             )
         if start + n_bytes > size:
             raise InvalidGGUF(

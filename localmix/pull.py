@@ -81,7 +81,7 @@ def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
     return _Plan(ref.name, ref.repo, quant, True)
 
 
-def _chat_format(info: GGUFInfo) -> str | None:
+def chat_format_of(info: GGUFInfo) -> str | None:
     """The Mistral chat format a GGUF's metadata points to (None: its own template decides)."""
     from localmix.chat import template
 
@@ -227,7 +227,7 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
         size=info.file_size,
         sha256=first.sha256 or store.sha256_file(first.path),
         architecture=info.architecture,
-        chat_format=plan.chat_format or _chat_format(info),
+        chat_format=plan.chat_format or chat_format_of(info),
         context_length=info.context_length,
         parameters=info.n_params,
         source=f"hf:{listing.repo}@{listing.commit}",
@@ -316,7 +316,7 @@ def _register_owned(
         size=info.file_size,
         sha256=store.sha256_file(path),
         architecture=info.architecture,
-        chat_format=plan.chat_format or _chat_format(info),
+        chat_format=plan.chat_format or chat_format_of(info),
         context_length=info.context_length,
         parameters=info.n_params,
         source=source,
@@ -368,7 +368,7 @@ def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False
         size=info.file_size,
         sha256=store.sha256_file(path),
         architecture=info.architecture,
-        chat_format=_chat_format(info),
+        chat_format=chat_format_of(info),
         context_length=info.context_length,
         parameters=info.n_params,
         source=f"path:{path}",
