@@ -117,6 +117,7 @@ _INT64_MAX = 2**63 - 1
 # are damage, and are refused before any loop runs over them.
 _MIN_KV_BYTES, _MIN_TENSOR_BYTES = 8 + 1 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8
 _Q2_0 = (42, "Q2_0", 64, 18)  # ggml.h GGML_TYPE_Q2_0 (newer than the gguf package)
+_TOKENS = "tokenizer.ggml.tokens"
 _REFETCH = "the download or conversion was cut short or damaged; fetch or convert it again"
 
 
@@ -152,13 +153,16 @@ class _Cursor:
             raise _damaged(self.path, f"unknown value type {kind}")
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
 
-    def string(self, what: str) -> str:
+    def raw_string(self, what: str) -> bytes:
         length = self.scalar(10)
         if length > self.remaining:
             raise _damaged(
                 self.path, f"{what} claims {length} bytes, only {self.remaining} are left"
             )
-        return self.take(length).decode("utf-8", errors="replace")
+        return self.take(length)
+
+    def string(self, what: str) -> str:
+        return self.raw_string(what).decode("utf-8", errors="replace")
 
     def value(self, kind: int, key: str) -> Any:
         if kind == _STRING:
@@ -172,14 +176,27 @@ class _Cursor:
         item_size = 8 if item_kind == _STRING else struct.calcsize("<" + _SCALARS[item_kind])
         if count > MAX_ARRAY_ELEMENTS or count * item_size > self.remaining:
             raise _damaged(self.path, f"{key} claims {count} items, more than the file holds")
+        if item_kind == _STRING and key == _TOKENS:
+            return self._tokens(count)
         if count <= _MAX_ARRAY:
             return [self.value(item_kind, key) for _ in range(count)]
-        # Token lists are long (131k strings for tekken): skip them without building values.
+        # Long arrays (scores, merges) are skipped without building values.
         if item_kind == _STRING:
             for _ in range(count):
-                self.string(f"an item of {key}")
+                self.raw_string(f"an item of {key}")
         else:
             self.take(item_size * count)
+        return f"[{count} items]"
+
+    def _tokens(self, count: int) -> str:
+        """The vocabulary, checked: llama.cpp asserts (aborts) when two tokens are the same text;
+        it renames an empty one [EMPTY_i] (llama-vocab.cpp)."""
+        seen: dict[bytes, int] = {}
+        for i in range(count):
+            word = self.raw_string(f"token {i}") or f"[EMPTY_{i}]".encode()
+            if word in seen:
+                raise _damaged(self.path, f"token {i} repeats token {seen[word]} ({word[:20]!r})")
+            seen[word] = i
         return f"[{count} items]"
 
 
