@@ -173,6 +173,9 @@ def pull(
     if revision is None and (found := _existing(plan.name, plan.quant)):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
+    hub.check_repo(plan.repo)  # before anything is printed or becomes a path
+    if revision is not None:
+        hub.check_revision(revision)
     emit(Stage("resolve", f"{plan.repo}@{revision or 'main'}"))
     listing = hub.repo_files(plan.repo, revision, offline=offline)
     if plan.convert and not _has_checkpoint(listing) and repofiles.gguf_quants(listing.names):

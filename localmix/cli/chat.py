@@ -165,13 +165,24 @@ def _message(prompt: str | None) -> str | None:
     """The one-shot message (prompt argument, then piped stdin), or None for the REPL."""
     from localmix.errors import UsageError
 
-    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    piped = None if sys.stdin is None or sys.stdin.isatty() else _read_stdin()
     if prompt is None and piped is None:
         return None
+    if prompt is not None:
+        # bytes that are not UTF-8 reach argv as lone surrogates; they cannot be tokenized
+        prompt = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     text = "\n\n".join(part.strip("\n") for part in (prompt, piped) if part and part.strip())
     if not text.strip():
         raise UsageError("nothing to send: the prompt and standard input are empty")
     return text
+
+
+def _read_stdin() -> str:
+    """Piped input as text; bytes that are not UTF-8 become U+FFFD, as in the prompt."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream (tests): already decoded
+        return sys.stdin.read()
+    return buffer.read().decode("utf-8", "replace")
 
 
 def open_session(
