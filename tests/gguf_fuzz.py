@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import struct
 import sys
@@ -24,6 +25,7 @@ _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _STRING, _ARRAY = 8, 9
 HUGE = (2**63 - 1, 2**64 - 1, 2**32, 2**31, 2**40 + 3, 1 << 62)
 BAD_TYPES = (4, 5, 31, 32, 33, 36, 37, 38, 43, 44, 100, 2**31 - 1, 2**32 - 1)
+CHILD_MEMORY = 8 * 2**30  # bytes of address space per child
 ALIGNMENTS = (0, 1, 2, 3, 7, 8, 16, 24, 31, 33, 48, 64, 128, 4096, 2**31, 2**32 - 1)
 
 
@@ -134,7 +136,10 @@ def _set(data: bytearray, spot: Field, value: int) -> None:
 def relaid(data: bytes, shape: Layout, alignment: int, *, kind: int = 4) -> bytes:
     """The same model written with general.alignment = alignment (of GGUF value type kind), its
     tensors packed at that alignment as a writer would (at 32 where it is not a power of two)."""
-    step = alignment if alignment > 0 and alignment & (alignment - 1) == 0 else 32
+    # a power of two up to 64 KiB is honoured; past that the padding alone would be gigabytes
+    # (2**31 per tensor), so the value is written but the tensors stay packed at 32
+    honoured = 0 < alignment <= 65536 and alignment & (alignment - 1) == 0
+    step = alignment if honoured else 32
     kv = bytearray(data[shape.kv_start : shape.kv_end])
     key = b"general.alignment"
     value = struct.pack("<I", alignment % 2**32) if kind == 4 else struct.pack("<Q", alignment)
@@ -264,6 +269,8 @@ def run(args: list[str], timeout_s: float, log: Path) -> Outcome:
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            # a variant that makes something allocate without bound fails in its child alone
+            resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
             sys.stdin = open(os.devnull)  # noqa: SIM115 - the child exits without closing
             from localmix.cli.app import main
 
