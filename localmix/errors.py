@@ -90,3 +90,26 @@ class EngineError(LocalmixError):
 
 
 INTERRUPTED_EXIT_CODE = 130
+
+
+def from_os_error(exc: OSError, doing: str | None = None) -> LocalmixError:
+    """An OSError as the user's error it is: a full disk, a read-only or unwritable place, a
+    missing path. `doing` says what was under way ("writing the model")."""
+    import errno
+
+    where = f" {exc.filename}" if exc.filename else ""
+    what = f"{doing}: " if doing else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError(
+            f"{what}no space left on the device of{where or ' the output'}",
+            hint="free some space (`localmix du`, `localmix rm`) or point LOCALMIX_HOME elsewhere",
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return OutputError(
+            f"{what}cannot write{where}: {reason}",
+            hint="choose a writable place (LOCALMIX_HOME, HF_HOME or -o)",
+        )
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
+        return OutputError(f"{what}{reason}:{where}", hint="check the path")
+    return LocalmixError(f"{what}{reason}:{where}", hint="check the path and the disk")

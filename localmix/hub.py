@@ -25,6 +25,7 @@ from localmix.errors import (
     ModelNotFound,
     NetworkError,
     OfflineMiss,
+    UsageError,
 )
 
 if TYPE_CHECKING:
@@ -115,9 +116,57 @@ def cache_dir() -> Path:
     return settings.hf_cache_dir().resolve()
 
 
+def shown_endpoint() -> str:
+    """The endpoint as messages may print it: without a user or token in it."""
+    return redact(endpoint())
+
+
+def redact(text: str) -> str:
+    """text with the user:password@ of every URL in it removed (HF_ENDPOINT may carry a token)."""
+    return _USERINFO.sub(r"\1", text)
+
+
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
 def model_page(repo: str) -> str:
     """The web page of a repo, where a gated model's license is accepted."""
-    return f"{endpoint()}/{repo}"
+    return f"{shown_endpoint()}/{repo}"
+
+
+# --- names from users and from the Hub become paths in the cache: check them first ---------------
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_REVISION = re.compile(r"[A-Za-z0-9._/-]{1,255}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _safe_parts(text: str) -> bool:
+    return all(part not in ("", ".", "..") for part in text.split("/"))
+
+
+def check_repo(repo: str) -> str:
+    """repo, if it is an ORG/NAME the Hub could have; UsageError otherwise."""
+    if not _REPO_ID.fullmatch(repo) or ".." in repo:
+        raise UsageError(
+            f"{repo[:100]!r} is not a Hugging Face repository id",
+            hint="write it as ORG/NAME, e.g. hf.co/mistralai/Mistral-7B-Instruct-v0.3",
+        )
+    return repo
+
+
+def check_revision(revision: str) -> str:
+    """revision, if it is a branch, tag or commit name that cannot escape the cache."""
+    if not _REVISION.fullmatch(revision) or not _safe_parts(revision):
+        raise UsageError(
+            f"{revision[:100]!r} is not a revision",
+            hint="give a branch, tag or commit: letters, digits, . _ - and / between names",
+        )
+    return revision
+
+
+def _safe_file_name(name: str) -> bool:
+    return bool(name) and "\\" not in name and "\0" not in name and _safe_parts(name)
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -126,15 +175,15 @@ def model_page(repo: str) -> str:
 def _network_error(exc: BaseException) -> NetworkError:
     import httpx2
 
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
     resume = "run the pull again: it continues where it stopped"
     if isinstance(exc, httpx2.TimeoutException | TimeoutError):
         return NetworkError(
-            f"the Hub at {endpoint()} is too slow: no answer in time after retries ({reason})",
+            f"the Hub at {shown_endpoint()} is too slow: no answer in time after retries ({reason})",
             hint=f"{resume}; HF_HUB_DOWNLOAD_TIMEOUT and HF_HUB_ETAG_TIMEOUT set the limits (s)",
         )
     return NetworkError(
-        f"cannot reach the Hub at {endpoint()}: {reason}",
+        f"cannot reach the Hub at {shown_endpoint()}: {reason}",
         hint=f"check your connection (or HF_ENDPOINT), then {resume}; "
         "--offline uses only cached files",
     )
@@ -157,7 +206,7 @@ def _translate(exc: Exception, repo: str, revision: str | None) -> LocalmixError
         )
     if isinstance(exc, hf.RepositoryNotFoundError):
         return ModelNotFound(
-            f"no repository {repo!r} on {endpoint()}",
+            f"no repository {repo!r} on {shown_endpoint()}",
             hint="check the name (ORG/REPO); a private repo needs `hf auth login` or HF_TOKEN",
         )
     if isinstance(exc, hf.RemoteEntryNotFoundError):
@@ -224,10 +273,20 @@ def _model_info(repo: str, revision: str | None) -> Any:
 
 def repo_files(repo: str, revision: str | None = None, *, offline: bool = False) -> Listing:
     """The files of a repo at a revision: from the Hub, or offline from the local cache only."""
+    check_repo(repo)
+    if revision is not None:
+        check_revision(revision)
     if offline or settings.offline():
         return _cached_listing(repo, revision or "main")
     with _hub_errors(repo, revision):
         info = _model_info(repo, revision)
+    if not _COMMIT.fullmatch(str(info.sha or "")):
+        raise NetworkError(
+            f"{shown_endpoint()} answered for {repo} with a commit id that is not one: "
+            f"{str(info.sha)[:60]!r}",
+            hint="check HF_ENDPOINT: it does not look like the Hugging Face Hub",
+        )
+    # a name with .. or a leading / would become a path outside the snapshot: never offered
     files = tuple(
         RemoteFile(
             name=s.rfilename,
@@ -236,6 +295,7 @@ def repo_files(repo: str, revision: str | None = None, *, offline: bool = False)
             blob_id=s.blob_id,
         )
         for s in info.siblings or ()
+        if _safe_file_name(s.rfilename)
     )
     return Listing(repo, revision or "main", info.sha, files, gated=bool(info.gated))
 
@@ -445,7 +505,9 @@ def _download_one(listing: Listing, remote: RemoteFile, progress: Progress | Non
         retry_on_errors=True,
     )
     if not meta.etag:
-        raise NetworkError(f"{endpoint()} sent no ETag for {remote.name}: not a Hub endpoint?")
+        raise NetworkError(
+            f"{shown_endpoint()} sent no ETag for {remote.name}: not a Hub endpoint?"
+        )
     blob = storage / "blobs" / meta.etag
     blob.parent.mkdir(parents=True, exist_ok=True)
     lock = cache_dir() / ".locks" / storage.name / f"{meta.etag}.lock"

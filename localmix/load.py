@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from localmix.errors import UsageError
+
 if TYPE_CHECKING:
     from types import TracebackType
 
@@ -24,6 +26,10 @@ if TYPE_CHECKING:
 
 DEFAULT_CTX = 4096
 ALL_LAYERS = 1 << 20  # cpu_moe: every layer's experts (the plan clamps it to the model's layers)
+# llama.cpp pads every context to a multiple of 256 tokens (llama-context.cpp): a smaller one
+# would silently become 256, so it is refused instead.
+MIN_CTX = 256
+MAX_CTX = 2**32 - 1  # llama_context_params.n_ctx is a uint32
 
 
 @dataclass(frozen=True)
@@ -130,10 +136,79 @@ def plan_for(
     )
 
 
+def check(target: Located, settings: LoadSettings) -> None:
+    """Refuse, before llama.cpp sees them, a damaged file (InvalidGGUF) and numbers it would
+    abort or hang on: threads past the machine, a context outside [256, trained] or whose KV
+    cache is larger than this machine's memory."""
+    from localmix import settings as app_settings
+
+    target.info  # noqa: B018 - reads and validates the whole header, once, before any load
+    for count, flag in (
+        (settings.threads, "--threads"),
+        (settings.threads_batch, "--threads-batch"),
+    ):
+        if count is not None:
+            app_settings.check_threads(count, flag)
+    for size, flag in ((settings.n_batch, "batch size"), (settings.n_ubatch, "micro-batch size")):
+        if not 1 <= size <= MAX_CTX:
+            raise UsageError(f"the {flag} must be between 1 and {MAX_CTX}, not {size}")
+    n_ctx = settings.n_ctx(target)
+    if n_ctx == 0:
+        n_ctx = target.context_length
+    else:
+        _check_ctx(target, n_ctx)
+    if n_ctx and not settings.n_gpu_layers and not settings.asks_for_plan:
+        _check_kv_memory(target, settings, n_ctx)
+
+
+def _check_ctx(target: Located, n_ctx: int) -> None:
+    from localmix.errors import ContextTooLong
+
+    if n_ctx < MIN_CTX:
+        raise UsageError(
+            f"a context of {n_ctx} tokens is below llama.cpp's smallest, {MIN_CTX}",
+            hint=f"use --ctx {MIN_CTX} or more, or 0 for the model's own",
+        )
+    trained = target.context_length
+    if n_ctx > MAX_CTX or (trained > 0 and n_ctx > trained):
+        raise ContextTooLong(
+            f"a context of {n_ctx} tokens is more than the {trained or MAX_CTX} tokens "
+            f"{target.name} was trained on",
+            hint=f"use --ctx {trained} or less (0: the model's own); for bench, smaller -p/-n/-d",
+        )
+
+
+def _check_kv_memory(target: Located, settings: LoadSettings, n_ctx: int) -> None:
+    """On the CPU the whole KV cache is in RAM: refuse one larger than the machine's memory."""
+    from localmix.errors import DoesNotFit
+    from localmix.llama.hardware import ram
+    from localmix.llama.offload import Shape, kv_bytes_per_element
+
+    shape = Shape.of(target.info)
+    per_token = (
+        shape.n_layer
+        * shape.n_head_kv
+        * (
+            shape.head_dim_k * kv_bytes_per_element(settings.type_k)
+            + shape.head_dim_v * kv_bytes_per_element(settings.type_v)
+        )
+    )
+    need, (total, _) = int(per_token * n_ctx), ram()
+    if total and need > total:
+        gib = 1024**3
+        raise DoesNotFit(
+            f"a {n_ctx}-token context needs a {need / gib:.1f} GiB KV cache, more than this "
+            f"machine's {total / gib:.1f} GiB of memory",
+            hint="use a smaller --ctx, or a quantized KV cache type",
+        )
+
+
 def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Plan | None]:
-    """The engine configuration for target under settings, and the plan that placed it (if any)."""
+    """The engine configuration for target under settings, and the plan that placed it (if any).
+    Raises UsageError, ContextTooLong, DoesNotFit or InvalidGGUF for what would not load."""
     from localmix.llama.records import EngineConfig
 
+    check(target, settings)
     config = EngineConfig(
         model_path=target.path,
         n_ctx=settings.n_ctx(target),

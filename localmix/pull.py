@@ -81,7 +81,7 @@ def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
     return _Plan(ref.name, ref.repo, quant, True)
 
 
-def _chat_format(info: GGUFInfo) -> str | None:
+def chat_format_of(info: GGUFInfo) -> str | None:
     """The Mistral chat format a GGUF's metadata points to (None: its own template decides)."""
     from localmix.chat import template
 
@@ -151,6 +151,7 @@ def pull(
     """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store.
     imatrix, an importance-matrix file, guides the quantization of a converted checkpoint."""
     emit = progress or (lambda _event: None)
+    store.clean_tmp()  # leftovers of a pull, convert or quantize that was killed
     matrix = None
     if imatrix is not None:
         from localmix import imatrix as importance
@@ -172,6 +173,9 @@ def pull(
     if revision is None and (found := _existing(plan.name, plan.quant)):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
+    hub.check_repo(plan.repo)  # before anything is printed or becomes a path
+    if revision is not None:
+        hub.check_revision(revision)
     emit(Stage("resolve", f"{plan.repo}@{revision or 'main'}"))
     listing = hub.repo_files(plan.repo, revision, offline=offline)
     if plan.convert and not _has_checkpoint(listing) and repofiles.gguf_quants(listing.names):
@@ -226,7 +230,7 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
         size=info.file_size,
         sha256=first.sha256 or store.sha256_file(first.path),
         architecture=info.architecture,
-        chat_format=plan.chat_format or _chat_format(info),
+        chat_format=plan.chat_format or chat_format_of(info),
         context_length=info.context_length,
         parameters=info.n_params,
         source=f"hf:{listing.repo}@{listing.commit}",
@@ -315,7 +319,7 @@ def _register_owned(
         size=info.file_size,
         sha256=store.sha256_file(path),
         architecture=info.architecture,
-        chat_format=plan.chat_format or _chat_format(info),
+        chat_format=plan.chat_format or chat_format_of(info),
         context_length=info.context_length,
         parameters=info.n_params,
         source=source,
@@ -339,9 +343,14 @@ def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False
     """Register a GGUF already on disk, by reference (or copied into the store), validated first."""
     from localmix import gguffile
 
+    if name is not None and (not name.strip() or name != name.strip()):
+        raise UsageError(
+            f"{name!r} is not a usable model name", hint="use letters, digits, - _ . and :"
+        )
     path = Path(path).expanduser().resolve()
     info = gguffile.inspect(path)  # InvalidGGUF for anything truncated or not GGUF
     name = name or _name_from_file(path)
+    store.slug(name)  # a name with nothing usable in it fails before any work
     quant = info.quant.upper()
     for manifest in store.find(f"{name}:{quant}"):
         if Path(manifest.path) == path and not copy:
@@ -362,7 +371,7 @@ def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False
         size=info.file_size,
         sha256=store.sha256_file(path),
         architecture=info.architecture,
-        chat_format=_chat_format(info),
+        chat_format=chat_format_of(info),
         context_length=info.context_length,
         parameters=info.n_params,
         source=f"path:{path}",

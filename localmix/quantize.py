@@ -4,6 +4,7 @@ check, a temporary output renamed only when complete, and per-tensor progress ev
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import threading
 from collections.abc import Callable
@@ -124,13 +125,13 @@ def quantize(
 
     kind = quant_type(qtype, imatrix=imatrix is not None)
     src, out = Path(src), Path(out)
+    # llama.cpp aborts the process (std::bad_alloc) on absurd thread counts: check first
+    n_threads = settings.check_threads(threads) if threads else settings.default_threads()
     info = gguffile.inspect(src)  # a truncated or non-GGUF input fails here, not in C
     matrix = importance.load(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
-    out_dir = out.parent if str(out.parent) else Path(".")
-    if not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: no such directory")
-    if not os.access(out_dir, os.W_OK):
-        raise OutputError(f"{out_dir}: not writable", hint="choose another output with -o")
+    out_dir = _writable_dir(out)
+    remove_stale_partials(out)
+    _check_space(out_dir, estimate_size(info.n_params, kind.name))
     # Beside the output, so the final rename never crosses file systems.
     partial = out_dir / f".{out.name}.{os.getpid()}.partial"
     errors: list[str] = []
@@ -142,7 +143,7 @@ def quantize(
                 info.path,
                 partial,
                 kind.ftype,
-                threads or settings.default_threads(),
+                n_threads,
                 allow_requantize=allow_requantize,
                 imatrix=matrix,
                 on_tensor=(lambda i, n, name: progress(QuantizeEvent(i, n, name)))
@@ -170,6 +171,13 @@ def quantize(
                 next((e for e in reversed(errors) if e), "llama.cpp reported a failure"),
             )
             mismatch = matrix is not None and "matrix" in detail.lower()
+            if "iostream" in detail or "write" in detail.lower():
+                # llama.cpp reports a failed write as a bare "basic_ios::clear: iostream error"
+                _check_space(out_dir, 1)
+                raise OutputError(
+                    f"quantizing {src.name} failed while writing {out}: {detail}",
+                    hint="check free space and permissions where the output goes",
+                )
             raise EngineError(
                 f"quantizing {src.name} to {kind.name} failed: {detail}",
                 hint=f"is {matrix.path.name} made for this model?" if mismatch and matrix else None,
@@ -179,6 +187,51 @@ def quantize(
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
     return out
+
+
+def _writable_dir(out: Path) -> Path:
+    out_dir = out.parent if str(out.parent) else Path(".")
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: no such directory", hint="create it, or choose another -o")
+    if not os.access(out_dir, os.W_OK):
+        raise OutputError(f"{out_dir}: not writable", hint="choose another output with -o")
+    return out_dir
+
+
+def _check_space(folder: Path, need: int) -> None:
+    """DiskSpaceError when folder's file system has less than need bytes free."""
+    import shutil
+
+    from localmix.errors import DiskSpaceError
+
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DiskSpaceError(
+            f"{folder}: {free / 2**20:.0f} MiB free, quantizing needs about {need / 2**20:.0f} MiB",
+            hint="free some space (`localmix du`, `localmix rm`) or choose another -o",
+        )
+
+
+def partials_of(out: Path) -> list[Path]:
+    """Partial outputs of earlier quantize runs to `out` (`.NAME.PID.partial` beside it)."""
+    folder = out.parent if str(out.parent) else Path(".")
+    return sorted(folder.glob(f".{glob.escape(out.name)}.*.partial"))
+
+
+def remove_stale_partials(out: Path) -> int:
+    """Remove partial outputs to `out` whose process is gone (killed mid-run); bytes freed."""
+    from localmix import store
+
+    freed = 0
+    for path in partials_of(out):
+        pid = path.name[len(out.name) + 2 : -len(".partial")]
+        if pid.isdigit() and store.pid_alive(int(pid)):
+            continue  # another quantize is writing it right now
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            path.unlink()
+            freed += size
+    return freed
 
 
 # Sources to quantize a store model from, best first: requantizing a quantized file loses quality.
@@ -206,6 +259,7 @@ def quantize_model(
     if not candidates:
         store.get(reference)  # raises ModelNotFound with the usual hint
     by_quant = {m.quant: m for m in candidates}
+    store.clean_tmp()  # leftovers of a quantize that was killed
     source = next((by_quant[q] for q in _SOURCE_PREFERENCE if q in by_quant), None)
     if source is None:
         if not allow_requantize:

@@ -61,14 +61,45 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
 
 
+# ggml's GGML_MAX_N_THREADS: more threads overflow its fixed arrays (std::bad_alloc, abort).
+MAX_THREADS = 512
+
+
+def max_threads() -> int:
+    """The most threads localmix lets llama.cpp start: 4 per logical CPU, at most 512."""
+    return min(MAX_THREADS, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(count: int, source: str = "--threads") -> int:
+    """count, if this machine can run that many threads; else UsageError with the numbers."""
+    from localmix.errors import UsageError
+
+    limit = max_threads()
+    if count < 1:
+        raise UsageError(f"{source} must be at least 1, not {count}")
+    if count > limit:
+        raise UsageError(
+            f"{source} {count} is more than {limit} "
+            f"(4 per logical CPU on this machine's {os.cpu_count() or 1}, at most {MAX_THREADS})",
+            hint="leave it out to use the physical cores",
+        )
+    return count
+
+
 def default_threads() -> int:
     """Threads for generation: LOCALMIX_THREADS, else the physical core count (llama.cpp's rule)."""
-    value = os.environ.get("LOCALMIX_THREADS")
+    value = os.environ.get("LOCALMIX_THREADS", "").strip()
     if value:
+        from localmix.errors import UsageError
+
         try:
-            return max(1, int(value))
+            count = int(value)
         except ValueError:
-            pass
+            raise UsageError(
+                f"LOCALMIX_THREADS={value[:20]!r} is not a whole number",
+                hint="unset it to use the physical cores",
+            ) from None
+        return check_threads(count, "LOCALMIX_THREADS")
     count = os.cpu_count() or 1
     # Hyper-threads slow generation down; llama.cpp defaults to physical cores too.
     return max(1, count // 2) if count >= 8 else count

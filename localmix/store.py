@@ -312,18 +312,41 @@ def du() -> Usage:
     return Usage(rows, owned, referenced, _tree_size(settings.tmp_dir()), free)
 
 
-def clean_tmp(older_than_s: float = 0.0) -> int:
-    """Remove leftovers of interrupted work from tmp/; returns bytes freed."""
+# Every partial file in tmp/ names the process writing it: `partial-PID-...` (tmp_file, and
+# quantize's `.partial-PID-....partial` beside one) or `NAME.PID.HEX.partial` (convert).
+_PARTIAL_PID = re.compile(r"partial-(\d+)-|\.(\d+)\.[0-9a-f]+\.partial$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours counts as gone: its own old leftovers)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, and belongs to another user
+    return True
+
+
+def clean_tmp() -> int:
+    """Remove leftovers in tmp/ of work whose process is gone (killed); returns bytes freed.
+    A file of a process still running (another pull or convert) is left alone."""
     freed = 0
     root = settings.tmp_dir()
     if not root.is_dir():
         return 0
-    now = time.time()
     for path in root.iterdir():
+        match = _PARTIAL_PID.search(path.name)
+        pid = int(match[1] or match[2]) if match else None
+        if pid is not None and pid_alive(pid):
+            continue
         with contextlib.suppress(OSError):
-            if path.is_file() and now - path.stat().st_mtime >= older_than_s:
-                freed += path.stat().st_size
+            if path.is_file():
+                size = path.stat().st_size
                 path.unlink()
+                freed += size
     return freed
 
 

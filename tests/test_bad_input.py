@@ -3,9 +3,11 @@ nothing half-written where a model would be."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,12 @@ from pathlib import Path
 import pytest
 
 from tests.cli_run import Result, run_cli
+
+
+@pytest.fixture(autouse=True)
+def _no_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """chat reads piped stdin: give it none, as a run with </dev/null would."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,78 @@ QUANTIZE_CASES = [
     ),
 ]
 
+
+def _relaid(work: Path, gguf: Path, alignment: int) -> str:
+    from tests import gguf_fuzz
+
+    data = gguf.read_bytes()
+    path = work / f"aligned{alignment}.gguf"
+    path.write_bytes(gguf_fuzz.relaid(data, gguf_fuzz.layout(data), alignment))
+    return str(path)
+
+
+def _chat(*extra: str) -> Callable[[Path, Path], list[str]]:
+    return lambda w, g: ["chat", str(g), "hi", "-n", "1", *extra]
+
+
+def _aligned(alignment: int, command: list[str]) -> Case:
+    return Case(
+        f"alignment {alignment} at {command[0]}",
+        lambda w, g: [*command, _relaid(w, g, alignment)],
+        6,
+        "alignment",
+    )
+
+
+BOUNDS_CASES = [
+    Case("threads 100000", _chat("--threads", "100000"), 2, "100000"),
+    Case(
+        "quantize threads 100000",
+        lambda w, g: ["quantize", str(g), "-o", str(w / "q.gguf"), "-t", "100000"],
+        2,
+        "100000",
+    ),
+    Case("context past the trained one", _chat("--ctx", "1000000000"), 11, "2048"),
+    Case("context below 256", _chat("--ctx", "1"), 2, "256"),
+    Case("top-p nan", _chat("--top-p", "nan"), 2, "not a number"),
+    Case("temperature inf", _chat("--temperature", "inf"), 2, "not a number"),
+    Case("min-p above 1", _chat("--min-p", "2"), 2, "between 0 and 1"),
+    Case(
+        "bench prompt past the context",
+        lambda w, g: ["bench", str(g), "-p", "100000", "-n", "0", "-r", "1"],
+        11,
+        "100000",
+    ),
+    Case(
+        "bench range of a billion",
+        lambda w, g: ["bench", str(g), "-p", "1-1000000000"],
+        2,
+        "more than 1000",
+    ),
+]
+
+GGUF_CASES = [
+    _aligned(a, cmd)
+    for a in (0, 1, 3, 16)
+    for cmd in (["show"], ["import"], ["quantize", "-o", "/nonexistent-dir/x.gguf"], ["chat"])
+] + [
+    Case("show a missing path", lambda w, g: ["show", str(w / "nope.gguf")], 3, "nope.gguf"),
+    Case(
+        "quantize /nonexistent.gguf",
+        lambda w, g: ["quantize", "/nonexistent.gguf"],
+        6,
+        "no such file",
+    ),
+    Case("import an empty name", lambda w, g: ["import", str(g), "--name", ""], 2, "name"),
+    Case(
+        "pull a revision with ..",
+        lambda w, g: ["pull", "hf.co/org/x-GGUF:Q4_K_M", "--revision", "../../../../X"],
+        2,
+        "not a revision",
+    ),
+    Case("pull a repo id with ..", lambda w, g: ["pull", "hf.co/org/..:Q4_K_M"], 2, ""),
+]
+
 OTHER_CASES = [
     Case("broken models.toml", lambda w, g: _broken_catalog(w), 4, "models.toml"),
     Case("unknown model name", lambda w, g: ["show", "mixtrl"], 3, "mixtrl"),
@@ -202,7 +282,9 @@ def test_bad_checkpoint_input(
     _assert_clean_failure(run_cli(capsys, *args), case, work, before)
 
 
-@pytest.mark.parametrize("case", QUANTIZE_CASES + OTHER_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", QUANTIZE_CASES + OTHER_CASES + BOUNDS_CASES + GGUF_CASES, ids=lambda c: c.id
+)
 def test_bad_gguf_and_model_input(
     case: Case, tmp_path: Path, tiny_mistral_gguf_f16: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

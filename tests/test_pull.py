@@ -546,3 +546,52 @@ def test_import_rejects_a_file_that_is_not_gguf(env: Env, tmp_path: Path) -> Non
     result = env.cli("import", str(bad))
     assert result.returncode == 6 and "not a GGUF file" in result.stderr
     assert env.listed() == []
+
+
+@pytest.mark.slow
+def test_a_token_in_hf_endpoint_is_never_printed(env: Env) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://user:hf_SECRETtoken@127.0.0.1:{port}"
+    result = env.cli("pull", "hf.co/org/x-GGUF", HF_ENDPOINT=endpoint)
+    assert result.returncode == 7, result.stderr
+    assert "cannot reach the Hub" in result.stderr
+    assert "SECRET" not in result.stderr + result.stdout and "user:" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "revision", ["../../../../X", "main/../../x", "/etc", "a\\b", "v1\x00", "", "."]
+)
+def test_a_revision_that_could_escape_the_cache_is_refused(revision: str) -> None:
+    from localmix import hub
+    from localmix.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a revision"):
+        hub.repo_files("org/x-GGUF", revision)
+
+
+@pytest.mark.parametrize("repo", ["org/../x", "../x", "org/x/y", "/x", "org/", "a b/c"])
+def test_a_repo_id_that_is_not_org_name_is_refused(repo: str) -> None:
+    from localmix import hub
+    from localmix.errors import UsageError
+
+    with pytest.raises(UsageError, match="repository id"):
+        hub.repo_files(repo, "main")
+
+
+def test_hub_file_names_that_leave_the_snapshot_are_never_offered() -> None:
+    from localmix import hub
+
+    assert [n for n in ("a.gguf", "d/a.gguf", "../a.gguf", "/a", "d/../../a", "a\\b")
+            if hub._safe_file_name(n)] == ["a.gguf", "d/a.gguf"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pull_revision_with_dot_dot_writes_nothing(env: Env, tmp_path: Path) -> None:
+    env.hub.add_repo("org/r-GGUF", gguf_repo(tmp_path, "v1", {"r.Q4_K_M.gguf": MiB}))
+    before = {p for p in tmp_path.rglob("*")}
+    result = env.cli("pull", "hf.co/org/r-GGUF:Q4_K_M", "--revision", "../../../../X")
+    assert result.returncode == 2, result.stderr
+    assert "not a revision" in result.stderr and "hint:" in result.stderr
+    assert {p for p in tmp_path.rglob("*") if p.is_file()} <= before

@@ -25,6 +25,8 @@ _FLASH_ATTN = {
 }  # fmt: skip
 # first[-last[(+|*)step]], as llama-bench's parse_int_range reads it.
 _RANGE = re.compile(r"^(-?\d+)(?:-(\d+)(?:([+*])(\d+))?)?$")
+# A sweep longer than this is a typo (1-1000000000), not a benchmark: refused before expanding.
+MAX_SWEEP = 1000
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,12 @@ def parse_ints(
             op, step = match[3] or "+", int(match[4] or 1)
             if step < 1 or (op == "*" and (step < 2 or first < 1)):
                 raise UsageError(f"{name}: {item!r} is a range that never ends")
+            # a * range has at most 64 values; only a + range can explode
+            if op == "+" and len(out) + (last - first) // step + 1 > MAX_SWEEP:
+                raise UsageError(
+                    f"{name}: {item!r} makes more than {MAX_SWEEP} values",
+                    hint="use a shorter range or a larger step",
+                )
             value = first
             while value <= last:
                 out.append(value)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from localmix.bench.params import BenchCase, BenchParams, cases
 from localmix.bench.result import BenchResult
+from localmix.load import MIN_CTX
 
 if TYPE_CHECKING:
     from localmix.llama.engine import Engine
@@ -63,7 +64,8 @@ def run(
         first_index, first = key_cases[0]
         _emit(progress, "load", first_index, len(todo), first, params)
         n_ctx = max(case.n_ctx for _, case in key_cases)
-        with open_case(first, max(n_ctx, 1)) as engine:
+        # llama.cpp pads a context to 256 tokens anyway; the door refuses smaller ones
+        with open_case(first, max(n_ctx, MIN_CTX)) as engine:
             for index, case in key_cases:
                 result = _run_case(engine, case, params, machine, index, len(todo), progress)
                 results[index] = result

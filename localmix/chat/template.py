@@ -15,11 +15,9 @@ reference's tokens; `MistralFormat.prefix_stable` says which formats append only
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Protocol
 
 from localmix.errors import InvalidGGUF, UsageError
@@ -361,53 +359,16 @@ def _encode_template(
 
 
 def render(fmt: TemplateFormat, messages: Sequence[Message]) -> str:
-    """The template's text for `messages` with the generation prompt added (as HF renders it)."""
-    import jinja2
+    """The template's text for `messages` with the generation prompt added (as HF renders it),
+    in a sandbox bounded in time and size (InvalidGGUF when the template misbehaves)."""
+    from localmix.chat import sandbox
 
-    try:
-        return _compile(fmt.template).render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
-            bos_token=fmt.bos_token,
-            eos_token=fmt.eos_token,
-            add_generation_prompt=True,
-        )
-    except (jinja2.TemplateError, _TemplateRaised) as e:
-        raise InvalidGGUF(
-            f"the model's chat template failed: {e}",
-            hint="name a Mistral chat format with --format, or fix the GGUF's template",
-        ) from None
-
-
-class _TemplateRaised(Exception):
-    """raise_exception() called by a template."""
-
-
-@lru_cache(maxsize=8)
-def _compile(template: str) -> Any:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise _TemplateRaised(message)
-
-    def strftime_now(fmt: str) -> str:
-        from datetime import datetime
-
-        return datetime.now().strftime(fmt)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kw)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    return sandbox.render(
+        fmt.template,
+        {
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "bos_token": fmt.bos_token,
+            "eos_token": fmt.eos_token,
+            "add_generation_prompt": True,
+        },
     )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise InvalidGGUF(
-            f"the model's chat template does not parse: {e}",
-            hint="name a Mistral chat format with --format",
-        ) from None

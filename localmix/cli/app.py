@@ -8,7 +8,7 @@ import sys
 import typer
 
 from localmix import __version__, settings
-from localmix.errors import INTERRUPTED_EXIT_CODE, LocalmixError
+from localmix.errors import INTERRUPTED_EXIT_CODE, LocalmixError, from_os_error
 
 app = typer.Typer(
     name="localmix",
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = app(args=argv, prog_name="localmix", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        if code == INTERRUPTED_EXIT_CODE:  # typer turns Ctrl-C into a return value of 130
+            _say("interrupted")
     except LocalmixError as exc:
         if settings.debug():
             raise
@@ -85,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         code = getattr(exc, "exit_code", 2)
     except BrokenPipeError:
         code = 0  # `localmix list | head`: the reader left, nothing is wrong
+    except OSError as exc:  # a full disk, a read-only home, a path gone: the user can act
+        if settings.debug():
+            raise
+        error = from_os_error(exc)
+        _say(error.message, error.hint)
+        code = error.exit_code
     except Exception as exc:  # a bug: one line for the user, the traceback behind LOCALMIX_DEBUG
         if settings.debug():
             raise

@@ -175,6 +175,7 @@ def _planned(
     groups: list[tuple[list[Path], BenchParams]] = []
     for target in targets:
         path = target.path
+        load.check(target, settings)  # a context past the model's fails here, before the bar
         plan = load.plan_for(target, settings, force=estimate)
         if estimate and plan is not None:
             render.console().print(f"[bold]{path.name}[/]")

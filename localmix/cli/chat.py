@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt
+from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt, number_in
 from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
 
 if TYPE_CHECKING:
@@ -30,11 +30,13 @@ SystemOpt = Annotated[
 ]
 TempOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--temperature", "--temp", min=0, help="Sampling temperature (0: greedy)."),
+    typer.Option(
+        "--temperature", "--temp", callback=number_in(0), help="Sampling temperature (0: greedy)."
+    ),
 ]
 TopPOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--top-p", min=0, max=1, help="Nucleus sampling threshold."),
+    typer.Option("--top-p", callback=number_in(0, 1), help="Nucleus sampling threshold."),
 ]
 TopKOpt = Annotated[
     Optional[int],  # noqa: UP045
@@ -42,11 +44,17 @@ TopKOpt = Annotated[
 ]
 MinPOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--min-p", min=0, max=1, help="Drop tokens below this share of the best one."),
+    typer.Option(
+        "--min-p", callback=number_in(0, 1), help="Drop tokens below this share of the best one."
+    ),
 ]
 RepeatOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--repeat-penalty", help="Penalty for repeating recent tokens (1: off)."),
+    typer.Option(
+        "--repeat-penalty",
+        callback=number_in(0),
+        help="Penalty for repeating recent tokens (1: off).",
+    ),
 ]
 SeedOpt = Annotated[
     Optional[int],  # noqa: UP045
@@ -158,13 +166,24 @@ def _message(prompt: str | None) -> str | None:
     """The one-shot message (prompt argument, then piped stdin), or None for the REPL."""
     from localmix.errors import UsageError
 
-    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    piped = None if sys.stdin is None or sys.stdin.isatty() else _read_stdin()
     if prompt is None and piped is None:
         return None
+    if prompt is not None:
+        # bytes that are not UTF-8 reach argv as lone surrogates; they cannot be tokenized
+        prompt = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     text = "\n\n".join(part.strip("\n") for part in (prompt, piped) if part and part.strip())
     if not text.strip():
         raise UsageError("nothing to send: the prompt and standard input are empty")
     return text
+
+
+def _read_stdin() -> str:
+    """Piped input as text; bytes that are not UTF-8 become U+FFFD, as in the prompt."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream (tests): already decoded
+        return sys.stdin.read()
+    return buffer.read().decode("utf-8", "replace")
 
 
 def open_session(

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from localmix.cli.options import JsonOpt, ModelArg
+
+if TYPE_CHECKING:
+    from localmix.gguffile import GGUFInfo
+    from localmix.store import Manifest
 
 
 def list_command(
@@ -44,8 +49,13 @@ def show_command(name: ModelArg, json_out: JsonOpt = False) -> None:
     from localmix.cli import render
     from localmix.gguffile import inspect
 
-    manifest = store.get(name)
-    info = inspect(manifest.file)
+    if Path(name).expanduser().suffix == ".gguf" or Path(name).expanduser().is_file():
+        target = store.locate(name)  # a file outside the store: validated there
+        info = target.info
+        manifest = _unregistered(target.path, info)
+    else:
+        manifest = store.get(name)
+        info = inspect(manifest.file)
     if json_out:
         render.print_json(
             {
@@ -62,6 +72,27 @@ def show_command(name: ModelArg, json_out: JsonOpt = False) -> None:
         )
         return
     render.console().print(render.show_panel(manifest, info))
+
+
+def _unregistered(path: Path, info: GGUFInfo) -> Manifest:
+    """What `show` says about a GGUF file that is not in the store."""
+    from localmix.pull import chat_format_of
+    from localmix.store import Manifest
+
+    return Manifest(
+        name=path.name,
+        quant=info.quant,
+        path=str(path),
+        size=info.file_size,
+        sha256="(not computed for a file outside the store)",
+        architecture=info.architecture,
+        chat_format=chat_format_of(info),
+        context_length=info.context_length,
+        parameters=info.n_params,
+        source=f"path:{path}",
+        created=0.0,
+        owned=False,
+    )
 
 
 def rm_command(

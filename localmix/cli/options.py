@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+
+def number_in(low: float, high: float | None = None) -> Callable[[float | None], float | None]:
+    """An option callback: a finite number in [low, high]. Typer's own min/max let nan through
+    (every comparison with nan is false) and then name the wrong bound."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if math.isnan(value) or math.isinf(value):
+            raise typer.BadParameter(f"{value} is not a number")
+        if value < low or (high is not None and value > high):
+            span = f"between {low:g} and {high:g}" if high is not None else f"{low:g} or more"
+            raise typer.BadParameter(f"{value:g} is not {span}")
+        return value
+
+    return check
+
 
 ModelArg = Annotated[
     str, typer.Argument(help="Model: a store name (mistral, tiny-mixtral:Q4_K_M) or a .gguf path.")

@@ -122,14 +122,15 @@ def _check_output(out: Path) -> None:
 
 
 def _temp_path(out: Path) -> Path:
-    from localmix import settings
+    from localmix import settings, store
 
     tmp_dir = settings.tmp_dir()
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {tmp_dir}: {exc.strerror or exc}") from None
-    return tmp_dir / f"{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    store.clean_tmp()  # leftovers of a convert (or pull) that was killed
+    return tmp_dir / f"{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
 
 
 def _check_space(folder: Path, needed: int) -> None:

@@ -153,10 +153,23 @@ class Engine:
 
     def _load_failed(self, path: Path) -> None:
         from localmix import gguffile
+        from localmix.errors import InvalidGGUF
 
         gguffile.inspect(path)  # raises InvalidGGUF for a missing, truncated or foreign file
+        # llama_model_load logs the reason ("error loading model: X"), then a bare summary
+        marker = "error loading model:"
+        reason = next(
+            (e.split(marker, 1)[1].strip() for e in reversed(LOG.errors) if marker in e),
+            None,
+        )
+        if reason and "allocate" not in reason:
+            # the file, not the machine: a missing tensor, a wrong shape, an unknown architecture
+            raise InvalidGGUF(
+                f"{path}: llama.cpp cannot load this model: {reason}",
+                hint="the file is damaged or made for another llama.cpp; fetch or convert it again",
+            )
         raise EngineError(
-            f"llama.cpp could not load {path.name}: {LOG.last_error('no reason given')}",
+            f"llama.cpp could not load {path.name}: {reason or LOG.last_error('no reason given')}",
             hint="the file may need a newer llama.cpp, or a different architecture",
         )
 
