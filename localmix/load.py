@@ -136,10 +136,11 @@ def plan_for(
     )
 
 
-def check(target: Located, settings: LoadSettings) -> None:
+def check(target: Located, settings: LoadSettings, *, beyond_trained: bool = True) -> None:
     """Refuse, before llama.cpp sees them, a damaged file (InvalidGGUF) and numbers it would
-    abort or hang on: threads past the machine, a context outside [256, trained] or whose KV
-    cache is larger than this machine's memory."""
+    abort or hang on: threads past the machine, a context under 256 or whose KV cache is larger
+    than this machine's memory. A context past the trained one is llama.cpp's choice to allow
+    (a notice says so); beyond_trained False refuses it (bench sweeps, where it is a typo)."""
     from localmix import settings as app_settings
 
     target.info  # noqa: B018 - reads and validates the whole header, once, before any load
@@ -156,12 +157,12 @@ def check(target: Located, settings: LoadSettings) -> None:
     if n_ctx == 0:
         n_ctx = target.context_length
     else:
-        _check_ctx(target, n_ctx)
+        _check_ctx(target, n_ctx, beyond_trained)
     if n_ctx and not settings.n_gpu_layers and not settings.asks_for_plan:
         _check_kv_memory(target, settings, n_ctx)
 
 
-def _check_ctx(target: Located, n_ctx: int) -> None:
+def _check_ctx(target: Located, n_ctx: int, beyond_trained: bool) -> None:
     from localmix.errors import ContextTooLong
 
     if n_ctx < MIN_CTX:
@@ -170,7 +171,7 @@ def _check_ctx(target: Located, n_ctx: int) -> None:
             hint=f"use --ctx {MIN_CTX} or more, or 0 for the model's own",
         )
     trained = target.context_length
-    if n_ctx > MAX_CTX or (trained > 0 and n_ctx > trained):
+    if n_ctx > MAX_CTX or (not beyond_trained and trained > 0 and n_ctx > trained):
         raise ContextTooLong(
             f"a context of {n_ctx} tokens is more than the {trained or MAX_CTX} tokens "
             f"{target.name} was trained on",
@@ -229,20 +230,26 @@ def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Pl
     return config, plan
 
 
-def notices(settings: LoadSettings) -> tuple[str, ...]:
-    """GPU settings on a llama.cpp build that cannot offload: said, then run on the CPU (as
-    llama.cpp does), so nobody mistakes a CPU run for a GPU one."""
-    wants_gpu = bool(settings.n_gpu_layers) or settings.asks_for_plan
-    if not wants_gpu:
-        return ()
-    from localmix.llama import lib
+def notices(settings: LoadSettings, target: Located | None = None) -> tuple[str, ...]:
+    """What to say before a load, as llama.cpp would warn: GPU settings on a build that cannot
+    offload (so nobody mistakes a CPU run for a GPU one), a context past the trained one."""
+    said: list[str] = []
+    trained = target.context_length if target is not None else 0
+    n_ctx = settings.n_ctx(target) if target is not None else 0
+    if trained > 0 and n_ctx > trained:
+        said.append(
+            f"a {n_ctx}-token context is past the {trained} tokens {target.name} was trained on: "
+            "replies may degrade beyond that"
+        )
+    if bool(settings.n_gpu_layers) or settings.asks_for_plan:
+        from localmix.llama import lib
 
-    if lib.supports_gpu_offload():
-        return ()
-    return (
-        "this llama.cpp build has no GPU backend: GPU settings are ignored and everything runs "
-        "on the CPU (`localmix doctor` shows how to rebuild it for your GPU)",
-    )
+        if not lib.supports_gpu_offload():
+            said.append(
+                "this llama.cpp build has no GPU backend: GPU settings are ignored and everything "
+                "runs on the CPU (`localmix doctor` shows how to rebuild it for your GPU)"
+            )
+    return tuple(said)
 
 
 def open_model(reference: str | Path | Located, settings: LoadSettings | None = None) -> Loaded:
@@ -253,4 +260,4 @@ def open_model(reference: str | Path | Located, settings: LoadSettings | None = 
     target = locate(reference)
     config, plan = configure(target, settings)
     engine = Engine(config)
-    return Loaded(target, config, plan, engine, notices=notices(settings))
+    return Loaded(target, config, plan, engine, notices=notices(settings, target))

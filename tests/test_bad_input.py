@@ -202,7 +202,7 @@ BOUNDS_CASES = [
         2,
         "100000",
     ),
-    Case("context past the trained one", _chat("--ctx", "1000000000"), 11, "2048"),
+    Case("a context no memory holds", _chat("--ctx", "1000000000"), 10, "KV cache"),
     Case("context below 256", _chat("--ctx", "1"), 2, "256"),
     Case("top-p nan", _chat("--top-p", "nan"), 2, "not a number"),
     Case("temperature inf", _chat("--temperature", "inf"), 2, "not a number"),

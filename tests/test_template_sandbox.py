@@ -57,7 +57,9 @@ def test_a_hostile_template_is_stopped_with_a_reason(template: str, needle: str)
     started = time.monotonic()
     with pytest.raises(InvalidGGUF, match=needle) as caught:
         sandbox.render(template, MESSAGES)
-    assert time.monotonic() - started < sandbox.SECONDS + 3
+    # each would run for hours or exhaust memory unbounded; the margin is for a loaded CI machine,
+    # this is no timing measurement
+    assert time.monotonic() - started < sandbox.SECONDS + 30
     assert caught.value.hint and "--format" in caught.value.hint
 
 

@@ -175,7 +175,8 @@ def _planned(
     groups: list[tuple[list[Path], BenchParams]] = []
     for target in targets:
         path = target.path
-        load.check(target, settings)  # a context past the model's fails here, before the bar
+        # a context past the model's fails here, before the bar (in a sweep it is a typo)
+        load.check(target, settings, beyond_trained=False)
         plan = load.plan_for(target, settings, force=estimate)
         if estimate and plan is not None:
             render.console().print(f"[bold]{path.name}[/]")
