@@ -24,16 +24,22 @@ def cxx_runtime_global() -> str | None:
     """Load the C++ runtime (libstdc++) into the global symbol namespace; returns its path, or
     None where there is nothing to do (macOS and Windows use other runtimes and loaders).
 
-    Why: llama-cpp-python loads libllama with RTLD_LOCAL, so libllama's calls into the C++
-    runtime are bound by searching its own dependency tree breadth first, and the order of that
-    tree decides which copy wins. A CUDA build of libggml-cuda.so exports its own weak copies of
-    libstdc++ template code (nvcc instantiates what g++ leaves to libstdc++, e.g.
-    std::ostream::_M_insert<long>); when libggml-cuda sits in that search before libstdc++,
-    libllama's model summary (llama_model::print_info) runs the copy inside libggml-cuda and
-    crashes. Symbols in the global namespace are searched before any library's own tree, so once
-    libstdc++ is global every C++ runtime call binds to the real runtime, whatever order the
-    libraries load in. It must happen before libllama is loaded: data relocations (std::cout,
-    vtables) bind at load time."""
+    Why (measured on an H200 with CUDA 13, llama-cpp-python 0.3.36 built as the README says):
+    - A CUDA build's libggml-cuda.so carries and exports its own copy of libstdc++ (2,605 std::
+      symbols, 522 of them codecvt/locale internals), and libllama.so lists libggml-cuda.so among
+      its dependencies ahead of libstdc++.so.6.
+    - llama-cpp-python loads libllama with RTLD_LOCAL, so libllama's C++ calls are bound by
+      searching its own dependency list: `operator<<(int)` and `_M_insert<unsigned long>` bind
+      to the copy inside libggml-cuda.
+    - A library resolves its own calls through the list of whoever loaded it first. In a short
+      script libllama loads libstdc++, so libstdc++ also binds to the copy: one runtime, and it
+      works. In the CLI numpy, sentencepiece and OpenCV load libstdc++ first, so libstdc++ uses
+      itself while libllama uses the copy: two runtimes share one stream, and
+      llama_model::print_info crashes (SIGSEGV) on every model load.
+    Symbols in the global namespace are searched before any library's own list, so once
+    libstdc++ is global every C++ call (libllama's, libggml-cuda's own) binds to the real
+    runtime, whatever was imported before. It must happen before libllama is loaded: data
+    relocations (std::cout, vtables) bind at load time."""
     if not sys.platform.startswith(("linux", "freebsd")):
         return None
     name = ctypes.util.find_library("stdc++") or "libstdc++.so.6"
