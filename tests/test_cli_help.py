@@ -88,3 +88,19 @@ def test_cli_imports_no_heavy_module() -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_cli(capsys, "--version")
     assert result.code == 0 and result.out.startswith("localmix ")
+
+
+@pytest.mark.parametrize("name", list(_commands()))
+def test_options_show_a_placeholder_not_a_python_type(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = _commands()[name]
+    for param in command.params:  # type: ignore[attr-defined]
+        if param.param_type_name == "option":
+            assert param.metavar is not None, f"{name} {param.opts}: no metavar"
+    result = run_cli(capsys, name, "--help")
+    options = result.out.split("Options", 1)[1]
+    rows = [line for line in options.splitlines() if "--help" not in line]
+    for python_type in ("<str>", "<int", "<float>", "<list[", "<path>"):
+        assert python_type not in "\n".join(rows), f"{name}: {python_type} in its options"
+    assert "<bool>" not in "\n".join(rows)

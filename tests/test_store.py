@@ -135,3 +135,20 @@ def test_a_pulled_name_with_another_quant_is_not_found(tmp_path: Path) -> None:
     store.add(_manifest("org--some-gguf", "Q4_K_M", src), src=src)
     with pytest.raises(ModelNotFound):
         store.get("hf.co/org/Some-GGUF:Q8_0")
+
+
+def test_list_shows_long_names_whole_and_abbreviates_the_commit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.cli_run import run_cli
+
+    monkeypatch.setenv("COLUMNS", "100")
+    long_name = "bartowski--mistral-small-3.2-24b-instruct-2506-gguf-with-a-long-tail"
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 100)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    manifest = dataclasses.replace(_manifest(long_name, "Q4_K_M", src), source=f"hf:o/r@{commit}")
+    store.add(manifest, src=src)
+    done = run_cli(capsys, "list")
+    assert done.code == 0, done.err
+    assert long_name in done.out and "@0123456789ab" in done.out and commit not in done.out
