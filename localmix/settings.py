@@ -44,6 +44,32 @@ def bench_history_path() -> Path:
     return home() / "bench" / "history.jsonl"
 
 
+def chats_dir() -> Path:
+    """Where the REPL's /save writes conversations (and /load finds the latest)."""
+    return home() / "chats"
+
+
+def repl_history_path() -> Path:
+    """The REPL's input history (prompt-toolkit's file history)."""
+    return home() / "history"
+
+
+def paths() -> dict[str, Path]:
+    """Every place localmix reads or writes, by what lives there (nothing is created)."""
+    return {
+        "home": home(),
+        "models": models_dir(),
+        "manifests": manifests_dir(),
+        "tmp": tmp_dir(),
+        "bench history": bench_history_path(),
+        "chats": chats_dir(),
+        "REPL history": repl_history_path(),
+        "user catalog": user_catalog_path(),
+        "synthetic checkpoints": synth_dir(),
+        "Hugging Face cache": hf_cache_dir(),
+    }
+
+
 def user_catalog_path() -> Path:
     return home() / "models.toml"
 

@@ -230,16 +230,25 @@ def find(reference: str) -> list[Manifest]:
     name, quant = split_ref(reference)
     models = list_models()
     matches = [m for m in models if m.name == name and (quant is None or m.quant == quant)]
-    if not matches and quant is None:
-        # `mistral` may be an alias: let the catalog map it to its store name.
-        try:
-            from localmix import catalog
-
-            spec = catalog.load().get(name)
-            matches = [m for m in models if m.name == spec.name]
-        except LocalmixError:
-            pass
+    if not matches:
+        # The string that pulled a model names it too: an alias, `hf.co/ORG/REPO:QUANT` or
+        # `ORG/REPO` resolve (offline) to the store name the pull gave it.
+        name, quant = _pulled_name(reference) or (name, quant)
+        matches = [m for m in models if m.name == name and (quant is None or m.quant == quant)]
     return matches
+
+
+def _pulled_name(reference: str) -> tuple[str, str | None] | None:
+    """The (store name, quant) a pull of this reference registers; None for a path or unknown."""
+    from localmix import catalog
+
+    try:
+        ref = catalog.resolve(reference)
+    except LocalmixError:
+        return None
+    if ref.kind is catalog.RefKind.PATH:
+        return None
+    return ref.name, ref.quant
 
 
 def get(reference: str) -> Manifest:

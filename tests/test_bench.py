@@ -145,6 +145,45 @@ def test_bench_plot_renders_plain_text() -> None:
     assert tg_lines[1].count("█") == 20 and 9 <= tg_lines[0].count("█") <= 10
 
 
+def test_bench_table_and_plot_name_each_model_when_several_are_measured() -> None:
+    from rich.console import Console
+
+    a = made_result(model_filename="/cache/blobs/abc123")
+    b = made_result(model_filename="/models/other.Q8_0.gguf")
+    names = {"/cache/blobs/abc123": "org--a-gguf:Q4_K_M"}
+    console = Console(width=200, color_system=None)
+    with console.capture() as captured:
+        console.print(report.table([a, b], names=names))
+    rows = captured.get().splitlines()
+    assert rows[0].split()[0] == "name"
+    assert "org--a-gguf:Q4_K_M" in rows[1] and "other.Q8_0.gguf" in rows[2]
+    text = report.plot([a, b], names=names)
+    assert "org--a-gguf:Q4_K_M · llama ?B F16" in text and "other.Q8_0.gguf · llama" in text
+    with console.capture() as captured:  # one model: no name column, as llama-bench
+        console.print(report.table([a]))
+    assert "name" not in captured.get().splitlines()[0]
+
+
+def test_bench_flags_a_result_whose_repetitions_spread_wide() -> None:
+    steady = made_result()
+    noisy = made_result(samples_ns=(500_000_000, 1_000_000_000, 2_000_000_000))
+    assert not steady.noisy and noisy.noisy
+    assert report.result_ts_text(noisy).endswith("noisy")
+    assert not report.result_ts_text(steady).endswith("noisy")
+
+
+def test_bench_roofline_cell_carries_its_unit() -> None:
+    from rich.console import Console
+
+    from localmix.bench.roofline import Roofline
+
+    roof = Roofline(bytes_per_token=1, bandwidth_gbs=1.0, ceiling_ts=123.4, share=0.5)
+    console = Console(width=200, color_system=None)
+    with console.capture() as captured:
+        console.print(report.table([made_result()], [roof]))
+    assert "50% of 123.4 t/s" in captured.get()
+
+
 # --- history and --compare ----------------------------------------------------------------------
 
 
@@ -172,6 +211,17 @@ def test_bench_compare_widens_the_threshold_for_noisy_runs() -> None:
         [made_result(samples_ns=(1_150_000_000,) * 3)], [made_result(samples_ns=noisy)]
     )
     assert not found.flagged and found.threshold_pct > 10
+
+
+def test_bench_compare_says_within_noise_for_a_big_change_with_a_big_spread() -> None:
+    noisy = (300_000_000, 1_000_000_000, 1_700_000_000)
+    (found,) = history.compare(
+        [made_result(samples_ns=(2_000_000_000,) * 3)], [made_result(samples_ns=noisy)]
+    )
+    assert found.delta_pct < -40 and not found.flagged
+    assert found.verdict == "within noise"
+    (rerun,) = history.compare([made_result()], [made_result()])
+    assert rerun.verdict == "same"
 
 
 def test_bench_compare_separates_tests_and_names_changed_threads() -> None:
@@ -317,6 +367,23 @@ def test_bench_roofline_counts_only_active_experts(tiny_mixtral_gguf_f32: Path) 
     assert roof.ceiling_ts == pytest.approx(10e9 / roof.bytes_per_token)
     assert roof.bytes_per_token > traffic.weight_bytes  # plus the KV cache it reads
     assert roofline.roofline(made_result(n_prompt=512, n_gen=0), bandwidth=10.0) is None
+
+
+@pytest.mark.slow
+def test_bench_a_combination_llama_cpp_refuses_is_an_error_row_and_the_sweep_goes_on(
+    capsys: pytest.CaptureFixture[str], bench_gguf: Path
+) -> None:
+    # The tiny model's 16-wide heads do not divide into q8_0's 32-blocks: llama.cpp refuses
+    # that K cache, as it refuses a quantized V cache without flash attention on real models.
+    args = ("bench", str(bench_gguf), "-p", "16", "-n", "0", "-r", "1", "-t", "1")
+    done = run_cli(capsys, *args, "-ctk", "q8_0,f16")
+    assert done.code == 13
+    rows = [line for line in done.out.splitlines() if "pp16" in line]
+    assert len(rows) == 2 and "error" in rows[0] and "±" in rows[1]
+    assert "q8_0" in done.err and "refused 1 of 2 tests" in done.err
+    as_json = run_cli(capsys, *args, "-ctk", "q8_0,f16", "-o", "json")
+    assert [o["type_k"] for o in json.loads(as_json.out)] == ["f16"]  # measured rows only
+    assert len(history.load()) == 2  # error rows are not history
 
 
 @pytest.mark.parametrize(

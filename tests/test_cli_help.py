@@ -30,6 +30,8 @@ def command_reference() -> str:
     """Markdown for every command: usage, its help line, and its options."""
     lines: list[str] = []
     for name, command in _commands().items():
+        if command.hidden:  # type: ignore[attr-defined]  # an alias: documented by its command
+            continue
         params = command.params  # type: ignore[attr-defined]
         args = " ".join(
             p.name.upper() + ("..." if getattr(p, "nargs", 1) == -1 else "")
@@ -88,3 +90,43 @@ def test_cli_imports_no_heavy_module() -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_cli(capsys, "--version")
     assert result.code == 0 and result.out.startswith("localmix ")
+
+
+@pytest.mark.parametrize("name", list(_commands()))
+def test_options_show_a_placeholder_not_a_python_type(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = _commands()[name]
+    for param in command.params:  # type: ignore[attr-defined]
+        if param.param_type_name == "option":
+            assert param.metavar is not None, f"{name} {param.opts}: no metavar"
+    result = run_cli(capsys, name, "--help")
+    options = result.out.split("Options", 1)[1]
+    rows = [line for line in options.splitlines() if "--help" not in line]
+    for python_type in ("<str>", "<int", "<float>", "<list[", "<path>"):
+        assert python_type not in "\n".join(rows), f"{name}: {python_type} in its options"
+    assert "<bool>" not in "\n".join(rows)
+
+
+def test_run_is_chat_under_ollamas_name() -> None:
+    commands = _commands()
+    run, chat = commands["run"], commands["chat"]
+    assert [p.name for p in run.params] == [p.name for p in chat.params]  # type: ignore[attr-defined]
+    assert run.hidden and "localmix run" in (chat.help or "")  # type: ignore[attr-defined]
+
+
+def test_paths_prints_where_everything_lives(
+    capsys: pytest.CaptureFixture[str], localmix_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    monkeypatch.setenv("HF_HOME", str(localmix_home / "hf"))
+    done = run_cli(capsys, "paths", "--json")
+    assert done.code == 0, done.err
+    places = json.loads(done.out)
+    for key in ("models", "manifests", "tmp", "bench_history", "chats"):
+        assert Path(places[key]).is_relative_to(localmix_home), key
+    assert places["hugging_face_cache"] == str(localmix_home / "hf" / "hub")
+    table = run_cli(capsys, "paths")
+    assert str(localmix_home / "bench" / "history.jsonl") in table.out
+    assert not (localmix_home / "models").exists()  # looking creates nothing

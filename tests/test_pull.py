@@ -308,6 +308,21 @@ def test_pull_gguf_repo_registers_the_cached_file_in_place(env: Env, tmp_path: P
 
 
 @pytest.mark.slow
+def test_the_string_that_pulled_a_model_works_in_show_and_rm(env: Env, tmp_path: Path) -> None:
+    env.hub.add_repo("Org/N-GGUF", gguf_repo(tmp_path, "n", {"n.Q4_K_M.gguf": MiB}))
+    typed = "hf.co/Org/N-GGUF:Q4_K_M"
+    assert env.cli("pull", typed).returncode == 0
+    shown = env.cli("show", typed, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["manifest"]["name"] == "org--n-gguf"
+    (listed,) = env.listed()
+    assert env.cli("show", f"{listed['name']}:{listed['quant']}").returncode == 0
+    removed = env.cli("rm", typed)
+    assert removed.returncode == 0, removed.stderr
+    assert env.listed() == []
+
+
+@pytest.mark.slow
 def test_pull_reuses_a_file_another_hf_tool_downloaded(env: Env, tmp_path: Path) -> None:
     name = "t.Q4_K_M.gguf"
     env.hub.add_repo("org/t-GGUF", gguf_repo(tmp_path, "t", {name: 2 * MiB}))

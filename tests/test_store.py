@@ -104,3 +104,51 @@ def test_quantize_removes_its_stale_partial_beside_the_output(tmp_path: Path) ->
     stale.write_bytes(b"half")
     assert quantize.partials_of(out) == [stale]
     assert quantize.remove_stale_partials(out) == 4 and not stale.exists()
+
+
+@pytest.mark.parametrize(
+    ("pulled_as", "store_name", "quant"),
+    [
+        ("hf.co/Org/Some-GGUF:Q4_K_M", "org--some-gguf", "Q4_K_M"),
+        ("hf.co/Org/Some-GGUF", "org--some-gguf", "Q8_0"),
+        ("Org/Some-Checkpoint", "org--some-checkpoint", "Q4_K_M"),
+        ("Org/Some-Checkpoint:q4_k_m", "org--some-checkpoint", "Q4_K_M"),
+        ("mistral", "mistral:v0.3", "Q4_K_M"),
+        ("mistral:q4_k_m", "mistral:v0.3", "Q4_K_M"),
+    ],
+)
+def test_the_name_a_model_was_pulled_by_names_it_everywhere(
+    tmp_path: Path, pulled_as: str, store_name: str, quant: str
+) -> None:
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 100)
+    store.add(_manifest(store_name, quant, src), src=src)
+    assert store.get(pulled_as).ref == f"{store_name}:{quant}"  # chat, bench, show
+    assert store.locate(pulled_as).name == f"{store_name}:{quant}"
+    assert [m.ref for m in store.remove(pulled_as)] == [f"{store_name}:{quant}"]
+    assert store.list_models() == []
+
+
+def test_a_pulled_name_with_another_quant_is_not_found(tmp_path: Path) -> None:
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 100)
+    store.add(_manifest("org--some-gguf", "Q4_K_M", src), src=src)
+    with pytest.raises(ModelNotFound):
+        store.get("hf.co/org/Some-GGUF:Q8_0")
+
+
+def test_list_shows_long_names_whole_and_abbreviates_the_commit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.cli_run import run_cli
+
+    monkeypatch.setenv("COLUMNS", "100")
+    long_name = "bartowski--mistral-small-3.2-24b-instruct-2506-gguf-with-a-long-tail"
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 100)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    manifest = dataclasses.replace(_manifest(long_name, "Q4_K_M", src), source=f"hf:o/r@{commit}")
+    store.add(manifest, src=src)
+    done = run_cli(capsys, "list")
+    assert done.code == 0, done.err
+    assert long_name in done.out and "@0123456789ab" in done.out and commit not in done.out

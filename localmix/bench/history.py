@@ -50,7 +50,8 @@ class Comparison:
         if not self.n_baseline:
             return "new"
         if not self.flagged:
-            return "same"
+            # a change past the floor that the spread still covers is not "the same"
+            return "within noise" if abs(self.delta_pct) > MIN_PCT else "same"
         return "slower" if self.delta_pct < 0 else "faster"
 
 

@@ -3,7 +3,8 @@ roofline column, and as a plain-text bar chart of t/s over a swept setting."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmix.bench.result import BOOL_FIELDS, FIELDS, FLOAT_FIELDS, INT_FIELDS, BenchResult
@@ -136,16 +137,25 @@ def ts_text(avg: float, std: float) -> str:
     return f"{avg:.2f} ± {std:.2f}"
 
 
+def result_ts_text(result: BenchResult) -> str:
+    """t/s of a result, its error, or its t/s marked noisy when the repetitions spread wide."""
+    if result.error:
+        return "error"  # the reason is long: printed below the table
+    return ts_text(result.avg_ts, result.stddev_ts) + (" noisy" if result.noisy else "")
+
+
 def _cell(result: BenchResult, name: str) -> str:
     special: dict[str, Callable[[BenchResult], str]] = {
-        "model": lambda r: r.model_type,
+        "model": lambda r: r.model_type or Path(r.model_filename).name,
         "size": lambda r: size_text(r.model_size),
         "params": lambda r: params_text(r.model_n_params),
         "backend": lambda r: r.backends,
         "test": lambda r: r.test,
-        "t/s": lambda r: ts_text(r.avg_ts, r.stddev_ts),
+        "t/s": result_ts_text,
         "flash_attn": lambda r: str({"auto": -1, "off": 0, "on": 1}[r.flash_attn]),
     }
+    if result.error and name in ("size", "params"):
+        return "-"
     if name in special:
         return special[name](result)
     return _text_value(name, getattr(result, name))
@@ -176,20 +186,44 @@ def to_markdown(results: Sequence[BenchResult]) -> str:
 def render(results: Sequence[BenchResult], output: str) -> str:
     """One of llama-bench's output formats, by name (md, csv, json, jsonl)."""
     printers = {"md": to_markdown, "csv": to_csv, "json": to_json, "jsonl": to_jsonl}
-    return printers[output](results)
+    # llama-bench has no error rows: its formats carry the measured ones (errors go to stderr)
+    return printers[output](measured(results))
+
+
+def measured(results: Sequence[BenchResult]) -> list[BenchResult]:
+    """The results that have samples (not the combinations llama.cpp refused)."""
+    return [r for r in results if not r.error]
+
+
+def model_names(
+    results: Sequence[BenchResult], names: Mapping[str, str] | None = None
+) -> dict[str, str] | None:
+    """A label per model file when more than one is measured (its store name, else its file
+    name), so rows of different models tell apart; None when there is one."""
+    files = list(dict.fromkeys(r.model_filename for r in results))
+    if len(files) < 2:
+        return None
+    names = names or {}
+    return {f: names.get(f) or Path(f).name for f in files}
 
 
 # --- localmix's own views -----------------------------------------------------------------------
 
 
 def table(
-    results: Sequence[BenchResult], rooflines: Sequence[Roofline | None] | None = None
+    results: Sequence[BenchResult],
+    rooflines: Sequence[Roofline | None] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Table:
-    """llama-bench's columns as a rich table, plus the roofline of each tg test."""
+    """llama-bench's columns as a rich table, plus the roofline of each tg test; a name column
+    (from `names`, model file -> store name) when more than one model file is measured."""
     from rich.table import Table
 
     columns = _columns(results) if results else []
+    labels = model_names(results, names)
     grid = Table(box=None, header_style="bold", pad_edge=False)
+    if labels:
+        grid.add_column("name", justify="left", no_wrap=True)
     for name, header, width in columns:
         grid.add_column(header, justify="left" if width < 0 else "right", no_wrap=name != "model")
     show_roof = bool(rooflines) and any(rooflines or ())
@@ -197,9 +231,11 @@ def table(
         grid.add_column("roofline", justify="right")
     for index, result in enumerate(results):
         cells = [_cell(result, name) for name, _, _ in columns]
+        if labels:
+            cells.insert(0, labels[result.model_filename])
         if show_roof:
             roof = rooflines[index] if rooflines else None
-            cells.append(f"{roof.share:.0%} of {roof.ceiling_ts:.1f}" if roof else "")
+            cells.append(f"{roof.share:.0%} of {roof.ceiling_ts:.1f} t/s" if roof else "")
         grid.add_row(*cells)
     return grid
 
@@ -248,10 +284,15 @@ def bar(value: float, scale: float, width: int) -> str:
     return ("█" * full + (_EIGHTHS[part] if part and full < width else "")).ljust(width)
 
 
-def plot(results: Sequence[BenchResult], width: int = 40) -> str:
-    """t/s over the swept setting as plain-text bar charts, one per model and test."""
+def plot(
+    results: Sequence[BenchResult], width: int = 40, names: Mapping[str, str] | None = None
+) -> str:
+    """t/s over the swept setting as plain-text bar charts, one per model and test; titles name
+    the model (`names`: file -> store name) when more than one is measured."""
+    results = measured(results)
     if not results:
         return ""
+    labels = model_names(results, names) or {}
     axis = next((f for f, _ in _AXES if len({getattr(r, f) for r in results}) > 1), None)
     label = dict(_AXES).get(axis or "", "test")
     groups: dict[tuple[object, ...], list[BenchResult]] = {}
@@ -263,24 +304,30 @@ def plot(results: Sequence[BenchResult], width: int = 40) -> str:
     charts = []
     for members in groups.values():
         first = members[0]
-        names = [f"{label}={getattr(r, axis)}" if axis else r.test for r in members]
-        title = first.model_type + (f" · {first.test} · t/s by {label}" if axis else " · t/s")
+        ticks = [f"{label}={getattr(r, axis)}" if axis else r.test for r in members]
+        model = " · ".join(filter(None, (labels.get(first.model_filename), first.model_type)))
+        title = model + (f" · {first.test} · t/s by {label}" if axis else " · t/s")
         if axis in ("n_prompt", "n_gen"):
-            title = f"{first.model_type} · t/s by {label}"
-            names = [r.test for r in members]
+            title = f"{model} · t/s by {label}"
+            ticks = [r.test for r in members]
         scale = max(r.avg_ts for r in members)
-        pad = max(len(n) for n in names)
+        pad = max(len(n) for n in ticks)
         lines = [title]
-        for name, r in zip(names, members, strict=True):
-            value = ts_text(r.avg_ts, r.stddev_ts)
+        for name, r in zip(ticks, members, strict=True):
+            value = result_ts_text(r)
             lines.append(f"  {name:>{pad}} │{bar(r.avg_ts, scale, width)}│ {value}")
         charts.append("\n".join(lines))
     return "\n\n".join(charts) + "\n"
 
 
-def compare_table(comparisons: Sequence[Comparison]) -> Table:
-    """Each result against its history: baseline t/s, delta %, the noise threshold, a verdict."""
+def compare_table(
+    comparisons: Sequence[Comparison], names: Mapping[str, str] | None = None
+) -> Table:
+    """Each result against its history: baseline t/s, delta %, the noise threshold, a verdict;
+    the model's name (`names`: file -> store name) when more than one is measured."""
     from rich.table import Table
+
+    labels = model_names([c.result for c in comparisons], names) or {}
 
     grid = Table(box=None, header_style="bold", pad_edge=False)
     for header in ("model", "threads", "test", "t/s", "before", "delta", "noise", "", "changed"):
@@ -292,7 +339,8 @@ def compare_table(comparisons: Sequence[Comparison]) -> Table:
         noise = f"±{c.threshold_pct:.1f}%" if c.n_baseline else "-"
         verdict = c.verdict.upper() if c.flagged else c.verdict
         grid.add_row(
-            r.model_type, str(r.n_threads), r.test, ts_text(r.avg_ts, r.stddev_ts),
+            labels.get(r.model_filename, r.model_type), str(r.n_threads), r.test,
+            result_ts_text(r),
             before, delta, noise, verdict, ", ".join(c.changed),
         )  # fmt: skip
     return grid

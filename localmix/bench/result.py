@@ -48,6 +48,8 @@ INT_FIELDS = frozenset(
 )
 BOOL_FIELDS = frozenset(["no_kv_offload", "cpu_strict", "embeddings", "no_host", "repack"])
 FLOAT_FIELDS = frozenset(("avg_ts", "stddev_ts"))
+# A result whose repetitions spread wider than this (std / mean, percent) is flagged as noisy.
+NOISY_PCT = 10.0
 # llama.cpp's llama_flash_attn_type values, as llama-bench writes them.
 FLASH_ATTN_CODES = {"auto": -1, "off": 0, "on": 1}
 
@@ -108,6 +110,8 @@ class BenchResult:
     repack: bool = True
     fit_target: int = 0
     fit_min_ctx: int = 0
+    # Why llama.cpp refused this combination (no samples then); not a llama-bench field.
+    error: str = ""
 
     @property
     def test(self) -> str:
@@ -134,6 +138,11 @@ class BenchResult:
     @property
     def stddev_ts(self) -> float:
         return stdev(self.samples_ts)
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the repetitions spread wider than NOISY_PCT of their mean."""
+        return self.avg_ts > 0 and self.stddev_ts > NOISY_PCT / 100 * self.avg_ts
 
     def fields(self) -> dict[str, Any]:
         """llama-bench's fields in its order, typed as its json printer types them."""

@@ -56,7 +56,12 @@ def run(
     params: BenchParams = BenchParams(),  # noqa: B008 - frozen, safe as a default
     progress: Progress | None = None,
 ) -> list[BenchResult]:
-    """Run every test of the sweep on every model; results in llama-bench's order."""
+    """Run every test of the sweep on every model; results in llama-bench's order.
+
+    A combination llama.cpp refuses (say a quantized V cache without flash attention) becomes a
+    result with `error` set and no samples; the rest of the sweep still runs."""
+    from localmix.errors import LocalmixError
+
     todo = cases(models, params)
     machine = machine_info()
     results: dict[int, BenchResult] = {}
@@ -64,13 +69,50 @@ def run(
         first_index, first = key_cases[0]
         _emit(progress, "load", first_index, len(todo), first, params)
         n_ctx = max(case.n_ctx for _, case in key_cases)
-        # llama.cpp pads a context to 256 tokens anyway; the door refuses smaller ones
-        with open_case(first, max(n_ctx, MIN_CTX)) as engine:
+        try:
+            # llama.cpp pads a context to 256 tokens anyway; the door refuses smaller ones
+            engine = open_case(first, max(n_ctx, MIN_CTX))
+        except LocalmixError as exc:
             for index, case in key_cases:
-                result = _run_case(engine, case, params, machine, index, len(todo), progress)
+                results[index] = failed(case, machine, exc)
+                _emit(progress, "done", index, len(todo), case, params, result=results[index])
+            continue
+        with engine:
+            for index, case in key_cases:
+                try:
+                    result = _run_case(engine, case, params, machine, index, len(todo), progress)
+                except LocalmixError as exc:
+                    result = failed(case, machine, exc)
                 results[index] = result
                 _emit(progress, "done", index, len(todo), case, params, result=result)
     return [results[i] for i in sorted(results)]
+
+
+def failed(case: BenchCase, machine: Machine, exc: Exception) -> BenchResult:
+    """The error row of a test llama.cpp refused: its settings, the reason, no samples."""
+    return BenchResult(
+        model_filename=str(case.model),
+        model_type="",
+        model_size=0,
+        model_n_params=0,
+        n_batch=case.n_batch,
+        n_ubatch=case.n_ubatch,
+        n_threads=case.n_threads,
+        type_k=case.type_k,
+        type_v=case.type_v,
+        n_gpu_layers=case.n_gpu_layers,
+        flash_attn=case.flash_attn,
+        n_prompt=case.n_prompt,
+        n_gen=case.n_gen,
+        n_depth=case.n_depth,
+        test_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        samples_ns=(),
+        backends=machine.backends,
+        cpu_info=machine.cpu_info,
+        gpu_info=machine.gpu_info,
+        tensor_buft_overrides=";".join(f"{p}={b}" for p, b in case.tensor_overrides) or "none",
+        error=str(exc),
+    )
 
 
 def _by_engine(todo: list[BenchCase]) -> list[list[tuple[int, BenchCase]]]:

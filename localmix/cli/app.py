@@ -8,6 +8,7 @@ import sys
 import typer
 
 from localmix import __version__, settings
+from localmix.cli.options import name_values
 from localmix.errors import INTERRUPTED_EXIT_CODE, LocalmixError, from_os_error
 
 app = typer.Typer(
@@ -43,7 +44,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        metavar="",
+        help="Show the version and exit.",
     ),
 ) -> None:
     """Run Mistral and Mixtral locally: pull, convert, quantize, chat, bench."""
@@ -51,6 +57,7 @@ def _root(
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
+name_values(app)
 
 
 def _say(message: str, hint: str | None = None) -> None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from localmix.bench.params import BenchParams
+    from localmix.bench.result import BenchResult
     from localmix.store import Located
 
 _LIST = "Comma list or range (1-8, 1-8+2, 1-16*2); repeatable."
@@ -126,6 +127,7 @@ def bench_command(
 
     targets = [load.locate(name) for name in models]  # each name walked once
     formats = {t.path: t.chat_format for t in targets}
+    names = {str(t.path): t.name for t in targets}  # rows say which model they measured
     moe = cpu_moe_layers(cpu_moe, n_cpu_moe)
     planned = _planned(targets, params, estimate, vram_budget, moe, explicit_ngl=bool(n_gpu_layers))
     if estimate:
@@ -134,7 +136,8 @@ def bench_command(
         if chat:
             _chat(group, formats, group_params, output)
         else:
-            _bench(group, group_params, output=output, compare=compare, plot=plot, save=save)
+            _bench(group, group_params, names, output=output, compare=compare, plot=plot,
+                   save=save)  # fmt: skip
 
 
 def _planned(
@@ -191,8 +194,8 @@ def _planned(
     return ([(shared, params)] if shared else []) + groups
 
 
-def _bench(paths: list[Path], params: BenchParams, *, output: str | None, compare: bool,
-           plot: bool, save: bool) -> None:  # fmt: skip
+def _bench(paths: list[Path], params: BenchParams, names: dict[str, str], *,
+           output: str | None, compare: bool, plot: bool, save: bool) -> None:  # fmt: skip
     from localmix.bench import history, report, roofline
     from localmix.bench.params import cases
     from localmix.bench.run import BenchEvent, run
@@ -212,23 +215,57 @@ def _bench(paths: list[Path], params: BenchParams, *, output: str | None, compar
             )
 
         results = run(paths, params, progress=progress)
-    comparisons = history.compare(results, history.load()) if compare else []
+    done = report.measured(results)
+    comparisons = history.compare(done, history.load()) if compare else []
     if save:
-        history.append(results)
+        history.append(done)
     # With -o, stdout carries only llama-bench's format; the extras go to stderr.
     extras = render.err_console() if output else render.console()
     if output:
         sys.stdout.write(report.render(results, output))
         sys.stdout.flush()
     else:
-        rooflines = [roofline.roofline(r) for r in results]
-        _print_table(render.console(), report.table(results, rooflines))
+        rooflines = [None if r.error else roofline.roofline(r) for r in results]
+        _print_table(render.console(), report.table(results, rooflines, names))
     if plot:
         extras.print()
-        extras.print(report.plot(results), markup=False, highlight=False, end="")
+        extras.print(report.plot(results, names=names), markup=False, highlight=False, end="")
     if compare:
         extras.print()
-        _print_table(extras, report.compare_table(comparisons))
+        _print_table(extras, report.compare_table(comparisons, names))
+    _notes(results, output)
+
+
+def _notes(results: list[BenchResult], output: str | None) -> None:
+    """What the numbers need beside them: refused combinations, and spreads too wide to trust;
+    exits non-zero (after printing everything) when llama.cpp refused a combination."""
+    from localmix.bench.result import NOISY_PCT
+    from localmix.cli import render
+    from localmix.errors import EngineError
+
+    err = render.err_console()
+    failed = [r for r in results if r.error]
+    for reason in dict.fromkeys(r.error for r in failed):  # one line per reason, not per row
+        which = [r for r in failed if r.error == reason]
+        settings = {f"fa={r.flash_attn} ctk={r.type_k} ctv={r.type_v}" for r in which}
+        err.print(f"{', '.join(sorted(settings))}: {reason}", markup=False, highlight=False)
+    noisy = sum(r.noisy for r in results)
+    if noisy:
+        err.print(
+            f"note: {noisy} result(s) vary by more than {NOISY_PCT:g}% between repetitions; "
+            "more -r, fewer threads than cores or a quieter machine steadies them",
+            style="dim",
+        )
+    if failed:
+        v_quant = any(
+            r.type_v not in ("f16", "f32", "bf16") and r.flash_attn != "on" for r in failed
+        )
+        raise EngineError(
+            f"llama.cpp refused {len(failed)} of {len(results)} tests; the others ran",
+            hint="a quantized V cache (-ctv) needs flash attention (-fa on)"
+            if v_quant
+            else "the reason is printed above",
+        )
 
 
 def _chat(paths: list[Path], formats: dict[Path, str | None], params: BenchParams,

@@ -122,7 +122,9 @@ def chat_command(
     cpu_moe: CpuMoeOpt = False,
     n_cpu_moe: NCpuMoeOpt = None,
 ) -> None:
-    """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply."""
+    """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply.
+
+    `localmix run` is the same command (Ollama's name for it)."""
     from localmix import load
     from localmix.llama.records import Sampling
 
@@ -269,3 +271,5 @@ def _one_shot(session: Session, message: str, *, json_out: bool, show_stats: boo
 
 def register(app: typer.Typer) -> None:
     app.command("chat")(chat_command)
+    # Ollama's verb, for the hands that type it; hidden so that help lists the command once
+    app.command("run", hidden=True)(chat_command)

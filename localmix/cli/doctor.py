@@ -74,5 +74,31 @@ def doctor_table(machine: Hardware) -> Any:
     return Group(facts, "", devices)
 
 
+def paths_command(json: JsonOpt = False) -> None:
+    """Show where models, manifests, tmp, bench history, chats and the HF cache live."""
+    from localmix import settings
+    from localmix.cli import render
+
+    places = settings.paths()
+    if json:
+        render.print_json({name.replace(" ", "_").lower(): path for name, path in places.items()})
+        return
+    table = _paths_table(places)
+    render.print_table(table)
+
+
+def _paths_table(places: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(no_wrap=True)
+    table.add_column(style="dim")
+    for name, path in places.items():
+        table.add_row(name, str(path), "" if path.exists() else "(not created yet)")
+    return table
+
+
 def register(app: typer.Typer) -> None:
     app.command("doctor")(doctor_command)
+    app.command("paths")(paths_command)

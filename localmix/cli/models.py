@@ -40,7 +40,7 @@ def list_command(
             "no models yet: try `localmix demo`, or `localmix pull mistral`", style="dim"
         )
         return
-    render.console().print(render.models_table(models))
+    render.print_table(render.models_table(models))
 
 
 def show_command(name: ModelArg, json_out: JsonOpt = False) -> None:

@@ -53,3 +53,40 @@ OutputOpt = Annotated[
         "--output", "-o", help="Output file (default: next to the input or in the store)."
     ),
 ]
+
+
+# What a value looks like in help, by its Python type: people read N or PATH, not <int> or <str>.
+_METAVARS: dict[object, str] = {bool: "", int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
+
+
+def _metavar(name: str, annotation: object, info: object) -> str:
+    """The help placeholder for one parameter: its own name for an argument, else by type."""
+    import typing
+
+    if isinstance(info, typer.models.ArgumentInfo):
+        return name.upper()
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is list:
+        return "LIST"
+    if args and typing.get_origin(annotation) is not None:  # Optional[X]
+        return _metavar(name, args[0], info)
+    return _METAVARS.get(annotation, "VALUE")
+
+
+def name_values(app: typer.Typer) -> None:
+    """Give every option and argument of app's commands a metavar that reads like help, where
+    its declaration has none (Typer would show the Python type: <str>, <list[str]>)."""
+    import typing
+
+    for command in app.registered_commands:
+        hints = typing.get_type_hints(command.callback, include_extras=True)
+        # Keep the evaluated annotations: under `from __future__ import annotations` an inline
+        # typer.Option(...) is re-created each time Typer evaluates the string.
+        command.callback.__annotations__ = hints  # type: ignore[union-attr]
+        for name, hint in hints.items():
+            if typing.get_origin(hint) is not Annotated:
+                continue
+            annotation, *extras = typing.get_args(hint)
+            for info in extras:
+                if isinstance(info, typer.models.ParameterInfo) and info.metavar is None:
+                    info.metavar = _metavar(name, annotation, info)

@@ -108,6 +108,20 @@ def _hidden_on_error(bar: Progress) -> Iterator[Progress]:
         raise
 
 
+def _speed_column() -> Any:
+    """Transfer speed in binary units (rich's own column prints decimal MB/s)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            text = f"{human_size(speed)}/s" if speed else "?"
+            return Text(text, style="progress.data.speed")
+
+    return SpeedColumn()
+
+
 @contextmanager
 def progress(transient: bool = False) -> Iterator[Progress]:
     """A rich progress display on stderr: description, bar, counts, speed, ETA."""
@@ -117,15 +131,14 @@ def progress(transient: bool = False) -> Iterator[Progress]:
         TaskProgressColumn,
         TextColumn,
         TimeRemainingColumn,
-        TransferSpeedColumn,
     )
 
     columns = (
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        DownloadColumn(binary_units=True),  # MiB / GiB, as every other size localmix prints
+        _speed_column(),
         TimeRemainingColumn(),
     )
     with _progress_type()(*columns, **_progress_options(transient)) as bar:
@@ -162,12 +175,15 @@ def models_table(models: list[Any]) -> Any:
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
+    widest = max((len(m.name) for m in models), default=4)
     for column in ("NAME", "QUANT", "SIZE", "ARCH", "PARAMS", "CONTEXT", "SOURCE", "CREATED"):
         table.add_column(
             column,
             justify="right" if column in ("SIZE", "PARAMS") else "left",
             no_wrap=column != "SOURCE",
             overflow="fold" if column == "SOURCE" else "ellipsis",
+            # a name is what the user types next: never cut it
+            min_width=widest if column == "NAME" else None,
         )
     for m in models:
         age = max(0.0, time.time() - m.created)
@@ -185,10 +201,31 @@ def models_table(models: list[Any]) -> Any:
             m.architecture,
             human_count(m.parameters),
             str(m.context_length),
-            m.source + ("" if m.owned else " (ref)"),
+            _short_commit(m.source) + ("" if m.owned else " (ref)"),
             when,
         )
     return table
+
+
+def print_table(table: Any) -> None:
+    """A table on stdout; a pipe or a file gets whole rows at the table's natural width, not
+    rows squeezed to 80 columns."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    out = console()
+    if not out.is_terminal:
+        wide = out.options.update_width(1000)
+        width = max(out.width, Measurement.get(out, wide, table).maximum)
+        out = Console(file=out.file, width=width, highlight=False, color_system=None)
+    out.print(table)
+
+
+def _short_commit(source: str) -> str:
+    """`hf:org/repo@<40 hex>` -> `hf:org/repo@<12 hex>`, as git abbreviates (--json keeps all)."""
+    import re
+
+    return re.sub(r"@([0-9a-f]{12})[0-9a-f]{28}$", r"@\1", source)
 
 
 def catalog_table(specs: list[Any]) -> Any:

@@ -256,7 +256,7 @@ class Repl:
     def _history_store(self) -> History:
         if isinstance(self._history, History):
             return self._history
-        path = self._history or settings.home() / "history"
+        path = self._history or settings.repl_history_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileHistory(str(path))
 
@@ -444,7 +444,7 @@ def _carry(old: Session, new: Session) -> None:
 
 
 def _chats_dir() -> Path:
-    return settings.home() / "chats"
+    return settings.chats_dir()
 
 
 def _latest_save() -> Path:
