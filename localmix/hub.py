@@ -31,8 +31,13 @@ from localmix.errors import (
 if TYPE_CHECKING:
     from localmix.store import Manifest
 
-# Bytes huggingface_hub buffers before each write: a killed download loses at most this much.
-_CHUNK_BYTES = 256 << 10
+# huggingface_hub's http_get gathers the body into chunks of this many bytes before writing;
+# None writes every piece as it arrives, so a dropped connection loses nothing already received
+# (a gathered chunk is lost with the connection, and fetched again).
+_CHUNK_BYTES = None
+# A dropped connection is resumed from the bytes on disk; give up after this many drops in a row
+# that brought no new byte (http_get itself already retried connect errors and timeouts).
+_STALLED_DROPS = 3
 # model_info has no retry of its own: attempts and the first wait (doubling) for a flaky network.
 _INFO_ATTEMPTS = 4
 _INFO_FIRST_WAIT_S = 0.5
@@ -387,7 +392,7 @@ def _small_chunks() -> Iterator[None]:
     from huggingface_hub import constants
 
     saved = constants.DOWNLOAD_CHUNK_SIZE
-    constants.DOWNLOAD_CHUNK_SIZE = _CHUNK_BYTES
+    constants.DOWNLOAD_CHUNK_SIZE = _CHUNK_BYTES  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -455,7 +460,6 @@ def _fetch_blob(
     so an interrupted pull would start from zero; we keep the cache's stable `<etag>.incomplete`
     and let its http_get continue from the bytes already on disk (Range request).
     """
-    from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
     partial = blob.with_name(blob.name + ".incomplete")
@@ -469,14 +473,15 @@ def _fetch_blob(
         headers.pop("authorization", None)  # a signed CDN URL: the token stays on the Hub
     meter = functools.partial(_Meter, emit=progress or (lambda _event: None), file=remote.name)
     with _small_chunks(), open(partial, "ab") as handle:
-        http_get(
-            meta.location,
+        _get_resuming(
+            partial,
             handle,
-            resume_size=have,
+            have,
+            url=meta.location,
             headers=headers,
             expected_size=meta.size,
             displayed_filename=remote.name,
-            tqdm_class=meter,  # type: ignore[arg-type]
+            tqdm_class=meter,
         )
     if remote.sha256:
         got = _sha256(partial, remote.name, progress)
@@ -484,6 +489,30 @@ def _fetch_blob(
             partial.unlink(missing_ok=True)
             raise _mismatch(remote.name, remote.sha256, got)
     os.replace(partial, blob)
+
+
+def _get_resuming(partial: Path, handle: Any, have: int, **http_get_args: Any) -> None:
+    """huggingface_hub's http_get into `handle` from byte `have`, continued from the bytes on
+    disk whenever the connection drops. http_get resumes by itself after a protocol error, a
+    timeout or a refused connection, but a reset connection (ReadError) would end the pull; the
+    partial file always stays for the next run."""
+    import httpx2
+    from huggingface_hub.file_download import http_get
+
+    stalled = 0
+    while True:
+        try:
+            http_get(temp_file=handle, resume_size=have, **http_get_args)
+            return
+        except httpx2.TransportError as exc:
+            handle.flush()
+            now = partial.stat().st_size
+            stalled = 0 if now > have else stalled + 1
+            # no new byte after http_get's own retries of these: the network is down
+            given_up = isinstance(exc, httpx2.ConnectError | httpx2.TimeoutException)
+            if stalled >= _STALLED_DROPS or (stalled and given_up):
+                raise
+            have = now
 
 
 def _url(listing: Listing, name: str) -> str:

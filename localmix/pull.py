@@ -32,7 +32,8 @@ _CONVERT_TYPES = ("F16", "BF16", "F32")
 
 @dataclass(frozen=True)
 class Stage:
-    """Progress: the pull entered a stage (resolve, download, convert, quantize, register, done)."""
+    """Progress: the pull entered a stage (resolve, wait, download, convert, quantize, register,
+    done)."""
 
     name: str
     detail: str = ""
@@ -182,9 +183,13 @@ def pull(
         if from_source:
             repofiles.checkpoint_files(listing.names)  # raises: a GGUF repo holds no checkpoint
         plan = dataclasses.replace(plan, convert=False)  # ORG/REPO named a GGUF repo
-    if plan.convert:
-        return _pull_checkpoint(plan, listing, keep_source, emit, matrix)
-    return _pull_gguf(plan, listing, emit)
+    # "Already there?" and the registration under one lock: a second pull of the model waits and
+    # finds the first one's result; an `rm` of it waits for this pull to finish.
+    waiting = f"another localmix process is working on {plan.name}"
+    with store.lock(plan.name, lambda: emit(Stage("wait", waiting))):
+        if plan.convert:
+            return _pull_checkpoint(plan, listing, keep_source, emit, matrix)
+        return _pull_gguf(plan, listing, emit)
 
 
 def _has_checkpoint(listing: hub.Listing) -> bool:

@@ -246,31 +246,52 @@ def quantize_model(
     progress: Callable[[QuantizeEvent], None] | None = None,
     allow_requantize: bool = False,
     imatrix: Path | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> Manifest:
-    """Make another quant of a store model and register it (`localmix quantize mistral -q Q5_K_M`)."""
+    """Make another quant of a store model and register it (`localmix quantize mistral -q Q5_K_M`).
+
+    The check for the quant, the work and the registration happen under the model's lock: a
+    second quantize of the same model waits and finds the first one's result, and an `rm` waits
+    for this to finish (on_wait: called when this has to wait for another process).
+    """
+    from localmix import store
+
+    kind = quant_type(qtype, imatrix=imatrix is not None)
+    name, _ = store.split_ref(reference)
+    if not store.find(name):
+        store.get(reference)  # raises ModelNotFound with the usual hint
+    store.clean_tmp()  # leftovers of a quantize that was killed
+    store_name = store.find(name)[0].name  # an alias (mistral) locks the name it stands for
+    with store.lock(store_name, on_wait):
+        by_quant = {m.quant: m for m in store.find(name)}
+        if kind.name in by_quant:
+            return by_quant[kind.name]
+        if not by_quant:  # removed while this waited
+            store.get(reference)
+        source = next((by_quant[q] for q in _SOURCE_PREFERENCE if q in by_quant), None)
+        if source is None:
+            if not allow_requantize:
+                raise UsageError(
+                    f"{name} has only quantized files ({', '.join(sorted(by_quant))})",
+                    hint="pull it with --keep-source (or --from-source) for a full-precision "
+                    "file, or pass --allow-requantize to accept the quality loss",
+                )
+            source = store.get(name)
+        return _quantize_and_register(source, kind, threads, progress, imatrix)
+
+
+def _quantize_and_register(
+    source: Manifest,
+    kind: QuantType,
+    threads: int | None,
+    progress: Callable[[QuantizeEvent], None] | None,
+    imatrix: Path | None,
+) -> Manifest:
     import dataclasses
     import time
 
     from localmix import gguffile, store
 
-    kind = quant_type(qtype, imatrix=imatrix is not None)
-    name, _ = store.split_ref(reference)
-    candidates = store.find(name)
-    if not candidates:
-        store.get(reference)  # raises ModelNotFound with the usual hint
-    by_quant = {m.quant: m for m in candidates}
-    store.clean_tmp()  # leftovers of a quantize that was killed
-    source = next((by_quant[q] for q in _SOURCE_PREFERENCE if q in by_quant), None)
-    if source is None:
-        if not allow_requantize:
-            raise UsageError(
-                f"{name} has only quantized files ({', '.join(sorted(by_quant))})",
-                hint="pull it with --keep-source (or --from-source) for a full-precision file, "
-                "or pass --allow-requantize to accept the quality loss",
-            )
-        source = store.get(name)
-    if kind.name in by_quant:
-        return by_quant[kind.name]
     with store.tmp_file() as tmp:
         quantize(
             source.file,

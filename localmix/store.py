@@ -7,6 +7,10 @@ Layout under settings.home():
     tmp/                            partial outputs, renamed into place when complete
 A manifest may also point at a file localmix does not own (`import` by reference, a GGUF in the
 shared Hugging Face cache); `rm` deletes only what localmix owns.
+
+Manifests store paths relative to the home for files inside it and absolute paths for files
+outside it, so a store that is copied or moved points at its own files; in memory (Manifest.path)
+every path is absolute. Version-1 manifests (absolute paths everywhere) are migrated on read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -30,7 +35,8 @@ from localmix.errors import LocalmixError, ModelNotFound, OutputError
 if TYPE_CHECKING:
     from localmix.gguffile import GGUFInfo
 
-MANIFEST_VERSION = 1
+# 2: paths inside the home are stored relative to it (1: absolute).
+MANIFEST_VERSION = 2
 # Preferred quant when a name is given without one and several exist.
 _QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q4_K_S", "Q6_K", "Q8_0", "F16", "BF16", "F32")
 
@@ -132,20 +138,42 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.close(fd)
 
 
+# Locks this thread holds (slug -> depth): flock is per open file, so taking the same lock twice
+# in one process would deadlock; holding it across check, work and register needs re-entry.
+_held = threading.local()
+
+
 @contextlib.contextmanager
-def lock(name: str) -> Iterator[None]:
-    """Hold the per-model lock (blocks while another localmix process holds it)."""
-    path = _ensure_dir(settings.home() / "locks") / f"{slug(name)}.lock"
+def lock(name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the per-model lock (blocks while another localmix process holds it; on_wait is called
+    once first when it has to). Re-entrant within a thread."""
+    key = slug(name)
+    depth: dict[str, int] = _held.__dict__.setdefault("depth", {})
+    if depth.get(key):
+        depth[key] += 1
+        try:
+            yield
+        finally:
+            depth[key] -= 1
+        return
+    path = _ensure_dir(settings.home() / "locks") / f"{key}.lock"
     with open(path, "a+") as handle:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks; single user
             yield
             return
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        depth[key] = 1
         try:
             yield
         finally:
+            depth[key] = 0
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
@@ -191,8 +219,74 @@ def add(manifest: Manifest, src: Path | None = None) -> Manifest:
             manifest = _replace(manifest, path=str(dest), owned=True)
         atomic_write_text(
             _manifest_path(manifest.name, manifest.quant),
-            json.dumps(manifest.to_json(), indent=2) + "\n",
+            json.dumps(_encode(manifest), indent=2) + "\n",
         )
+    return manifest
+
+
+def _inside(path: Path, root: Path) -> Path | None:
+    """path relative to root when it lies inside root (as written, or once links are resolved)."""
+    for base, target in ((root, path), (root.resolve(), path.resolve())):
+        with contextlib.suppress(ValueError):
+            relative = target.relative_to(base)
+            if ".." not in relative.parts:
+                return relative
+    return None
+
+
+def _to_disk(path: str) -> str:
+    """A path as a manifest stores it: relative to the home for a file inside it (so a copy of
+    the store points at its own copy), absolute for a file registered by reference."""
+    relative = _inside(Path(path), settings.home())
+    return relative.as_posix() if relative is not None else path
+
+
+def _encode(manifest: Manifest) -> dict[str, object]:
+    data = manifest.to_json()
+    data["path"] = _to_disk(manifest.path)
+    data["extra_files"] = [_to_disk(p) for p in manifest.extra_files]
+    data["hub_files"] = [_to_disk(p) for p in manifest.hub_files]
+    data["version"] = MANIFEST_VERSION
+    return data
+
+
+def _moved_here(path: Path) -> Path | None:
+    """For an absolute `.../models/<slug>/<QUANT>.gguf` of another home (a version-1 manifest
+    copied or moved with its store), the same file under this home, if it is there."""
+    if len(path.parts) < 3 or path.parts[-3] != "models":
+        return None
+    local = settings.models_dir() / path.parts[-2] / path.parts[-1]
+    return local if local.is_file() else None
+
+
+def _decode(data: dict[str, object]) -> Manifest:
+    """A manifest as read from disk, with every path absolute, migrated from version 1."""
+    manifest = Manifest.from_json(data)
+    home = settings.home()
+
+    def absolute(text: str) -> str:
+        path = Path(text)
+        return str(path if path.is_absolute() else home / path)
+
+    manifest = _replace(
+        manifest,
+        path=absolute(manifest.path),
+        extra_files=tuple(absolute(p) for p in manifest.extra_files),
+        hub_files=tuple(absolute(p) for p in manifest.hub_files),
+    )
+    if manifest.owned and _inside(manifest.file, home) is None:
+        # An owned file outside this home belongs to the store this one was copied or moved
+        # from: use this store's own copy, or else refer to it without ever deleting it.
+        files = [Path(p) for p in (manifest.path, *manifest.extra_files)]
+        local = [_moved_here(p) for p in files]
+        if all(local):
+            manifest = _replace(
+                manifest,
+                path=str(local[0]),
+                extra_files=tuple(str(p) for p in local[1:]),
+            )
+        else:
+            manifest = _replace(manifest, owned=False)
     return manifest
 
 
@@ -210,7 +304,7 @@ def list_models() -> list[Manifest]:
         return found
     for path in sorted(root.glob("*/*.json")):
         try:
-            found.append(Manifest.from_json(json.loads(path.read_text(encoding="utf-8"))))
+            found.append(_decode(json.loads(path.read_text(encoding="utf-8"))))
         except (OSError, ValueError, TypeError):
             continue  # a damaged manifest hides one model, it must not break `list`
     return sorted(found, key=lambda m: (m.name, m.quant))
@@ -266,24 +360,42 @@ def get(reference: str) -> Manifest:
     return min(matches, key=lambda m: (rank.get(m.quant, len(rank)), -m.created))
 
 
-def remove(reference: str) -> list[Manifest]:
-    """Unregister a model (all quants unless one is named) and delete the files localmix owns."""
-    matches = find(reference)
-    if not matches:
+def remove(reference: str, on_wait: Callable[[], None] | None = None) -> list[Manifest]:
+    """Unregister a model (all quants unless one is named) and delete the files localmix owns.
+
+    Each name's manifests are looked up again under its lock, so a quantize or pull of that
+    model still running when `rm` started is waited for and removed too (on_wait: when it has to).
+    """
+    names = sorted({m.name for m in find(reference)})
+    if not names:
         raise ModelNotFound(f"model {reference!r} is not in the store", hint="see `localmix list`")
-    for manifest in matches:
-        with lock(manifest.name):
-            # Manifest first: a model half-deleted is a model gone, never a model broken.
-            with contextlib.suppress(FileNotFoundError):
-                _manifest_path(manifest.name, manifest.quant).unlink()
-            if manifest.owned:
-                for file in (manifest.path, *manifest.extra_files):
-                    with contextlib.suppress(FileNotFoundError):
-                        Path(file).unlink()
-        for folder in (model_dir(manifest.name), _manifest_path(manifest.name, "x").parent):
+    _, quant = split_ref(reference)
+    removed: list[Manifest] = []
+    for name in names:
+        with lock(name, on_wait):
+            for manifest in find(f"{name}:{quant}" if quant else name):
+                if manifest.name == name:
+                    _unregister(manifest)
+                    removed.append(manifest)
+        for folder in (model_dir(name), _manifest_path(name, "x").parent):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
-    return matches
+    return removed
+
+
+def _unregister(manifest: Manifest) -> None:
+    """Delete a manifest, then the files localmix owns: only ever files under this models/."""
+    # Manifest first: a model half-deleted is a model gone, never a model broken.
+    with contextlib.suppress(FileNotFoundError):
+        _manifest_path(manifest.name, manifest.quant).unlink()
+    if not manifest.owned:
+        return
+    models = settings.models_dir().resolve()
+    for file in (manifest.path, *manifest.extra_files):
+        if not Path(file).resolve().is_relative_to(models):
+            continue  # not this store's file (another store's, or one registered by reference)
+        with contextlib.suppress(FileNotFoundError):
+            Path(file).unlink()
 
 
 @dataclass(frozen=True)

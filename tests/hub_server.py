@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from socket import SO_LINGER, SOL_SOCKET
 from urllib.parse import unquote, urlparse
 
 # Files the Hub stores with git LFS in typical model repos (their .gitattributes).
@@ -57,6 +59,7 @@ class HubRepo:
 @dataclass
 class Fault:
     drop_after: int | None = None  # close the connection after this many body bytes
+    reset: bool = False  # with drop_after: end it with a TCP reset instead of a clean close
     corrupt_at: int | None = None  # flip the byte at this offset of the file
     delay_s: float = 0.0  # wait before answering
     rate: float | None = None  # bytes per second while sending the body
@@ -403,6 +406,9 @@ def _handler(hub: HubServer, role: str) -> type[BaseHTTPRequestHandler]:
                     if fault and fault.drop_after is not None:
                         room = fault.drop_after - record.sent
                         if room <= 0:
+                            if fault.reset:  # linger 0: closing the socket sends RST
+                                linger = struct.pack("ii", 1, 0)
+                                self.connection.setsockopt(SOL_SOCKET, SO_LINGER, linger)
                             self.close_connection = True
                             return
                         block = block[:room]

@@ -152,3 +152,109 @@ def test_list_shows_long_names_whole_and_abbreviates_the_commit(
     done = run_cli(capsys, "list")
     assert done.code == 0, done.err
     assert long_name in done.out and "@0123456789ab" in done.out and commit not in done.out
+
+
+# --- a store that is copied or moved ------------------------------------------------------------
+
+
+def _two_models(gguf: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """In `home`: `own` (copied in, owned) and `ref` (registered by reference to a file outside)."""
+    from localmix import pull
+
+    monkeypatch.setenv("LOCALMIX_HOME", str(home))
+    outside = home.parent / "outside.gguf"
+    outside.write_bytes(gguf.read_bytes())
+    own = pull.import_gguf(gguf, name="own", copy=True)
+    pull.import_gguf(outside, name="ref")
+    return own.file, outside
+
+
+def _loads(path: Path) -> None:
+    from localmix.load import LoadSettings, open_model
+
+    with open_model(path, LoadSettings(ctx=256, threads=1)) as loaded:
+        assert loaded.engine is not None
+
+
+def _as_version_1(home: Path) -> None:
+    """Rewrite every manifest as localmix wrote them before: absolute paths everywhere."""
+    import json
+
+    for path in (home / "manifests").glob("*/*.json"):
+        data = json.loads(path.read_text())
+        data["path"] = (
+            str(home / data["path"]) if not data["path"].startswith("/") else data["path"]
+        )
+        data["version"] = 1
+        path.write_text(json.dumps(data))
+
+
+def test_manifests_store_paths_inside_the_home_relative_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mistral_gguf_f16: Path
+) -> None:
+    import json
+
+    home = tmp_path / "a"
+    own, outside = _two_models(tiny_mistral_gguf_f16, home, monkeypatch)
+    on_disk = {
+        p.parent.name: json.loads(p.read_text()) for p in (home / "manifests").glob("*/*.json")
+    }
+    assert on_disk["own"]["path"] == "models/own/F16.gguf" and on_disk["own"]["version"] == 2
+    assert on_disk["ref"]["path"] == str(outside)  # by reference: absolute
+    assert store.get("own").file == own  # absolute again in memory
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_rm_in_a_copied_store_never_touches_the_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mistral_gguf_f16: Path, version: int
+) -> None:
+    import shutil
+
+    original = tmp_path / "a"
+    own, outside = _two_models(tiny_mistral_gguf_f16, original, monkeypatch)
+    if version == 1:
+        _as_version_1(original)
+    copy = tmp_path / "b"
+    shutil.copytree(original, copy)
+
+    monkeypatch.setenv("LOCALMIX_HOME", str(copy))
+    mine = store.get("own")
+    assert mine.file == copy / "models" / "own" / "F16.gguf" and mine.owned  # its own copy
+    assert store.get("ref").file == outside and not store.get("ref").owned
+    store.remove("own")
+    store.remove("ref")
+    assert store.list_models() == [] and not mine.file.exists()
+
+    monkeypatch.setenv("LOCALMIX_HOME", str(original))
+    assert own.exists() and outside.exists()
+    assert [m.ref for m in store.list_models()] == ["own:F16", "ref:F16"]
+    _loads(store.get("own").file)
+
+
+def test_a_moved_store_finds_its_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mistral_gguf_f16: Path
+) -> None:
+    import shutil
+
+    _two_models(tiny_mistral_gguf_f16, tmp_path / "a", monkeypatch)
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path / "moved"))
+    model = store.get("own")
+    assert model.file == tmp_path / "moved" / "models" / "own" / "F16.gguf"
+    _loads(model.file)
+
+
+def test_an_owned_file_of_another_store_is_never_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_mistral_gguf_f16: Path
+) -> None:
+    """A version-1 manifest copied without its file points at the original's: rm keeps that."""
+    import shutil
+
+    original = tmp_path / "a"
+    own, _ = _two_models(tiny_mistral_gguf_f16, original, monkeypatch)
+    _as_version_1(original)
+    shutil.copytree(original / "manifests", tmp_path / "b" / "manifests")
+    monkeypatch.setenv("LOCALMIX_HOME", str(tmp_path / "b"))
+    assert store.get("own").file == own and not store.get("own").owned
+    store.remove("own")
+    assert own.exists()

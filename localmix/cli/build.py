@@ -77,6 +77,7 @@ def quantize_command(
                 progress=show,
                 allow_requantize=allow_requantize,
                 imatrix=imatrix,
+                on_wait=render.waiting(src),
             )
             result = manifest.file
     render.err_console().print(f"wrote {result} ({render.human_size(result.stat().st_size)})")

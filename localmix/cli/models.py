@@ -102,11 +102,14 @@ def rm_command(
         typer.Option("--purge-cache", help="Also delete its files from the shared HF cache."),
     ] = False,
 ) -> None:
-    """Remove a model (all its quants unless NAME:QUANT) and the files localmix owns."""
+    """Remove a model (all its quants unless NAME:QUANT) and the files localmix owns.
+
+    A file registered by reference (`import` without --copy, a GGUF in the HF cache) stays;
+    --purge-cache also deletes HF cache files no other model of this store uses."""
     from localmix import store
     from localmix.cli import render
 
-    removed = store.remove(name)
+    removed = store.remove(name, on_wait=render.waiting(name))
     if purge_cache:
         from localmix import hub
 

@@ -66,8 +66,10 @@ class _PullView:
         from localmix.pull import Stage
 
         if isinstance(event, Stage):
-            if event.name in ("resolve", "register"):
-                label = "resolving" if event.name == "resolve" else "registering"
+            if event.name in ("resolve", "register", "wait"):
+                label = {"resolve": "resolving", "register": "registering"}.get(
+                    event.name, "waiting:"
+                )
                 (self._bar.console if self._bar else err_console()).print(
                     f"[dim]{label} {event.detail}[/]", highlight=False
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -314,3 +314,14 @@ def stats_line(stats: Any) -> str:
     parts.append(f"{stats.generated_tokens} tok {stats.gen_tps:.1f} t/s")
     parts.append(f"first token {stats.ttft_s:.2f} s")
     return " · ".join(parts)
+
+
+def waiting(name: str) -> Callable[[], None]:
+    """What to say (on stderr) when a command has to wait for another one's lock on a model."""
+
+    def say() -> None:
+        err_console().print(
+            f"waiting: another localmix process is working on {name}…", style="dim", highlight=False
+        )
+
+    return say
