@@ -26,7 +26,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.quant_tables import MISTRAL_7B, MIXTRAL_8X7B, Arch, q4_k_m_types, shapes  # noqa: E402
+from tests.quant_tables import (  # noqa: E402
+    MISTRAL_7B,
+    MIXTRAL_8X7B,
+    Arch,
+    add_hparams,
+    q4_k_m_types,
+    shapes,
+)
 
 FTYPE_Q4_K_M = 15  # enum llama_ftype
 BUFFER_BYTES = 32 << 20
@@ -95,20 +102,9 @@ def write_model(arch: Arch, path: Path, template: Path, seed: int = 0) -> int:
     types = q4_k_m_types(arch)
     table = shapes(arch)
     writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(arch.name + " (random weights)")
-    writer.add_block_count(arch.n_layer)
-    writer.add_context_length(arch.context_length)
-    writer.add_embedding_length(arch.n_embd)
-    writer.add_feed_forward_length(arch.n_ff)
-    writer.add_head_count(arch.n_head)
-    writer.add_head_count_kv(arch.n_head_kv)
-    writer.add_rope_dimension_count(arch.n_embd // arch.n_head)
+    add_hparams(writer, arch, arch.name + " (random weights)")
     writer.add_rope_freq_base(1e6 if arch.n_expert else 1e4)
-    writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(FTYPE_Q4_K_M)
-    if arch.n_expert:
-        writer.add_expert_count(arch.n_expert)
-        writer.add_expert_used_count(arch.n_expert_used)
     _copy_tokenizer(writer, template)
     rng = np.random.default_rng(seed)
     plain: dict[str, np.ndarray] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from localmix.gguffile import GGUFInfo, TensorInfo
 
@@ -145,14 +146,9 @@ def tiny(arch: Arch, n_layer: int = 8) -> Arch:
     return replace(arch, n_layer=n_layer, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=264)
 
 
-def write_f16_gguf(arch: Arch, path: Path, seed: int = 0) -> Path:
-    """A random-weight GGUF of this architecture: F16 matrices, F32 norms and router."""
-    import gguf
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_name(arch.name)
+def add_hparams(writer: Any, arch: Arch, name: str) -> None:
+    """The llama architecture's hyper-parameters of arch, on a gguf.GGUFWriter."""
+    writer.add_name(name)
     writer.add_block_count(arch.n_layer)
     writer.add_context_length(arch.context_length)
     writer.add_embedding_length(arch.n_embd)
@@ -164,6 +160,16 @@ def write_f16_gguf(arch: Arch, path: Path, seed: int = 0) -> Path:
     if arch.n_expert:
         writer.add_expert_count(arch.n_expert)
         writer.add_expert_used_count(arch.n_expert_used)
+
+
+def write_f16_gguf(arch: Arch, path: Path, seed: int = 0) -> Path:
+    """A random-weight GGUF of this architecture: F16 matrices, F32 norms and router."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(path, "llama")
+    add_hparams(writer, arch, arch.name)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     tokens += [f"t{i}" for i in range(arch.n_vocab - len(tokens))]
     writer.add_tokenizer_model("llama")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from localmix.bench.params import BenchCase, BenchParams, cases
 from localmix.bench.result import BenchResult
@@ -90,29 +90,9 @@ def run(
 
 def failed(case: BenchCase, machine: Machine, exc: Exception) -> BenchResult:
     """The error row of a test llama.cpp refused: its settings, the reason, no samples."""
-    return BenchResult(
-        model_filename=str(case.model),
-        model_type="",
-        model_size=0,
-        model_n_params=0,
-        n_batch=case.n_batch,
-        n_ubatch=case.n_ubatch,
-        n_threads=case.n_threads,
-        type_k=case.type_k,
-        type_v=case.type_v,
-        n_gpu_layers=case.n_gpu_layers,
-        flash_attn=case.flash_attn,
-        n_prompt=case.n_prompt,
-        n_gen=case.n_gen,
-        n_depth=case.n_depth,
-        test_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        samples_ns=(),
-        backends=machine.backends,
-        cpu_info=machine.cpu_info,
-        gpu_info=machine.gpu_info,
-        tensor_buft_overrides=";".join(f"{p}={b}" for p, b in case.tensor_overrides) or "none",
-        error=str(exc),
-    )
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return _row(case, machine, stamp, (), model_type="", model_size=0, model_n_params=0,
+                error=str(exc))  # fmt: skip
 
 
 def _by_engine(todo: list[BenchCase]) -> list[list[tuple[int, BenchCase]]]:
@@ -248,11 +228,19 @@ def _fill_depth(engine: Engine, depth: list[int]) -> None:
 def _result(
     engine: Engine, case: BenchCase, machine: Machine, test_time: str, samples: tuple[int, ...]
 ) -> BenchResult:
+    return _row(
+        case, machine, test_time, samples, model_type=engine.description,
+        model_size=int(engine.size_bytes), model_n_params=int(engine.n_params),
+        build_commit=build_info(),
+    )  # fmt: skip
+
+
+def _row(
+    case: BenchCase, machine: Machine, test_time: str, samples: tuple[int, ...], **model: Any
+) -> BenchResult:
+    """A result row: the test's settings and where it ran, plus what the caller knows."""
     return BenchResult(
         model_filename=str(case.model),
-        model_type=engine.description,
-        model_size=int(engine.size_bytes),
-        model_n_params=int(engine.n_params),
         n_batch=case.n_batch,
         n_ubatch=case.n_ubatch,
         n_threads=case.n_threads,
@@ -268,8 +256,8 @@ def _result(
         backends=machine.backends,
         cpu_info=machine.cpu_info,
         gpu_info=machine.gpu_info,
-        build_commit=build_info(),
         tensor_buft_overrides=";".join(f"{p}={b}" for p, b in case.tensor_overrides) or "none",
+        **model,
     )
 
 
