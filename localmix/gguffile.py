@@ -17,6 +17,9 @@ from localmix.errors import InvalidGGUF
 GGUF_MAGIC = b"GGUF"
 # Arrays longer than this (token lists, scores) are summarised by their length in `metadata`.
 _MAX_ARRAY = 64
+# Pieces whose presence and ids tell Mistral's tokenizer versions apart: control tokens of v2+
+# and tekken, and the v1 sentencepiece pieces that "[INST]" is written with.
+MARKER_PIECES = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[SYSTEM_PROMPT]", "▁[", "INST", "]")
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -188,7 +191,7 @@ class _Cursor:
             self.take(item_size * count)
         return f"[{count} items]"
 
-    def _tokens(self, count: int) -> str:
+    def _tokens(self, count: int) -> TokenList:
         """The vocabulary, checked: llama.cpp asserts (aborts) when two tokens are the same text;
         it renames an empty one [EMPTY_i] (llama-vocab.cpp)."""
         seen: dict[bytes, int] = {}
@@ -197,7 +200,20 @@ class _Cursor:
             if word in seen:
                 raise _damaged(self.path, f"token {i} repeats token {seen[word]} ({word[:20]!r})")
             seen[word] = i
-        return f"[{count} items]"
+        kept = {p: seen[b] for p in MARKER_PIECES if (b := p.encode()) in seen}
+        return TokenList(f"[{count} items]", kept)
+
+
+class TokenList(str):
+    """The token list in `metadata`: its length as "[N items]", plus the ids of MARKER_PIECES
+    that the vocabulary holds (chat/template.py recognises Mistral's vocabularies by them)."""
+
+    pieces: dict[str, int]
+
+    def __new__(cls, text: str, pieces: dict[str, int]) -> TokenList:
+        made = super().__new__(cls, text)
+        made.pieces = pieces
+        return made
 
 
 def _check_magic(path: Path) -> None:

@@ -344,9 +344,16 @@ def _name_from_file(path: Path) -> str:
     return stem.lower() or "model"
 
 
-def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False) -> Manifest:
-    """Register a GGUF already on disk, by reference (or copied into the store), validated first."""
+def import_gguf(
+    path: Path | str, *, name: str | None = None, copy: bool = False, chat_format: str | None = None
+) -> Manifest:
+    """Register a GGUF already on disk, by reference (or copied into the store), validated first.
+    chat_format (v1, v3, ...) is kept in the manifest; None: detected from the vocabulary."""
     from localmix import gguffile
+    from localmix.chat import template
+
+    if chat_format is not None:
+        template.get(chat_format)  # UsageError naming the known formats
 
     if name is not None and (not name.strip() or name != name.strip()):
         raise UsageError(
@@ -359,7 +366,10 @@ def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False
     quant = info.quant.upper()
     for manifest in store.find(f"{name}:{quant}"):
         if Path(manifest.path) == path and not copy:
-            return manifest
+            if chat_format is None or chat_format == manifest.chat_format:
+                return manifest
+            # importing the same file again with --format: remember the format from now on
+            return store.add(dataclasses.replace(manifest, chat_format=chat_format))
         raise UsageError(
             f"{manifest.ref} is already installed (from {manifest.source})",
             hint="choose another name with --name, or remove it first with `localmix rm`",
@@ -376,7 +386,7 @@ def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False
         size=info.file_size,
         sha256=store.sha256_file(path),
         architecture=info.architecture,
-        chat_format=chat_format_of(info),
+        chat_format=chat_format or chat_format_of(info),
         context_length=info.context_length,
         parameters=info.n_params,
         source=f"path:{path}",

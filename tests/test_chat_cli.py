@@ -152,3 +152,36 @@ def test_format_option_names_the_chat_format(
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     result = run_cli(capsys, "chat", str(scripted_path), "Hi", "--format", "v1", *GREEDY)
     assert result.out == REPLY + "\n"
+
+
+def test_a_v1_vocabulary_without_template_or_mistral_name_chats(
+    scripted_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scripted GGUF holds Mistral's v1 vocabulary, no chat template, and the name "scripted"."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    result = run_cli(capsys, "chat", str(scripted_path), "Hi", *GREEDY)
+    assert result.code == 0, result.err
+    assert result.out == REPLY + "\n"
+    assert run_cli(capsys, "import", str(scripted_path), "--json").code == 0
+    assert store.get("scripted").chat_format == "v1"  # detected at import, from its tokens
+
+
+def test_import_format_is_remembered_for_every_chat(
+    scripted_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    result = run_cli(capsys, "import", str(scripted_path), "--name", "mine", "--format", "v7")
+    assert result.code == 0, result.err
+    assert store.get("mine").chat_format == "v7"
+    # v7 needs control tokens this v1 vocabulary lacks: the chat uses the remembered format
+    result = run_cli(capsys, "chat", "mine", "Hi", *GREEDY)
+    assert result.code != 0 and "no control token [INST]" in result.err
+    # importing the same file again with another --format changes what is remembered
+    assert (
+        run_cli(capsys, "import", str(scripted_path), "--name", "mine", "--format", "v1").code == 0
+    )
+    assert store.get("mine").chat_format == "v1"
+    assert run_cli(capsys, "chat", "mine", "Hi", *GREEDY).out == REPLY + "\n"
+    bad = run_cli(capsys, "import", str(scripted_path), "--name", "other", "--format", "v9")
+    assert bad.code != 0 and "v9" in bad.err and "v7" in bad.err
+    assert [m.name for m in store.list_models()] == ["mine"]

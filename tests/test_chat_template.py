@@ -191,6 +191,12 @@ def test_unknown_format_and_role_are_usage_errors() -> None:
 # --- detection --------------------------------------------------------------------------------
 
 _V3_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]"]
+# a 32000-piece list with "▁[", "INST", "]" where Mistral's v1 vocabulary has them; and where
+# Llama 2's has them (518, 25580, 29962)
+_V1_PIECES = [f"p{i}" for i in range(32000)]
+_V1_PIECES[733], _V1_PIECES[16289], _V1_PIECES[28793] = "▁[", "INST", "]"
+_LLAMA2_PIECES = [f"p{i}" for i in range(32000)]
+_LLAMA2_PIECES[518], _LLAMA2_PIECES[25580], _LLAMA2_PIECES[29962] = "▁[", "INST", "]"
 _MISTRAL_V1_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -229,8 +235,11 @@ _LLAMA2 = "{% for m in messages %}[INST] <<SYS>>{{ m.content }}<</SYS>> [/INST]{
             "v7",
         ),
         ({"tokenizer.ggml.model": "llama", "tokenizer.chat_template": _MISTRAL_V1_TEMPLATE}, "v1"),
-        ({"tokenizer.ggml.model": "llama", "general.name": "Mistral-7B-Instruct-v0.2"}, "v1"),
+        # the name is not evidence; v1's pieces at their ids are
+        ({"tokenizer.ggml.model": "llama", "general.name": "Mistral-7B-Instruct-v0.2"}, None),
         ({"tokenizer.ggml.model": "llama", "general.name": "llama-2-7b"}, None),
+        ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": _V1_PIECES}, "v1"),
+        ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": _LLAMA2_PIECES}, None),
         ({"tokenizer.ggml.model": "llama", "tokenizer.chat_template": _LLAMA2}, None),
         ({"tokenizer.ggml.model": "llama", "tokenizer.chat_template": _CHATML}, None),
         ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2"}, None),
@@ -275,6 +284,33 @@ def test_detect_on_converted_gguf(format_gguf: tuple[str, Path, Path]) -> None:
         without_template = {k: v for k, v in engine.metadata.items() if "chat_template" not in k}
         if fmt in ("v2", "v3", "v7"):  # sentencepiece: the control tokens tell
             assert template.detect(without_template, engine.tokenize) == expected
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "expected"), [("v1", "v1"), ("v3", "v3"), ("tekken", "v3-tekken")]
+)
+def test_mistral_vocabularies_are_recognised_by_their_tokens_not_the_name(
+    tokenizer: str, expected: str, tmp_path: Path
+) -> None:
+    """A GGUF converted from Mistral's real tokenizer with no chat template (as llama.cpp's
+    converter writes one from a Hugging Face folder without it) and a name without "mistral"."""
+    from localmix import gguffile, synth
+    from localmix.convert import convert
+    from localmix.llama.engine import Engine
+    from localmix.llama.records import EngineConfig
+
+    ckpt = synth.checkpoint(tmp_path / "my-model", size="tiny", tokenizer=tokenizer, seed=0)
+    config = ckpt / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": None}))
+    gguf_path = convert(ckpt, tmp_path / "model.gguf", outtype="f16")
+    metadata = gguffile.inspect(gguf_path).metadata
+    assert metadata["general.name"] == "my-model"
+    without_template = {k: v for k, v in metadata.items() if "chat_template" not in k}
+    assert template.detect(without_template) == expected  # the header alone
+    with Engine(EngineConfig(gguf_path, n_ctx=256, n_threads=1)) as engine:
+        loaded = {k: v for k, v in engine.metadata.items() if "chat_template" not in k}
+        assert template.detect(loaded, engine.tokenize) == expected
+        assert template.for_model(loaded, engine.tokenize).name == expected
 
 
 # --- a GGUF's own jinja template ----------------------------------------------------------------

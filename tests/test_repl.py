@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from localmix.cli.repl import Repl, SlashCompleter, in_block, message_text
 from localmix.cli.reply import ReplyView
 from localmix.errors import ModelNotFound
 from localmix.llama.engine import Engine
-from localmix.llama.records import EngineConfig, Sampling
+from localmix.llama.records import Chunk, EngineConfig, Sampling
 from tests.scripted_gguf import write_scripted_gguf
 
 REPLY = "Hello there, world."
@@ -153,6 +154,70 @@ def test_save_without_a_name_goes_to_the_home_and_load_finds_it(session: Session
     assert len(saves) == 1
     drive(session, "/load\r")
     assert session.messages == [Message("user", "Hi"), Message("assistant", REPLY)]
+
+
+def test_load_without_a_file_reads_the_last_save_file(session: Session, tmp_path: Path) -> None:
+    file = tmp_path / "mine.json"
+    drive(session, "Hi\r/save\r")  # an older save in the home's chats/
+    _, out = drive(session, f"/clear\rHi\r/retry\r/save {file}\r/clear\r/load\r")
+    assert f"loaded {file}" in out
+    assert session.messages == [Message("user", "Hi"), Message("assistant", REPLY)]
+
+
+def test_stats_after_clear_or_undo_shows_no_old_reply(session: Session) -> None:
+    _, out = drive(session, "Hi\r/clear\r/stats\r")
+    assert "no reply yet" in out and "reply 5 tokens" not in out
+    _, out = drive(session, "Hi\r/undo\r/stats\r")
+    assert "no reply yet" in out and "reply 5 tokens" not in out
+
+
+def test_retry_generates_the_last_reply_again(session: Session) -> None:
+    session.sampling = Sampling(temperature=1.0, seed=None)
+    _, out = drive(session, "Hi\r/retry\r")
+    assert [m.role for m in session.messages] == ["user", "assistant"]
+    assert session.messages[0].content == "Hi"
+    assert out.count("tok prompt") == 2  # two replies, each with its stats line
+    assert session.last_stats is not None and session.last_stats.cached_tokens > 0
+
+
+def test_retry_closed_before_the_reply_keeps_the_old_one(session: Session) -> None:
+    drive(session, "Hi\r")
+    stream = session.retry()
+    stream.close()  # never started: nothing changes
+    stream = session.retry()
+    assert next(stream) is not None  # the first piece of the new reply
+    stream.close()
+    assert session.messages[0] == Message("user", "Hi") and len(session.messages) == 2
+
+
+def test_undo_drops_the_last_exchange(session: Session) -> None:
+    _, out = drive(session, "One\rTwo\r/undo\r")
+    assert session.messages == [Message("user", "One"), Message("assistant", REPLY)]
+    assert "dropped 2 messages ('Two' …)" in out
+    drive(session, "/undo\r")
+    assert session.messages == []
+
+
+@pytest.mark.parametrize("command", ["/undo", "/retry"])
+def test_undo_and_retry_with_nothing_said_are_errors(session: Session, command: str) -> None:
+    _, out = drive(session, command + "\rHi\r")
+    assert "error: there is no" in out or "error: there is nothing" in out
+    assert REPLY in out  # the chat goes on
+
+
+def test_an_interrupted_reply_shows_only_the_numbers_it_has(session: Session) -> None:
+    from localmix.cli.render import stats_line
+
+    stream = session.send("Hi")
+    first = next(item for item in stream if isinstance(item, Chunk))
+    stream.close()
+    stats = session.last_stats
+    assert first.text and stats is not None and stats.finish_reason == "interrupted"
+    line = stats_line(stats)
+    assert stats.generated_tokens == 1 and " 0.0 t/s" not in line and "1 tok ·" in line
+    early = replace(stats, generated_tokens=0, ttft_s=0.0, gen_tps=0.0, prompt_s=0.15)
+    line = stats_line(early)
+    assert "first token 0" not in line and "before the first token" in line and "in 0.15 s" in line
 
 
 def test_load_of_a_missing_file_is_an_error(session: Session, tmp_path: Path) -> None:
@@ -399,3 +464,28 @@ def test_repl_ctrl_c_clears_the_line_and_ctrl_d_exits(looping: str) -> None:
     assert child.exitstatus == 0
     history = (settings.home() / "history").read_text()
     assert "+/stats" in history and "half a thought" not in history
+
+
+@pytest.mark.slow
+def test_keys_typed_during_a_reply_are_not_echoed_and_never_run(looping: str) -> None:
+    import pexpect
+
+    # a reply that ends by itself (Ctrl-C would make the tty flush the keys on its own)
+    args = ("-c", "16384", "-n", "5000", "--temperature", "0", "-t", "1")
+    child: pexpect.spawn = _spawn(looping, *args)  # type: ignore[assignment]
+    transcript = child.logfile_read = io.StringIO()
+    child.sendline("Hi")
+    child.expect("Hello there, world. Hello there, world.")
+    child.send("typed meanwhile\r/undo\r")  # echoed and run at the next prompt, if not held
+    child.expect(r"5000 tok [\d.]+ t/s .* max tokens reached")
+    child.expect(">>> ")
+    child.sendline("/stats")
+    child.expect(r"context \d+ / 16384 tokens · 2 messages")  # no /undo ran, nothing was sent
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "typed meanwhile" not in transcript.getvalue()  # never echoed
+    history = (settings.home() / "history").read_text()
+    assert "typed meanwhile" not in history and "+/undo" not in history

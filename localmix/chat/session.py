@@ -87,7 +87,30 @@ class Session:
         Closing the iterator early (Ctrl-C) keeps the partial reply as the assistant's message, or
         forgets the user message when nothing was generated yet.
         """
-        messages = [*self.messages, Message("user", text)]
+        return self._turn([*self.messages, Message("user", text)], restore=None)
+
+    def retry(self) -> Iterator[Chunk | Stats | Notice]:
+        """Generate the last reply again (the same user message); as send(). Interrupted before
+        any text, the old reply stays."""
+        if not self.messages or self.messages[-1].role != "assistant":
+            raise UsageError("there is no reply to retry", hint="send a message first")
+        return self._turn(self.messages[:-1], restore=list(self.messages))
+
+    def undo(self) -> list[Message]:
+        """Drop the last exchange (its user message or messages and the reply); returns them."""
+        starts = _turn_starts(self.messages)
+        if not starts:
+            raise UsageError("there is nothing to undo")
+        removed = self.messages[starts[-1] :]
+        del self.messages[starts[-1] :]
+        self.last_stats = None  # the numbers were the dropped reply's
+        return removed
+
+    def _turn(
+        self, messages: list[Message], *, restore: list[Message] | None
+    ) -> Iterator[Chunk | Stats | Notice]:
+        """Stream the reply to `messages` (which end with a user message). Abandoned before any
+        text, the messages become `restore`, or lose that user message when restore is None."""
         prompt, kept, dropped = self._fit(messages)
         self.messages = kept
         room = self.engine.n_ctx - len(prompt)
@@ -97,13 +120,20 @@ class Session:
             if room < self.max_tokens:
                 yield Notice(f"context nearly full: reply limited to {room} tokens")
         except GeneratorExit:
-            self.messages.pop()  # closed before the reply began: the message was never sent
+            self._abandon(restore)  # closed before the reply began: the message was never sent
             raise
-        yield from self._reply(prompt, min(self.max_tokens, room))
+        yield from self._reply(prompt, min(self.max_tokens, room), restore)
+
+    def _abandon(self, restore: list[Message] | None) -> None:
+        if restore is None:
+            self.messages.pop()
+        else:
+            self.messages = restore
 
     def clear(self) -> None:
-        """Forget the messages (the system prompt stays)."""
+        """Forget the messages and the last reply's numbers (the system prompt stays)."""
         self.messages.clear()
+        self.last_stats = None
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt (None or "" removes it)."""
@@ -240,7 +270,9 @@ class Session:
         except LocalmixError:
             self.engine.clear()  # a model whose cache cannot shift: start the prompt afresh
 
-    def _reply(self, prompt: list[int], max_tokens: int) -> Iterator[Chunk | Stats]:
+    def _reply(
+        self, prompt: list[int], max_tokens: int, restore: list[Message] | None
+    ) -> Iterator[Chunk | Stats]:
         pieces: list[str] = []
         stats: Stats | None = None
         strip = self._strip_space
@@ -258,14 +290,14 @@ class Session:
         finally:
             stream.close()
             self.last_stats = stats or getattr(self.engine, "last_stats", None)
-            self._record("".join(pieces), finished=stats is not None)
+            self._record("".join(pieces), finished=stats is not None, restore=restore)
 
-    def _record(self, reply: str, *, finished: bool) -> None:
+    def _record(self, reply: str, *, finished: bool, restore: list[Message] | None) -> None:
         """Keep the message list in step with what the model saw and said."""
         if reply:
             self.messages.append(Message("assistant", reply))
         elif not finished:
-            self.messages.pop()  # interrupted before any text: as if the message was never sent
+            self._abandon(restore)  # interrupted before any text: as if never sent
         # finished with an empty reply: the user message stays; the next one is merged with it
 
 

@@ -264,7 +264,7 @@ def detect(metadata: Mapping[str, Any], tokenize: Tokenize | None = None) -> str
         return "v3"
     if has is None and _vocab_size(metadata) == _V3_VOCAB:
         return "v3"  # no token list to look at: Mistral's control-token vocabulary has 32768
-    if template is not None or _looks_mistral(metadata):
+    if template is not None or _is_v1_vocab(metadata, tokenize):
         return "v1"
     return None
 
@@ -291,6 +291,9 @@ def _token_probe(
     if isinstance(tokens, (list, tuple)):
         vocab = set(tokens)
         return lambda piece: piece in vocab
+    pieces = getattr(tokens, "pieces", None)  # gguffile.TokenList: the marker pieces it holds
+    if isinstance(pieces, dict):
+        return lambda piece: piece in pieces
     if tokenize is not None:
         return lambda piece: has_control_token(tokenize, piece)
     return None
@@ -307,11 +310,26 @@ def _vocab_size(metadata: Mapping[str, Any]) -> int | None:
     return int(size) if isinstance(size, (int, str)) and str(size).isdigit() else None
 
 
-def _looks_mistral(metadata: Mapping[str, Any]) -> bool:
-    names = " ".join(
-        str(metadata.get(k, "")) for k in ("general.name", "general.basename", "general.base_model")
-    ).lower()
-    return "mistral" in names or "mixtral" in names
+# Mistral's v1 sentencepiece vocabulary (tokenizer.model.v1, 32000 pieces) writes "[INST]" as
+# these pieces at these ids; Llama 2's vocabulary, the same size, uses other ids. The model's name
+# is not evidence: fine-tunes rename, and llama.cpp's converter names a model after its folder.
+_V1_INST = (("▁[", 733), ("INST", 16289), ("]", 28793))
+_V1_VOCAB = 32000
+
+
+def _is_v1_vocab(metadata: Mapping[str, Any], tokenize: Tokenize | None) -> bool:
+    """True for Mistral's v1 tokenizer, recognised by its pieces' ids."""
+    if _vocab_size(metadata) not in (None, _V1_VOCAB):
+        return False
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, (list, tuple)):
+        return all(i < len(tokens) and tokens[i] == p for p, i in _V1_INST)
+    pieces = getattr(tokens, "pieces", None)  # gguffile.TokenList
+    if isinstance(pieces, dict):
+        return all(pieces.get(p) == i for p, i in _V1_INST)
+    if tokenize is not None:
+        return tokenize("[INST]", add_bos=False, special=False) == [i for _, i in _V1_INST]
+    return False
 
 
 def for_model(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt, number_in
+from localmix.cli.options import ChatFormatOpt, JsonOpt, ModelArg, ThreadsOpt, number_in
 from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
 
 if TYPE_CHECKING:
@@ -76,12 +76,6 @@ NglOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU (-1: all; default: none)."),
 ]
-FormatOpt = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option(
-        "--format", help="Chat format: v1, v2, v3, v3-tekken, v7 (default: from the model)."
-    ),
-]
 OverflowOpt = Annotated[
     str,
     typer.Option(
@@ -112,7 +106,7 @@ def chat_command(
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     n_gpu_layers: NglOpt = None,
-    chat_format: FormatOpt = None,
+    chat_format: ChatFormatOpt = None,
     overflow: OverflowOpt = "shift",
     json_out: JsonOpt = False,
     plain: PlainOpt = False,

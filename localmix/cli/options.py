@@ -90,3 +90,11 @@ def name_values(app: typer.Typer) -> None:
             for info in extras:
                 if isinstance(info, typer.models.ParameterInfo) and info.metavar is None:
                     info.metavar = _metavar(name, annotation, info)
+
+
+ChatFormatOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--format", help="Chat format: v1, v2, v3, v3-tekken, v7 (default: from the model)."
+    ),
+]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from localmix.cli.options import ImatrixOpt, JsonOpt
+from localmix.cli.options import ChatFormatOpt, ImatrixOpt, JsonOpt
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -172,13 +172,14 @@ def import_command(
     copy: Annotated[
         bool, typer.Option("--copy", help="Copy the file into the store instead of referencing it.")
     ] = False,
+    chat_format: ChatFormatOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Register a GGUF file that is already on disk (validated first)."""
+    """Register a GGUF file already on disk (validated first); chats remember its --format."""
     from localmix import pull
     from localmix.cli import render
 
-    manifest = pull.import_gguf(path, name=name, copy=copy)
+    manifest = pull.import_gguf(path, name=name, copy=copy, chat_format=chat_format)
     if json_out:
         render.print_json(manifest.to_json())
         return

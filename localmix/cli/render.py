@@ -307,13 +307,19 @@ def usage_table(usage: Any) -> Any:
 
 
 def stats_line(stats: Any) -> str:
-    """`31 tok prompt 412 t/s · 128 tok 187.3 t/s · first token 0.08 s` for a reply's Stats."""
-    parts = [f"{stats.prompt_tokens} tok prompt {stats.prompt_tps:.0f} t/s"]
+    """`31 tok prompt 412 t/s · 128 tok 187.3 t/s · first token 0.08 s` for a reply's Stats; a
+    reply interrupted early shows only the numbers it has (no made-up 0 t/s)."""
+    prompt = f"{stats.prompt_tokens} tok prompt"
+    if stats.prompt_tps > 0:
+        prompt += f" {stats.prompt_tps:.0f} t/s"
     if getattr(stats, "cached_tokens", 0):
-        parts[0] += f" ({stats.cached_tokens} cached)"
-    parts.append(f"{stats.generated_tokens} tok {stats.gen_tps:.1f} t/s")
-    parts.append(f"first token {stats.ttft_s:.2f} s")
-    return " · ".join(parts)
+        prompt += f" ({stats.cached_tokens} cached)"
+    if stats.generated_tokens == 0 and stats.finish_reason == "interrupted":
+        return f"{prompt} in {stats.prompt_s:.2f} s · before the first token"
+    reply = f"{stats.generated_tokens} tok"
+    if stats.gen_tps > 0:
+        reply += f" {stats.gen_tps:.1f} t/s"
+    return " · ".join((prompt, reply, f"first token {stats.ttft_s:.2f} s"))
 
 
 def waiting(name: str) -> Callable[[], None]:

@@ -6,6 +6,7 @@ and rich load here, not at `localmix --help`."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -109,6 +110,7 @@ class Repl:
         self._prompt: PromptSession[str] | None = None
         self._stop_requested = False
         self._phase = "idle"  # while a reply streams: prompt, reply, closing
+        self._last_save: Path | None = None  # what /load without a file reads
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -150,11 +152,14 @@ class Repl:
         """Send a message and show the reply as it streams; Ctrl-C stops the reply."""
         if not text.strip():
             return None
+        return self.show(self.session.send(text))
+
+    def show(self, stream: Iterator[Chunk | Stats | Notice]) -> Stats | None:
+        """Show a reply stream of the session (send, retry), then its stats line."""
         before = self.session.last_stats
-        stream = self.session.send(text)
         stats: Stats | None = None
         try:
-            with self._interruptible():
+            with self._interruptible(), _keys_held(self._input is None):
                 try:
                     with ReplyView(self.console, markdown=self.markdown) as view:
                         for item in stream:
@@ -259,6 +264,28 @@ class Repl:
         path = self._history or settings.repl_history_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileHistory(str(path))
+
+
+@contextmanager
+def _keys_held(terminal: bool) -> Iterator[None]:
+    """While a reply streams, keys typed on the terminal are not echoed into it, and afterwards
+    they are discarded, so half a sentence or a /bye typed meanwhile never runs at the next prompt.
+    Ctrl-C still interrupts (ISIG stays on). Does nothing unless stdin is a terminal."""
+    fd = sys.stdin.fileno() if terminal and sys.stdin is not None and sys.stdin.isatty() else -1
+    if fd < 0:
+        yield
+        return
+    import termios
+
+    saved = termios.tcgetattr(fd)
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON)  # lflag
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)  # what was typed during the reply
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def _key_bindings() -> KeyBindings:
@@ -379,26 +406,37 @@ def _stats(repl: Repl, arg: str) -> None:
             f"prompt {stats.prompt_tokens} tokens processed, {stats.cached_tokens} reused from "
             f"the cache, in {stats.prompt_s:.3f} s ({stats.prompt_tps:.1f} t/s)"
         )
-        repl.say(
-            f"reply {stats.generated_tokens} tokens, first after {stats.ttft_s:.3f} s, then "
-            f"{stats.gen_tps:.1f} t/s; finished: {stats.finish_reason}"
-        )
+        repl.say(_reply_numbers(stats))
     repl.say(
         f"context {len(engine.kv_tokens)} / {engine.n_ctx} tokens · "
         f"{len(session.messages)} messages · format {session.format.name} · {engine.description}"
     )
 
 
+@_command("/retry", "", "generate the last reply again")
+def _retry(repl: Repl, arg: str) -> None:
+    repl.show(repl.session.retry())
+
+
+@_command("/undo", "", "drop the last exchange (your message and the reply)")
+def _undo(repl: Repl, arg: str) -> None:
+    removed = repl.session.undo()
+    first = removed[0].content
+    shown = first if len(first) <= 40 else first[:39] + "…"
+    repl.say(f"dropped {len(removed)} message{'s' * (len(removed) != 1)} ({shown!r} …)")
+
+
 @_command("/save", "[FILE]", "save the conversation as JSON")
 def _save(repl: Repl, arg: str) -> None:
     path = Path(arg).expanduser() if arg else _chats_dir() / time.strftime("%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    repl.say(f"saved {repl.session.save(path)}")
+    repl._last_save = repl.session.save(path)
+    repl.say(f"saved {repl._last_save}")
 
 
-@_command("/load", "[FILE]", "load a saved conversation (default: the latest /save)")
+@_command("/load", "[FILE]", "load a saved conversation (default: the last /save)")
 def _load(repl: Repl, arg: str) -> None:
-    path = Path(arg).expanduser() if arg else _latest_save()
+    path = Path(arg).expanduser() if arg else repl._last_save or _latest_save()
     model = repl.session.load(path)
     n = len(repl.session.messages)
     repl.say(f"loaded {path}: {n} message{'s' * (n != 1)}")
@@ -441,6 +479,16 @@ def _carry(old: Session, new: Session) -> None:
         return
     new.set_system(old.system)
     new.sampling, new.max_tokens, new.messages = old.sampling, old.max_tokens, list(old.messages)
+
+
+def _reply_numbers(stats: Stats) -> str:
+    """The /stats line of a reply; an interrupted one shows only the numbers it has."""
+    if stats.generated_tokens == 0:
+        return f"no reply tokens; finished: {stats.finish_reason}"
+    line = f"reply {stats.generated_tokens} tokens, first after {stats.ttft_s:.3f} s"
+    if stats.gen_tps > 0:
+        line += f", then {stats.gen_tps:.1f} t/s"
+    return f"{line}; finished: {stats.finish_reason}"
 
 
 def _chats_dir() -> Path:

@@ -558,6 +558,10 @@ class Engine:
             if not self._closed:
                 self._sync_kv()
             processed = len(prompt) - cached
+            if t_prompt == start:
+                # interrupted while reading the prompt: count what reached the cache, until now
+                t_prompt = clock()
+                processed = max(0, len(self._kv) - cached) if not self._closed else 0
             prompt_s = t_prompt - start
             gen_s = t_last - t_first
             self.last_stats = Stats(
