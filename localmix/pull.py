@@ -82,6 +82,26 @@ def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
     return _Plan(ref.name, ref.repo, quant, True)
 
 
+_HUB_QUANT_RE = re.compile(r"(I?Q[1-8](_[0-9A-Z]+)*|T?Q[12]_0|MXFP4)")
+
+
+def _check_quant_name(quant: str | None) -> None:
+    """A quant that no GGUF file name could carry fails before the Hub is asked (an empty
+    --quant, a typo like Q9_X would otherwise surface as a network or listing error)."""
+    from localmix import quantize
+
+    if quant is None:
+        return
+    known = quant in quantize.QUANT_TYPES or quant in ("F16", "BF16", "F32")
+    # Hub repos also carry tags llama.cpp's quantize does not make (Q4_0_4_4, Q6_K_L, IQ4_NL):
+    # any such tag has a base type of 1 to 8 bits.
+    if not known and not _HUB_QUANT_RE.fullmatch(quant):
+        raise UsageError(
+            f"{quant!r} is not a quantization type",
+            hint="e.g. Q4_K_M, Q5_K_M, Q8_0 (`localmix quantize --help`)",
+        )
+
+
 def chat_format_of(info: GGUFInfo) -> str | None:
     """The Mistral chat format a GGUF's metadata points to (None: its own template decides)."""
     from localmix.chat import template
@@ -169,8 +189,13 @@ def pull(
             on_stage=lambda s: emit(Stage(s.name, s.detail)),
             on_progress=emit,
         )
+    if quant is not None and not quant.strip():
+        raise UsageError("--quant is empty", hint="e.g. -q Q4_K_M, or leave it out for the default")
     plan = _plan(reference, quant, from_source)
+    _check_quant_name(plan.quant)
     offline = offline or settings.offline()
+    if not offline:
+        settings.hf_endpoint()  # a garbage HF_ENDPOINT fails here, before anything is printed
     if revision is None and (found := _existing(plan.name, plan.quant)):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
