@@ -360,6 +360,21 @@ def _register_owned(
     return store.add(manifest, src=path)
 
 
+def check_architecture(info: GGUFInfo) -> None:
+    """InvalidGGUF for an architecture this llama.cpp cannot load: registering it would only
+    move the failure to the first chat."""
+    from localmix.errors import InvalidGGUF
+    from localmix.llama.architectures import KNOWN
+
+    if info.architecture not in KNOWN:
+        raise InvalidGGUF(
+            f"{info.path.name}: architecture {info.architecture[:40]!r} is not one this "
+            "llama.cpp loads",
+            hint="Mistral and Mixtral GGUFs say 'llama'; `localmix doctor` shows the llama.cpp "
+            "version",
+        )
+
+
 def _name_from_file(path: Path) -> str:
     """`mistral-7b-instruct-v0.2.Q4_K_M.gguf` -> `mistral-7b-instruct-v0.2` (shards too)."""
     stem = re.sub(r"(-\d{5}-of-\d{5})?\.gguf$", "", path.name, flags=re.IGNORECASE)
@@ -379,6 +394,7 @@ def import_gguf(path: Path | str, *, name: str | None = None, copy: bool = False
         )
     path = Path(path).expanduser().resolve()
     info = gguffile.inspect(path)  # InvalidGGUF for anything truncated or not GGUF
+    check_architecture(info)
     name = name or _name_from_file(path)
     store.slug(name)  # a name with nothing usable in it fails before any work
     quant = info.quant.upper()
