@@ -12,8 +12,12 @@ import pytest
 from localmix.llama.architectures import KNOWN
 from tests.cli_run import run_cli
 
-# The pinned llama-cpp-python's source, unpacked where the maintainers' machines keep it.
-LLAMA_ARCH_CPP = Path("/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/src/llama-arch.cpp")
+# The pinned llama-cpp-python's sdist, unpacked under LLAMA_CPP_SDIST (default /tmp/sdist);
+# the test skips where it is not.
+LLAMA_ARCH_CPP = (
+    Path(os.environ.get("LLAMA_CPP_SDIST", "/tmp/sdist"))
+    / "llama_cpp_python-0.3.36/vendor/llama.cpp/src/llama-arch.cpp"
+)
 # In LLM_ARCH_NAMES but not loadable models: llama-quantize's placeholder and the fallback name.
 NOT_MODELS = {"clip", "(unknown)"}
 
