@@ -98,6 +98,7 @@ def from_os_error(exc: OSError, doing: str | None = None) -> LocalmixError:
     import errno
 
     where = f" {exc.filename}" if exc.filename else ""
+    at = f":{where}" if where else ""
     what = f"{doing}: " if doing else ""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -111,5 +112,5 @@ def from_os_error(exc: OSError, doing: str | None = None) -> LocalmixError:
             hint="choose a writable place (LOCALMIX_HOME, HF_HOME or -o)",
         )
     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG):
-        return OutputError(f"{what}{reason}:{where}", hint="check the path")
-    return LocalmixError(f"{what}{reason}:{where}", hint="check the path and the disk")
+        return OutputError(f"{what}{reason}{at}", hint="check the path")
+    return LocalmixError(f"{what}{reason}{at}", hint="check the path and the disk")

@@ -225,9 +225,13 @@ def _check_magic(path: Path) -> None:
             f"{path}: no such file", hint="check the path, or `localmix list` for stored models"
         ) from exc
     except IsADirectoryError as exc:
-        raise InvalidGGUF(f"{path}: is a directory, not a GGUF file") from exc
+        raise InvalidGGUF(
+            f"{path}: is a directory, not a GGUF file", hint="give the path of a .gguf file"
+        ) from exc
     except OSError as exc:
-        raise InvalidGGUF(f"{path}: cannot read: {exc.strerror}") from exc
+        raise InvalidGGUF(
+            f"{path}: cannot read: {exc.strerror}", hint="check the file's permissions"
+        ) from exc
     if head != GGUF_MAGIC:
         raise InvalidGGUF(
             f"{path}: not a GGUF file (it does not start with 'GGUF')",

@@ -39,7 +39,10 @@ def load(path: Path) -> Imatrix:
         with path.open("rb") as handle:
             magic = handle.read(4)
     except OSError as exc:
-        raise UsageError(f"{path}: cannot read the importance matrix ({exc.strerror})") from exc
+        raise UsageError(
+            f"{path}: cannot read the importance matrix ({exc.strerror})",
+            hint="give llama-imatrix's output file (.gguf or .dat) with --imatrix",
+        ) from exc
     try:
         return _load_gguf(path) if magic == _GGUF_MAGIC else _load_legacy(path)
     except UsageError:

@@ -82,6 +82,26 @@ def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
     return _Plan(ref.name, ref.repo, quant, True)
 
 
+_HUB_QUANT_RE = re.compile(r"(I?Q[1-8](_[0-9A-Z]+)*|T?Q[12]_0|MXFP4)")
+
+
+def _check_quant_name(quant: str | None) -> None:
+    """A quant that no GGUF file name could carry fails before the Hub is asked (an empty
+    --quant, a typo like Q9_X would otherwise surface as a network or listing error)."""
+    from localmix import quantize
+
+    if quant is None:
+        return
+    known = quant in quantize.QUANT_TYPES or quant in ("F16", "BF16", "F32")
+    # Hub repos also carry tags llama.cpp's quantize does not make (Q4_0_4_4, Q6_K_L, IQ4_NL):
+    # any such tag has a base type of 1 to 8 bits.
+    if not known and not _HUB_QUANT_RE.fullmatch(quant):
+        raise UsageError(
+            f"{quant!r} is not a quantization type",
+            hint="e.g. Q4_K_M, Q5_K_M, Q8_0 (`localmix quantize --help`)",
+        )
+
+
 def chat_format_of(info: GGUFInfo) -> str | None:
     """The Mistral chat format a GGUF's metadata points to (None: its own template decides)."""
     from localmix.chat import template
@@ -169,8 +189,13 @@ def pull(
             on_stage=lambda s: emit(Stage(s.name, s.detail)),
             on_progress=emit,
         )
+    if quant is not None and not quant.strip():
+        raise UsageError("--quant is empty", hint="e.g. -q Q4_K_M, or leave it out for the default")
     plan = _plan(reference, quant, from_source)
+    _check_quant_name(plan.quant)
     offline = offline or settings.offline()
+    if not offline:
+        settings.hf_endpoint()  # a garbage HF_ENDPOINT fails here, before anything is printed
     if revision is None and (found := _existing(plan.name, plan.quant)):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
@@ -335,6 +360,21 @@ def _register_owned(
     return store.add(manifest, src=path)
 
 
+def check_architecture(info: GGUFInfo) -> None:
+    """InvalidGGUF for an architecture this llama.cpp cannot load: registering it would only
+    move the failure to the first chat."""
+    from localmix.errors import InvalidGGUF
+    from localmix.llama.architectures import KNOWN
+
+    if info.architecture not in KNOWN:
+        raise InvalidGGUF(
+            f"{info.path.name}: architecture {info.architecture[:40]!r} is not one this "
+            "llama.cpp loads",
+            hint="Mistral and Mixtral GGUFs say 'llama'; `localmix doctor` shows the llama.cpp "
+            "version",
+        )
+
+
 def _name_from_file(path: Path) -> str:
     """`mistral-7b-instruct-v0.2.Q4_K_M.gguf` -> `mistral-7b-instruct-v0.2` (shards too)."""
     stem = re.sub(r"(-\d{5}-of-\d{5})?\.gguf$", "", path.name, flags=re.IGNORECASE)
@@ -361,6 +401,7 @@ def import_gguf(
         )
     path = Path(path).expanduser().resolve()
     info = gguffile.inspect(path)  # InvalidGGUF for anything truncated or not GGUF
+    check_architecture(info)
     name = name or _name_from_file(path)
     store.slug(name)  # a name with nothing usable in it fails before any work
     quant = info.quant.upper()

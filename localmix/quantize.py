@@ -128,8 +128,9 @@ def quantize(
     # llama.cpp aborts the process (std::bad_alloc) on absurd thread counts: check first
     n_threads = settings.check_threads(threads) if threads else settings.default_threads()
     info = gguffile.inspect(src)  # a truncated or non-GGUF input fails here, not in C
+    _check_requantize(src, info.quant, allow_requantize)
     matrix = importance.load(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
-    out_dir = _writable_dir(out)
+    out_dir = _writable_dir(out, src)
     remove_stale_partials(out)
     _check_space(out_dir, estimate_size(info.n_params, kind.name))
     # Beside the output, so the final rename never crosses file systems.
@@ -189,7 +190,30 @@ def quantize(
     return out
 
 
-def _writable_dir(out: Path) -> Path:
+_FULL_PRECISION = ("F32", "BF16", "F16")
+
+
+def _check_requantize(src: Path, quant: str, allow: bool) -> None:
+    """llama.cpp refuses an already-quantized input only after it started writing, with a bare
+    'requantizing ... is disabled': say so first, with the way to ask for it."""
+    if quant.upper() not in _FULL_PRECISION and not allow:
+        raise UsageError(
+            f"{src.name} is already quantized ({quant}); quantizing it again loses quality twice",
+            hint="start from an F16/BF16/F32 GGUF, or pass --allow-requantize to accept the loss",
+        )
+
+
+def _writable_dir(out: Path, src: Path) -> Path:
+    """The output's folder, writable; an output that is a folder or the input itself is refused
+    (the rename at the end would replace the input)."""
+    if not str(out).strip() or out.name in ("", ".", ".."):
+        raise UsageError(f"{str(out)!r} is not an output file name", hint="give -o FILE.gguf")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory", hint=f"give a file name, e.g. -o {out}/x.gguf")
+    if out.exists() and out.resolve() == src.resolve():
+        raise UsageError(
+            f"{out}: the output would replace the input", hint="choose another output with -o"
+        )
     out_dir = out.parent if str(out.parent) else Path(".")
     if not out_dir.is_dir():
         raise OutputError(f"{out_dir}: no such directory", hint="create it, or choose another -o")

@@ -22,7 +22,16 @@ def home() -> Path:
     """The localmix home directory (not created here)."""
     value = os.environ.get("LOCALMIX_HOME")
     if value:
-        return Path(value).expanduser()
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            # every command would fail later with a confusing ENOTDIR deep inside the store
+            from localmix.errors import UsageError
+
+            raise UsageError(
+                f"LOCALMIX_HOME={value} is a file, not a directory",
+                hint="point LOCALMIX_HOME at a directory (or unset it for the default)",
+            )
+        return path
     import platformdirs
 
     return Path(platformdirs.user_data_dir("localmix", appauthor=False))
@@ -102,7 +111,10 @@ def check_threads(count: int, source: str = "--threads") -> int:
 
     limit = max_threads()
     if count < 1:
-        raise UsageError(f"{source} must be at least 1, not {count}")
+        raise UsageError(
+            f"{source} must be at least 1, not {count}",
+            hint="leave it out to use the physical cores",
+        )
     if count > limit:
         raise UsageError(
             f"{source} {count} is more than {limit} "
@@ -133,7 +145,23 @@ def default_threads() -> int:
 
 def hf_endpoint() -> str:
     """The Hub's address: HF_ENDPOINT, else https://huggingface.co (huggingface_hub's rule)."""
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    value = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        from localmix.errors import UsageError
+
+        shown = value.split("@")[-1] if "@" in value else value  # never echo a userinfo token
+        raise UsageError(
+            f"HF_ENDPOINT={shown[:60]!r} is not an http(s) address",
+            hint="set it like https://huggingface.co (or unset it)",
+        )
+    return value
 
 
 def hf_cache_dir() -> Path:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localmix import settings
-from localmix.errors import LocalmixError, ModelNotFound, OutputError
+from localmix.errors import LocalmixError, ModelNotFound, OutputError, UsageError
 
 if TYPE_CHECKING:
     from localmix.gguffile import GGUFInfo
@@ -90,7 +90,9 @@ def slug(name: str) -> str:
     """A file-system-safe directory name for a model name (`mistral:v0.3` -> `mistral-v0.3`)."""
     text = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip("-.")
     if not text:
-        raise OutputError(f"{name!r} is not a usable model name", hint="use letters, digits, - _ .")
+        raise UsageError(
+            f"{name!r} is not a usable model name", hint="use letters, digits, - _ . and :"
+        )
     return text
 
 
@@ -345,10 +347,25 @@ def _pulled_name(reference: str) -> tuple[str, str | None] | None:
     return ref.name, ref.quant
 
 
+def _not_a_file(reference: str) -> None:
+    """A reference written as a path to a folder gets said so, not "pull it"."""
+    from localmix.errors import InvalidGGUF
+
+    looks_like_path = reference.startswith((".", "/", "~")) or os.sep in reference
+    if looks_like_path and not reference.startswith("hf.co/"):
+        path = Path(reference).expanduser()
+        if path.is_dir():
+            raise InvalidGGUF(
+                f"{reference}: is a directory, not a GGUF file",
+                hint="give the path of a .gguf file (`localmix convert` makes one from a checkpoint)",
+            )
+
+
 def get(reference: str) -> Manifest:
     """The model a reference names; with no quant, the preferred one of those present."""
     matches = find(reference)
     if not matches:
+        _not_a_file(reference)
         names = sorted({m.name for m in list_models()})
         hint = f"pull it with `localmix pull {reference}`" + (
             f"; installed: {', '.join(names)}" if names else ""

@@ -9,6 +9,7 @@ needs well under 1 GB of memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import zlib
@@ -176,9 +177,70 @@ def checkpoint(
     s = spec(arch, size, tokenizer, sliding_window)
     _check("layout", layout, LAYOUTS)
     _check("dtype", dtype, tuple(DTYPES))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"seed {seed} is not between 0 and {2**32 - 1}", hint="e.g. --seed 0")
+    out_dir = _check_out_dir(Path(out_dir))
+    # Written into a hidden folder beside out_dir and moved into place once complete: a failure
+    # (full disk, read-only place, Ctrl-C) leaves no half-written checkpoint behind.
+    with _staging(out_dir) as stage:
+        _write_checkpoint(s, stage, layout, seed, dtype, max_shard_bytes)
+        _place(stage, out_dir)
+    return out_dir
+
+
+def _check_out_dir(out_dir: Path) -> Path:
+    from localmix.errors import OutputError
+
+    if not str(out_dir).strip() or out_dir.name in ("", ".", ".."):
+        raise UsageError(
+            f"{str(out_dir)!r} is not a directory name for the checkpoint",
+            hint="give a new directory, e.g. `localmix synth ./tiny`",
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(
+            f"{out_dir}: is a file, not a directory", hint="give a new directory for the checkpoint"
+        )
+    return out_dir
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside out_dir; removed, with any parents this made, on failure."""
+    import os
+
+    from localmix.errors import from_os_error
+
+    made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
+    stage = out_dir.parent / f".{out_dir.name}.{os.getpid()}.partial"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage.mkdir()
+        yield stage
+    except OSError as exc:
+        raise from_os_error(exc, "writing the checkpoint") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        for parent in made:  # deepest first: only the empty folders this call created
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def _place(stage: Path, out_dir: Path) -> None:
+    """Move a complete checkpoint into out_dir: a new folder by one rename; an existing one
+    keeps its other files and loses the previous checkpoint's."""
+    import os
+
+    if not out_dir.exists():
+        os.rename(stage, out_dir)
+        return
     _remove_stale(out_dir)
+    for path in stage.iterdir():
+        os.replace(path, out_dir / path.name)
+
+
+def _write_checkpoint(
+    s: Spec, out_dir: Path, layout: str, seed: int, dtype: str, max_shard_bytes: int | None
+) -> None:
     _copy_tokenizer(s, out_dir, layout)
     tensors = list(s.tensors())
     if layout == "hf":
@@ -199,7 +261,6 @@ def checkpoint(
             dtype,
             lambda name: _values(seed, name, shapes[name]),
         )
-    return out_dir
 
 
 # ---- hyper-parameter files ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from localmix import settings as app_settings
 from localmix.errors import UsageError
 
 # The KV cache types llama-bench accepts for -ctk / -ctv (ggml's names).
@@ -27,6 +28,8 @@ _FLASH_ATTN = {
 _RANGE = re.compile(r"^(-?\d+)(?:-(\d+)(?:([+*])(\d+))?)?$")
 # A sweep longer than this is a typo (1-1000000000), not a benchmark: refused before expanding.
 MAX_SWEEP = 1000
+# A repetition count past this is a typo that would run for days (llama-bench's default is 5).
+MAX_REPETITIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -63,19 +66,32 @@ class BenchParams:
                 raise UsageError(
                     f"unknown flash-attention mode {value!r}", hint="use on, off or auto"
                 )
-        if self.repetitions < 1:
-            raise UsageError("repetitions must be at least 1")
+        if not 1 <= self.repetitions <= MAX_REPETITIONS:
+            raise UsageError(
+                f"repetitions must be between 1 and {MAX_REPETITIONS}, not {self.repetitions}",
+                hint="llama-bench's default is 5",
+            )
         for f in fields(self):
             value = getattr(self, f.name)
             optional = f.name in ("n_threads", "n_pg", "tensor_overrides")
             if isinstance(value, tuple) and not optional and not value:
-                raise UsageError(f"{f.name}: give at least one value")
+                raise UsageError(
+                    f"{f.name}: give at least one value",
+                    hint="a range's first value must not be above its last (1-8, not 8-1)",
+                )
         for value in (*self.n_prompt, *self.n_gen, *self.n_depth, *sum(self.n_pg, ())):
             if value < 0:
-                raise UsageError("token counts must not be negative")
+                raise UsageError(
+                    f"token counts must not be negative, not {value}", hint="use 0 or more"
+                )
         for value in (*self.n_batch, *self.n_ubatch, *self.n_threads):
             if value < 1:
-                raise UsageError("batch sizes and thread counts must be at least 1")
+                raise UsageError(
+                    f"batch sizes and thread counts must be at least 1, not {value}",
+                    hint="use 1 or more",
+                )
+        for value in self.n_threads:  # every combination would fail alike: say it once, first
+            app_settings.check_threads(value, "-t")
 
     def varied(self) -> tuple[str, ...]:
         """The sweep fields given more than one value (what a plot puts on its axis)."""
@@ -190,7 +206,10 @@ def parse_ints(
             last = int(match[2]) if match[2] else first
             op, step = match[3] or "+", int(match[4] or 1)
             if step < 1 or (op == "*" and (step < 2 or first < 1)):
-                raise UsageError(f"{name}: {item!r} is a range that never ends")
+                raise UsageError(
+                    f"{name}: {item!r} is a range that never ends",
+                    hint="a + step must be 1 or more; a * range needs a factor of 2 or more",
+                )
             # a * range has at most 64 values; only a + range can explode
             if op == "+" and len(out) + (last - first) // step + 1 > MAX_SWEEP:
                 raise UsageError(

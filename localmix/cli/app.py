@@ -60,6 +60,10 @@ for _module in COMMAND_MODULES:
 name_values(app)
 
 
+# Every error line gets a hint line; where the raiser had nothing specific to add, this one.
+_FALLBACK_HINT = "see `localmix COMMAND --help`, or `localmix doctor` for this machine"
+
+
 def _say(message: str, hint: str | None = None) -> None:
     from rich.markup import escape
 
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     except LocalmixError as exc:
         if settings.debug():
             raise
-        _say(exc.message, exc.hint)
+        _say(exc.message, exc.hint or _FALLBACK_HINT)
         code = exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
         _say("interrupted")

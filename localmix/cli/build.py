@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from localmix.cli.options import ImatrixOpt, OutputOpt, QuantOpt, ThreadsOpt
+from localmix.errors import UsageError
+
+_NAME_HINT = "give a .gguf path or a name from `localmix list`"
 
 
 def convert_command(
@@ -46,7 +49,10 @@ def quantize_command(
     threads: ThreadsOpt = None,
     allow_requantize: Annotated[
         bool,
-        typer.Option("--allow-requantize", help="Quantize an already-quantized store model."),
+        typer.Option(
+            "--allow-requantize",
+            help="Quantize an already-quantized file or store model (quality is lost twice).",
+        ),
     ] = False,
     imatrix: ImatrixOpt = None,
 ) -> None:
@@ -64,10 +70,18 @@ def quantize_command(
             bar.update(tasks[0], completed=event.index, total=event.total, detail=event.tensor)  # type: ignore[arg-type]
 
         path = Path(src)
+        if not src.strip():
+            raise UsageError("no model given: the name or path is empty", hint=_NAME_HINT)
         if path.suffix == ".gguf" or path.exists():
             out = output or path.with_name(f"{path.stem.rsplit('.', 1)[0]}.{kind.name}.gguf")
             result = q.quantize(
-                path, out, kind.name, threads=threads, progress=show, imatrix=imatrix
+                path,
+                out,
+                kind.name,
+                threads=threads,
+                progress=show,
+                allow_requantize=allow_requantize,
+                imatrix=imatrix,
             )
         else:
             manifest = q.quantize_model(
@@ -89,7 +103,7 @@ def synth_command(
     size: Annotated[str, typer.Option(help="tiny, small, 125m or 1b.")] = "tiny",
     tokenizer: Annotated[str, typer.Option(help="v1, v3 or tekken.")] = "v1",
     layout: Annotated[str, typer.Option(help="hf or mistral (native).")] = "hf",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed.")] = 0,
 ) -> None:
     """Write a random-weight checkpoint with a real Mistral tokenizer (for demos and tests)."""
     from localmix.cli import render

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from localmix.cli.options import ChatFormatOpt, JsonOpt, ModelArg, ThreadsOpt, number_in
+from localmix.cli.options import MAX_SEED, ChatFormatOpt, JsonOpt, ModelArg, ThreadsOpt, number_in
 from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ RepeatOpt = Annotated[
 ]
 SeedOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option("--seed", help="Sampling seed (default: random)."),
+    typer.Option("--seed", min=0, max=MAX_SEED, help="Sampling seed (default: random)."),
 ]
 MaxTokensOpt = Annotated[
     int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens in one reply.")
@@ -74,7 +74,9 @@ CtxOpt = Annotated[
 ]
 NglOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option("-ngl", "--n-gpu-layers", help="Layers on the GPU (-1: all; default: none)."),
+    typer.Option(
+        "-ngl", "--n-gpu-layers", min=-1, help="Layers on the GPU (-1: all; default: none)."
+    ),
 ]
 OverflowOpt = Annotated[
     str,
@@ -170,7 +172,10 @@ def _message(prompt: str | None) -> str | None:
         prompt = prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     text = "\n\n".join(part.strip("\n") for part in (prompt, piped) if part and part.strip())
     if not text.strip():
-        raise UsageError("nothing to send: the prompt and standard input are empty")
+        raise UsageError(
+            "nothing to send: the prompt and standard input are empty",
+            hint="give a message, or leave the prompt out for the interactive chat",
+        )
     return text
 
 

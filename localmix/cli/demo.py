@@ -15,12 +15,29 @@ from localmix.cli.options import ThreadsOpt
 DEMO_PROMPT = "Explain in one sentence why the sky is blue."
 
 
+def _check_up_front(model: str, threads: int | None) -> None:
+    """What would fail minutes into the build fails before the banner: an unknown or downloadable
+    model, a thread count (or LOCALMIX_THREADS) the machine cannot run."""
+    from localmix import catalog, settings
+    from localmix.errors import UsageError
+
+    spec = catalog.load().get(model)
+    if not spec.synthetic:
+        raise UsageError(
+            f"{spec.name} is not a built-in model", hint="use tiny-mistral or tiny-mixtral"
+        )
+    if threads is not None:
+        settings.check_threads(threads)
+    else:
+        settings.default_threads()
+
+
 def demo_command(
     model: Annotated[
         str, typer.Option("--model", "-m", help="Built-in model: tiny-mistral or tiny-mixtral.")
     ] = "tiny-mistral",
     threads: ThreadsOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens in the chat reply.")] = 48,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens in the chat reply.")] = 48,
 ) -> None:
     """Build a small random-weight model, then convert, quantize, bench and chat with it offline."""
     from rich.panel import Panel
@@ -28,6 +45,7 @@ def demo_command(
     from localmix import builtin
     from localmix.cli import render
 
+    _check_up_front(model, threads)
     err = render.err_console()
     err.print(
         Panel.fit(

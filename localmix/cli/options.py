@@ -27,6 +27,18 @@ def number_in(low: float, high: float | None = None) -> Callable[[float | None],
     return check
 
 
+def not_empty(value: str | None) -> str | None:
+    """An option callback: text that is given must say something (`--format ""` is a slip,
+    not a request for the default)."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty")
+    return value
+
+
+# llama.cpp's seeds are uint32 (its "random" seed is 0xFFFFFFFF); larger ones would wrap silently.
+MAX_SEED = 2**32 - 2
+
+
 ModelArg = Annotated[
     str, typer.Argument(help="Model: a store name (mistral, tiny-mixtral:Q4_K_M) or a .gguf path.")
 ]
@@ -95,6 +107,8 @@ def name_values(app: typer.Typer) -> None:
 ChatFormatOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
-        "--format", help="Chat format: v1, v2, v3, v3-tekken, v7 (default: from the model)."
+        "--format",
+        callback=not_empty,
+        help="Chat format: v1, v2, v3, v3-tekken, v7 (default: from the model).",
     ),
 ]

@@ -45,8 +45,14 @@ NCpuMoeOpt = Annotated[
 
 def cpu_moe_layers(all_experts: bool, first_n: int | None) -> int | None:
     """llama.cpp's two options as one number: --cpu-moe is every layer, --n-cpu-moe N the first N."""
+    from localmix.errors import UsageError
     from localmix.load import ALL_LAYERS
 
+    if all_experts and first_n is not None:
+        raise UsageError(
+            "--cpu-moe and --n-cpu-moe both say where the experts go",
+            hint="give one: --cpu-moe for every layer, --n-cpu-moe N for the first N",
+        )
     return ALL_LAYERS if all_experts else first_n
 
 

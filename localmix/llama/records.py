@@ -58,10 +58,13 @@ class EngineConfig:
         if self.n_ctx < 0:
             raise UsageError(f"context size must be 0 or more, not {self.n_ctx}")
         if self.n_batch < 1 or self.n_ubatch < 1:
-            raise UsageError("batch sizes must be at least 1")
+            raise UsageError("batch sizes must be at least 1", hint="use 1 or more")
         for threads in (self.n_threads, self.n_threads_batch):
             if threads is not None and threads < 1:
                 raise UsageError(f"threads must be at least 1, not {threads}")
+
+
+_SAMPLING_HINT = "see `localmix chat --help` for each sampling value's range"
 
 
 @dataclass(frozen=True)
@@ -79,17 +82,25 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise UsageError(f"temperature must be 0 or more, not {self.temperature}")
+            raise UsageError(
+                f"temperature must be 0 or more, not {self.temperature}", hint=_SAMPLING_HINT
+            )
         if self.top_k < 0:
-            raise UsageError(f"top_k must be 0 (off) or more, not {self.top_k}")
+            raise UsageError(
+                f"top_k must be 0 (off) or more, not {self.top_k}", hint=_SAMPLING_HINT
+            )
         if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], not {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], not {self.top_p}", hint=_SAMPLING_HINT)
         if not 0 <= self.min_p <= 1:
-            raise UsageError(f"min_p must be in [0, 1], not {self.min_p}")
+            raise UsageError(f"min_p must be in [0, 1], not {self.min_p}", hint=_SAMPLING_HINT)
         if not self.repeat_penalty > 0:
-            raise UsageError(f"repeat_penalty must be above 0, not {self.repeat_penalty}")
+            raise UsageError(
+                f"repeat_penalty must be above 0, not {self.repeat_penalty}", hint=_SAMPLING_HINT
+            )
         if self.repeat_last_n < -1:
-            raise UsageError("repeat_last_n must be -1 (whole context), 0 (off) or more")
+            raise UsageError(
+                "repeat_last_n must be -1 (whole context), 0 (off) or more", hint=_SAMPLING_HINT
+            )
 
     @classmethod
     def greedy(cls) -> Sampling:
