@@ -12,12 +12,25 @@ import pytest
 from localmix.llama.architectures import KNOWN
 from tests.cli_run import run_cli
 
-# The pinned llama-cpp-python's sdist, unpacked under LLAMA_CPP_SDIST (default /tmp/sdist);
-# the test skips where it is not.
-LLAMA_ARCH_CPP = (
-    Path(os.environ.get("LLAMA_CPP_SDIST", "/tmp/sdist"))
-    / "llama_cpp_python-0.3.36/vendor/llama.cpp/src/llama-arch.cpp"
-)
+
+def _llama_arch_cpp() -> Path:
+    """llama-arch.cpp of the llama.cpp that the pinned llama-cpp-python vendors: under
+    LLAMA_CPP_SOURCE if set, else where the benchmarks unpack the pinned sdist (the user cache);
+    the test skips where neither is."""
+    given = os.environ.get("LLAMA_CPP_SOURCE")
+    if given:
+        return Path(given) / "src" / "llama-arch.cpp"
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from llamacpp_tools import cache_dir
+    finally:
+        sys.path.pop(0)
+    return cache_dir() / "src" / "src" / "llama-arch.cpp"
+
+
+LLAMA_ARCH_CPP = _llama_arch_cpp()
 # In LLM_ARCH_NAMES but not loadable models: llama-quantize's placeholder and the fallback name.
 NOT_MODELS = {"clip", "(unknown)"}
 
