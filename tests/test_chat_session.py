@@ -243,6 +243,16 @@ def test_set_option_validates(scripted_gguf: Path) -> None:
                 session.set_option(name, value)
 
 
-def test_model_without_known_format_or_template_is_invalid_gguf(scripted_gguf: Path) -> None:
-    with _engine(scripted_gguf) as engine, pytest.raises(InvalidGGUF):
-        Session(engine)  # a 32000-token vocabulary named "scripted", no chat template
+def test_a_mistral_vocabulary_is_known_by_its_tokens_not_its_name(scripted_gguf: Path) -> None:
+    with _engine(scripted_gguf) as engine:
+        # Mistral's v1 vocabulary in a model named "scripted", with no chat template
+        assert Session(engine).format.name == "v1"
+
+
+def test_model_without_known_format_or_template_is_invalid_gguf(tmp_path: Path) -> None:
+    from tests.quant_tables import MISTRAL_7B, tiny, write_f16_gguf
+
+    # a vocabulary of its own (not Mistral's), no chat template, named "Mistral 7B"
+    path = write_f16_gguf(tiny(MISTRAL_7B, n_layer=1), tmp_path / "foreign.gguf")
+    with _engine(path, n_ctx=256) as engine, pytest.raises(InvalidGGUF):
+        Session(engine)
