@@ -112,3 +112,10 @@ def test_broken_catalog_names_file_entry_and_field(
     assert needle in info.value.message
     if "unknown field" in needle or "missing" in needle:
         assert "'x'" in info.value.message
+
+
+def test_the_repository_root_catalog_is_the_one_the_package_ships() -> None:
+    """models.toml sits at the repository root, where people look for it (the design card lists
+    it there); the wheel ships localmix/models.toml. Edit both, or this fails."""
+    root = Path(__file__).resolve().parent.parent
+    assert (root / "models.toml").read_bytes() == (root / "localmix" / "models.toml").read_bytes()

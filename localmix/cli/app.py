@@ -8,7 +8,7 @@ import sys
 import typer
 
 from localmix import __version__, settings
-from localmix.cli.options import name_values
+from localmix.cli.options import name_values, plain_help
 from localmix.errors import INTERRUPTED_EXIT_CODE, LocalmixError, from_os_error
 
 app = typer.Typer(
@@ -58,6 +58,7 @@ def _root(
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 name_values(app)
+plain_help()
 
 
 # Every error line gets a hint line; where the raiser had nothing specific to add, this one.

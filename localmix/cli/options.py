@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -83,6 +83,28 @@ def _metavar(name: str, annotation: object, info: object) -> str:
     if args and typing.get_origin(annotation) is not None:  # Optional[X]
         return _metavar(name, args[0], info)
     return _METAVARS.get(annotation, "VALUE")
+
+
+def plain_help() -> None:
+    """Typer 0.29 prints Python types where help wants placeholders: `<bool>` beside flags and
+    --help, `<str>` beside arguments, and `{MODEL}` for a required argument in usage lines. Drop
+    the types (an argument's name in capitals already says what it is) and write usage as other
+    tools do: MODEL required, [PROMPT] optional. Typer is pinned below 0.30, where these hooks
+    live; tests/test_cli_help.py checks every command's help, so a change there shows."""
+    from typer import core
+
+    option_type = core.TyperOption.display_type_rich
+
+    def flag_or_option_type(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag and not self.metavar else option_type(self, ctx)
+
+    def usage_name(self: Any) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+    core.TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
+    core.TyperOption.display_type_rich = flag_or_option_type  # type: ignore[method-assign]
 
 
 def name_values(app: typer.Typer) -> None:
