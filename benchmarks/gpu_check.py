@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from llamacpp_tools import cache_dir, pinned_version  # noqa: E402 - the sibling script, stdlib only
+
 PREPARED = REPO / ".gpu"
 MIB = 1024**2
 STORY = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -62,14 +65,6 @@ FAST_BUILD = ("-DGGML_CUDA_FA_QUANTS=f16-f16", "-DGGML_CUDA_COMPRESSION_MODE=non
 
 
 # ---- prepare (here, with PyPI) ------------------------------------------------------------
-
-
-def pinned() -> str:
-    text = (REPO / "pyproject.toml").read_text()
-    match = re.search(r'"llama[-_]cpp[-_]python==([0-9][^"; ]*)"', text)
-    if not match:
-        raise SystemExit("pyproject.toml does not pin llama-cpp-python")
-    return match[1]
 
 
 def requirements() -> list[str]:
@@ -104,7 +99,7 @@ def prepare(dest: Path = PREPARED) -> None:
     shutil.rmtree(dest, ignore_errors=True)
     wheels = dest / "wheels"
     wheels.mkdir(parents=True)
-    version = pinned()
+    version = pinned_version()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
@@ -938,10 +933,7 @@ def rehearsal_budget(check: Check, model: Path, ctx: int) -> str:
 def rehearsal_llama_bench(check: Check, given: str | None) -> list[str]:
     if given:
         return [given]
-    with contextlib.suppress(Exception):
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from llamacpp_tools import cache_dir
-
+    with contextlib.suppress(Exception):  # no platformdirs, no cache: the stand-in below
         built = cache_dir() / "build" / "bin" / "llama-bench"
         if built.is_file():
             return [str(built)]
