@@ -1,4 +1,5 @@
-"""llama.cpp's own command-line tools (llama-bench, llama-quantize), built from the exact llama.cpp
+"""llama.cpp's own command-line tools (llama-bench, llama-quantize, llama-perplexity, llama-imatrix,
+llama-server), built from the exact llama.cpp
 source that the pinned llama-cpp-python vendors, so every comparison runs the same C code.
 
 The sdist comes from PyPI through pip, is unpacked into the user cache directory, configured once
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-TOOLS = ("llama-bench", "llama-quantize")
+TOOLS = ("llama-bench", "llama-quantize", "llama-perplexity", "llama-imatrix", "llama-server")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -95,25 +96,39 @@ def _source(root: Path, version: str, log: Path) -> Path:
 
 
 def _build(name: str, targets: tuple[str, ...], flags: tuple[str, ...], jobs: int | None) -> Path:
-    """Configure and build `targets` into <cache>/<name> once; returns its bin directory."""
+    """Configure and build `targets` into <cache>/<name>; returns its bin directory. Each target is
+    built once (a `.built-<target>` marker), so adding a tool later builds only that tool."""
     version = pinned_version()
     root = cache_dir(version)
-    bin_dir = root / name / "bin"
-    done = root / name / ".built"
-    if done.is_file():
+    build_dir = root / name
+    bin_dir = build_dir / "bin"
+
+    def missing() -> tuple[str, ...]:
+        legacy = (build_dir / ".built").is_file()  # first builds marked the original pair at once
+        return tuple(
+            t
+            for t in targets
+            if not (build_dir / f".built-{t}").is_file()
+            and not (legacy and t in ("llama-bench", "llama-quantize", "llama"))
+        )
+
+    if not missing():
         return bin_dir
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".lock"):
-        if done.is_file():  # another process built them
+        todo = missing()
+        if not todo:  # another process built them
             return bin_dir
         log = root / f"{name}.log"
         src = _source(root, version, log)
-        build_dir = root / name
+        # The server is configured in only when asked for (it adds a web UI and httplib to build).
+        keep = (build_dir / ".built-llama-server").is_file()
+        server = "ON" if "llama-server" in todo or keep else "OFF"
         _run(
             [
                 "cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
                 "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
-                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", *flags,
+                "-DLLAMA_BUILD_EXAMPLES=OFF", f"-DLLAMA_BUILD_SERVER={server}", *flags,
                 *(["-G", "Ninja"] if shutil.which("ninja") else []),
             ],
             log,
@@ -121,17 +136,18 @@ def _build(name: str, targets: tuple[str, ...], flags: tuple[str, ...], jobs: in
         _run(
             [
                 "cmake", "--build", str(build_dir), "--config", "Release", "-j",
-                str(jobs or os.cpu_count() or 1), "--target", *targets,
+                str(jobs or os.cpu_count() or 1), "--target", *todo,
             ],
             log,
         )  # fmt: skip
-        done.touch()
+        for target in todo:
+            (build_dir / f".built-{target}").touch()
     return bin_dir
 
 
-def build(jobs: int | None = None) -> Path:
-    """Build the tools if they are not built yet; returns the directory that holds them."""
-    return _build("build", TOOLS, (), jobs)
+def build(jobs: int | None = None, tools: tuple[str, ...] = TOOLS) -> Path:
+    """Build the tools that are not built yet; returns the directory that holds them."""
+    return _build("build", tools, (), jobs)
 
 
 def libraries_without_openmp(jobs: int | None = None) -> Path:
@@ -143,10 +159,10 @@ def libraries_without_openmp(jobs: int | None = None) -> Path:
 
 
 def tool(name: str) -> Path:
-    """The path of a built llama.cpp tool (`llama-bench`, `llama-quantize`), building on first use."""
+    """The path of a built llama.cpp tool (one of TOOLS), building only that tool on first use."""
     if name not in TOOLS:
         raise ValueError(f"unknown tool {name!r}; one of {', '.join(TOOLS)}")
-    return build() / name
+    return build(tools=(name,)) / name
 
 
 if __name__ == "__main__":
