@@ -88,6 +88,31 @@ def test_cli_imports_no_heavy_module() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["chat", "--help"], ["list"], ["bench", "--help"]])
+def test_help_and_list_import_neither_pydantic_nor_the_engine(
+    argv: list[str], tmp_path: Path
+) -> None:
+    # Typer builds a pydantic converter per processed parameter; options.plain_help defers it to
+    # values actually given, so help and list start as fast as the root help (benchmarks/startup.py).
+    code = (
+        "import sys\nfrom localmix.cli.app import main\n"
+        f"sys.argv = ['localmix', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('pydantic', 'llama_cpp', 'numpy', 'huggingface_hub', 'mistral_common',"
+        " 'prompt_toolkit') if m in sys.modules]\n"
+        "print(heavy, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "LOCALMIX_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_a_given_value_is_still_coerced_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    # The deferred converter still runs for a given value: a non-number is refused as before.
+    result = run_cli(capsys, "chat", "x", "--top-k", "many")
+    assert result.code == 2 and "--top-k" in result.err and "valid integer" in result.err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     result = run_cli(capsys, "--version")
     assert result.code == 0 and result.out.startswith("localmix ")

@@ -105,6 +105,40 @@ def plain_help() -> None:
     core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
     core.TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
     core.TyperOption.display_type_rich = flag_or_option_type  # type: ignore[method-assign]
+    _coerce_lazily(core)
+
+
+class _UnsetOrCoerced:
+    """A parameter's coercion that needs no converter for a value that was not given: typer's own
+    coerce() returns None (or () for a multi-value parameter) then, without using the converter."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None:
+            return () if (param.multiple or param.nargs == -1) else None
+        return self._build().coerce(value, param=param, ctx=ctx)
+
+
+def _coerce_lazily(core: Any) -> None:
+    """Typer 0.29 builds a pydantic converter for every parameter it processes, given or not, and
+    importing pydantic is most of the time `localmix chat --help` or `localmix list` takes
+    (the root group's unset --help is processed before the subcommand). Build it only for a
+    value that was given; the result is the same (tests/test_cli_help.py times the imports)."""
+    build = core.build_runtime_param
+
+    def get_runtime_param(self: Any) -> Any:
+        if self._runtime_param is not None:
+            return self._runtime_param
+
+        def real() -> Any:
+            self._runtime_param = build(self.type_descriptor)
+            return self._runtime_param
+
+        return _UnsetOrCoerced(real)
+
+    core._TyperParameter.get_runtime_param = get_runtime_param  # type: ignore[method-assign]
 
 
 def name_values(app: typer.Typer) -> None:
