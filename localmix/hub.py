@@ -92,6 +92,17 @@ class VerifyEvent:
 
 
 @dataclass(frozen=True)
+class RetryEvent:
+    """Progress: the connection for one file dropped after `done` bytes; the download resumes
+    from there. `reason` is one line (huggingface_hub's own retry warning, shortened)."""
+
+    file: str
+    done: int
+    total: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class LocalFile:
     """A file in the HF cache: `path` is its snapshot entry (a symlink to the blob)."""
 
@@ -471,9 +482,12 @@ def _fetch_blob(
     url = _url(listing, remote.name)
     if _origin(meta.location) != _origin(url):
         headers.pop("authorization", None)  # a signed CDN URL: the token stays on the Hub
-    meter = functools.partial(_Meter, emit=progress or (lambda _event: None), file=remote.name)
-    with _small_chunks(), open(partial, "ab") as handle:
+    emit = progress or (lambda _event: None)
+    meter = functools.partial(_Meter, emit=emit, file=remote.name)
+    retried = functools.partial(_retry_event, emit, remote.name, partial, meta.size)
+    with _small_chunks(), _retries_reported(retried), open(partial, "ab") as handle:
         _get_resuming(
+            retried,
             partial,
             handle,
             have,
@@ -491,7 +505,46 @@ def _fetch_blob(
     os.replace(partial, blob)
 
 
-def _get_resuming(partial: Path, handle: Any, have: int, **http_get_args: Any) -> None:
+def _retry_event(emit: Progress, file: str, partial: Path, total: int | None, reason: str) -> None:
+    done = partial.stat().st_size if partial.exists() else 0
+    emit(RetryEvent(file, done, total, reason))
+
+
+def _short_reason(text: str) -> str:
+    """One clause of an httpx error: 'peer closed connection without sending complete message
+    body (received 2796266 bytes, expected 8388800)' -> its words before the parenthesis."""
+    line = (text.strip().splitlines() or ["connection lost"])[0]
+    return line.split(" (", 1)[0].rstrip(".: ") or "connection lost"
+
+
+@contextlib.contextmanager
+def _retries_reported(retried: Callable[[str], None]) -> Iterator[None]:
+    """huggingface_hub's http_get logs a warning with the URL and the raw error each time it
+    resumes a dropped download; printed to stderr, it tears through a progress display. While
+    we download, each such warning becomes a RetryEvent instead (and prints nothing)."""
+    import logging
+
+    hub_logger = logging.getLogger("huggingface_hub.file_download")
+
+    class ToEvents(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not record.getMessage().startswith("Error while downloading from"):
+                return True
+            detail = str(record.args[1]) if isinstance(record.args, tuple) else ""
+            retried(_short_reason(detail))
+            return False  # reported as an event; not printed
+
+    catcher = ToEvents()
+    hub_logger.addFilter(catcher)
+    try:
+        yield
+    finally:
+        hub_logger.removeFilter(catcher)
+
+
+def _get_resuming(
+    retried: Callable[[str], None], partial: Path, handle: Any, have: int, **http_get_args: Any
+) -> None:
     """huggingface_hub's http_get into `handle` from byte `have`, continued from the bytes on
     disk whenever the connection drops. http_get resumes by itself after a protocol error, a
     timeout or a refused connection, but a reset connection (ReadError) would end the pull; the
@@ -512,6 +565,7 @@ def _get_resuming(partial: Path, handle: Any, have: int, **http_get_args: Any) -
             given_up = isinstance(exc, httpx2.ConnectError | httpx2.TimeoutException)
             if stalled >= _STALLED_DROPS or (stalled and given_up):
                 raise
+            retried(_short_reason(str(exc) or type(exc).__name__))
             have = now
 
 

@@ -76,6 +76,25 @@ class Env:
             cwd=ROOT,
         )
 
+    def screen(self, *args: str, timeout: float = 300) -> list[str]:
+        """Run the CLI on a pseudo-terminal and return the lines a person would see on it at the
+        end (a terminal emulator replays every cursor move and redraw of the live bars)."""
+        import pexpect
+        import pyte
+
+        env = self.vars(TERM="xterm-256color")
+        env.pop("COLUMNS")
+        child = pexpect.spawn(
+            sys.executable, ["-m", "localmix", *args], env=env, cwd=str(ROOT),
+            dimensions=(60, 110), timeout=timeout,
+        )  # fmt: skip
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0, child.before.decode(errors="replace")[-2000:]
+        screen = pyte.Screen(110, 60)
+        pyte.ByteStream(screen).feed(child.before)
+        return [line.rstrip() for line in screen.display if line.strip()]
+
     def listed(self) -> list[dict]:
         result = self.cli("list", "--json")
         assert result.returncode == 0, result.stderr
@@ -256,6 +275,37 @@ def test_pull_checkpoint_repo_converts_quantizes_and_chats(env: Env, tiny_checkp
 
 
 @pytest.mark.slow
+def test_pull_display_on_a_terminal_reads_in_order(env: Env, tiny_checkpoint: Path) -> None:
+    env.hub.add_repo("org/tiny-mistral", tiny_checkpoint)
+    lines = env.screen("pull", "org/tiny-mistral")
+    order = [
+        next(i for i, line in enumerate(lines) if line.startswith(word))
+        for word in ("resolving", "↓ model.safetensors", "converting", "quantizing", "registering")
+    ]
+    assert order == sorted(order), lines  # registering follows the bars it comes after
+    assert sum(line.startswith("↓ model.safetensors") for line in lines) == 1, lines
+    assert lines[-2].startswith("pulled org--tiny-mistral:Q4_K_M"), lines
+
+
+@pytest.mark.slow
+def test_a_dropped_connection_is_one_line_above_one_bar(env: Env, tmp_path: Path) -> None:
+    name = "d.Q4_K_M.gguf"
+    repo = gguf_repo(tmp_path, "d", {name: 4 * MiB})
+    size = (repo / name).stat().st_size
+    env.hub.add_repo("org/d-GGUF", repo)
+    env.hub.fault(name, drop_after=size // 3, rate=8 * MiB)
+    lines = env.screen("pull", "hf.co/org/d-GGUF")
+    text = "\n".join(lines)
+    # huggingface_hub's own warning (URL, raw httpx text) never reaches the screen
+    assert "Error while downloading" not in text and "127.0.0.1" not in text, text
+    (retry,) = [line for line in lines if line.endswith("; resuming")]
+    assert retry.startswith(f"{name}: peer closed connection") and " at 1.3 MiB" in retry, text
+    bars = [i for i, line in enumerate(lines) if line.startswith(f"↓ {name}")]
+    assert len(bars) == 1 and lines.index(retry) < bars[0], text
+    assert "100%" in lines[bars[0]] and "4.0/4.0 MiB" in lines[bars[0]], text
+
+
+@pytest.mark.slow
 def test_pull_checkpoint_keep_source_keeps_the_f16_and_the_download(
     env: Env, tiny_checkpoint: Path
 ) -> None:
@@ -406,6 +456,8 @@ def test_pull_resumes_after_a_dropped_connection(env: Env, tmp_path: Path) -> No
     env.hub.fault(name, drop_after=size // 3)
     result = env.cli("pull", "hf.co/org/d-GGUF")
     assert result.returncode == 0, result.stderr
+    assert "Error while downloading" not in result.stderr  # huggingface_hub's raw warning
+    assert f"{name}: peer closed connection without sending complete message body" in result.stderr
     assert env.hub.bytes_served(name) == size  # continued from the bytes on disk: none twice
     gets = [r for r in env.hub.requests if r.file == name and r.method == "GET"]
     assert [r.range_start for r in gets] == [0, size // 3]

@@ -60,24 +60,37 @@ class _PullView:
             self._tasks[key] = bar.add_task(description, total=total, **fields)
         return self._tasks[key]
 
-    def __call__(self, event: object) -> None:
+    def _close(self) -> None:
+        """End the current display: its bars stay on screen as they finished."""
+        self._stack.close()
+        self._bar = None
+
+    def _say(self, text: str) -> None:
+        """A line above the live bars (or alone when none is shown)."""
         from localmix.cli.render import err_console
-        from localmix.hub import DownloadEvent, VerifyEvent
+
+        (self._bar.console if self._bar else err_console()).print(text, highlight=False)
+
+    def __call__(self, event: object) -> None:
+        from rich.markup import escape
+
+        from localmix.cli.render import human_size
+        from localmix.hub import DownloadEvent, RetryEvent, VerifyEvent
         from localmix.pull import Stage
 
         if isinstance(event, Stage):
+            if event.name in ("register", "done"):
+                self._close()  # registering comes after the bars it follows, not above them
             if event.name in ("resolve", "register", "wait"):
                 label = {"resolve": "resolving", "register": "registering"}.get(
                     event.name, "waiting:"
                 )
-                (self._bar.console if self._bar else err_console()).print(
-                    f"[dim]{label} {event.detail}[/]", highlight=False
-                )
-            elif event.name == "done":
-                self._stack.close()
-                self._bar = None
+                self._say(f"[dim]{label} {escape(event.detail)}[/]")
             return
-        if isinstance(event, DownloadEvent):
+        if isinstance(event, RetryEvent):
+            at = human_size(event.done)
+            self._say(f"[yellow]{escape(event.file)}: {escape(event.reason)} at {at}; resuming[/]")
+        elif isinstance(event, DownloadEvent):
             task = self._task("bytes", "get:" + event.file, f"↓ {event.file}", event.total)
             self._display("bytes").update(task, completed=event.done, total=event.total)
         elif isinstance(event, VerifyEvent):

@@ -115,7 +115,10 @@ def _speed_column() -> Any:
 
     class SpeedColumn(ProgressColumn):
         def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
+            # A finished task shows its average: rich's sampled speed drops the first sample, so
+            # a file hashed in two 8 MiB blocks would read as the speed of the last block alone.
+            elapsed = task.finished_time if task.finished else None
+            speed = task.completed / elapsed if elapsed else task.speed
             text = f"{human_size(speed)}/s" if speed else "?"
             return Text(text, style="progress.data.speed")
 
