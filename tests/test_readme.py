@@ -72,7 +72,9 @@ def test_every_readme_command_runs_as_written(env: Env, tmp_path: Path) -> None:
         interactive = words[1] == "chat" and len(words) == 3
         result = subprocess.run(
             [sys.executable, "-m", "localmix", *words[1:]],
-            env=env.vars(),
+            # One llama.cpp thread: on a 2-core machine shared with other work, spinning threads
+            # made the random-weight replies (1024 tokens, never an EOS) take a minute.
+            env=env.vars(LOCALMIX_THREADS="1"),
             cwd=cwd,
             input="Hi\n" if interactive else "",  # the REPL line reads a piped message
             capture_output=True,
