@@ -208,6 +208,7 @@ def add(manifest: Manifest, src: Path | None = None) -> Manifest:
     The manifest is written last, so an interruption before it leaves no half-registered model.
     """
     with lock(manifest.name):
+        _check_folder_owner(manifest.name)
         if src is not None:
             dest = model_path(manifest.name, manifest.quant)
             _ensure_dir(dest.parent)
@@ -224,6 +225,23 @@ def add(manifest: Manifest, src: Path | None = None) -> Manifest:
             json.dumps(_encode(manifest), indent=2) + "\n",
         )
     return manifest
+
+
+def _check_folder_owner(name: str) -> None:
+    """Two names can share one folder (`a/b` and `a-b` are both `a-b` on disk); the second would
+    overwrite the first's manifests. The first name keeps the folder; the second is refused."""
+    folder = settings.manifests_dir() / slug(name)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            owner = json.loads(path.read_text(encoding="utf-8")).get("name")
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: list_models reports it; it claims no name
+        if isinstance(owner, str) and owner != name:
+            raise UsageError(
+                f"{name!r} would share its store folder with {owner!r} ({slug(name)})",
+                hint=f"choose another name with --name, or remove {owner} first with `localmix rm`",
+            )
+        return
 
 
 def _inside(path: Path, root: Path) -> Path | None:

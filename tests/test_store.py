@@ -258,3 +258,15 @@ def test_an_owned_file_of_another_store_is_never_deleted(
     assert store.get("own").file == own and not store.get("own").owned
     store.remove("own")
     assert own.exists()
+
+
+def test_two_names_that_share_a_folder_never_overwrite_each_other(tmp_path: Path) -> None:
+    from localmix.errors import UsageError
+
+    first = tmp_path / "a.gguf"
+    first.write_bytes(b"GGUF" + b"\0" * 100)
+    store.add(_manifest("a/b", "Q4_K_M", first))
+    store.add(_manifest("a/b", "Q8_0", first))  # the same name: another quant is welcome
+    with pytest.raises(UsageError, match="'a-b' would share its store folder with 'a/b'"):
+        store.add(_manifest("a-b", "Q4_K_M", first))
+    assert sorted(m.ref for m in store.list_models()) == ["a/b:Q4_K_M", "a/b:Q8_0"]
