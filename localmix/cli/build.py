@@ -109,7 +109,9 @@ def synth_command(
     from localmix.cli import render
     from localmix.synth import checkpoint
 
-    path = checkpoint(out, arch=arch, size=size, tokenizer=tokenizer, layout=layout, seed=seed)
+    # A 1b checkpoint takes tens of seconds: say what is happening while it is written.
+    with render.err_console().status(f"writing a random-weight {arch} {size} checkpoint"):
+        path = checkpoint(out, arch=arch, size=size, tokenizer=tokenizer, layout=layout, seed=seed)
     render.err_console().print(f"wrote {arch} {size} checkpoint to {path}")
 
 
