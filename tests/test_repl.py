@@ -489,3 +489,23 @@ def test_keys_typed_during_a_reply_are_not_echoed_and_never_run(looping: str) ->
     assert "typed meanwhile" not in transcript.getvalue()  # never echoed
     history = (settings.home() / "history").read_text()
     assert "typed meanwhile" not in history and "+/undo" not in history
+
+
+@pytest.mark.slow
+def test_ctrl_c_right_after_enter_stops_the_reply(looping: str) -> None:
+    import pexpect
+
+    # Pressed at once, ^C reaches the prompt's raw-mode input as a byte, not as a signal; a moment
+    # later it lands while the prompt is processed. Either way the reply stops and says so.
+    args = ("-c", "131072", "-n", "100000", "--temperature", "0", "-t", "1")
+    child: pexpect.spawn = _spawn(looping, *args)  # type: ignore[assignment]
+    for delay in (0.0, 0.0, 0.02, 0.05, 0.15):
+        child.sendline("Hi")
+        time.sleep(delay)
+        child.sendintr()
+        child.expect("interrupted", timeout=15)
+        child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

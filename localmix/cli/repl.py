@@ -5,6 +5,7 @@ and rich load here, not at `localmix --help`."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -159,7 +160,12 @@ class Repl:
         before = self.session.last_stats
         stats: Stats | None = None
         try:
-            with self._interruptible(), _keys_held(self._input is None):
+            terminal_input = self._prompt.input if self._prompt and self._input is None else None
+            with self._interruptible(), _keys_held(terminal_input) as ctrl_c_typed:
+                if ctrl_c_typed:
+                    stream.close()  # not started: the message is as if never sent
+                    self.say("interrupted")
+                    return None
                 try:
                     with ReplyView(self.console, markdown=self.markdown) as view:
                         for item in stream:
@@ -175,8 +181,10 @@ class Repl:
                 finally:
                     self._phase = "closing"
                     stream.close()  # the KV cache and the messages keep what was said
-        except KeyboardInterrupt:
-            pass  # Ctrl-C while the prompt was processed: no reply began
+        except KeyboardInterrupt:  # Ctrl-C while the prompt was processed: no reply began
+            if self.session.last_stats is before:
+                self.say("interrupted")
+                return None
         except LocalmixError as exc:
             self._error(exc)
             return None
@@ -267,13 +275,16 @@ class Repl:
 
 
 @contextmanager
-def _keys_held(terminal: bool) -> Iterator[None]:
+def _keys_held(terminal_input: Input | None) -> Iterator[bool]:
     """While a reply streams, keys typed on the terminal are not echoed into it, and afterwards
     they are discarded, so half a sentence or a /bye typed meanwhile never runs at the next prompt.
-    Ctrl-C still interrupts (ISIG stays on). Does nothing unless stdin is a terminal."""
-    fd = sys.stdin.fileno() if terminal and sys.stdin is not None and sys.stdin.isatty() else -1
+    Ctrl-C still interrupts (ISIG stays on). Yields whether a Ctrl-C was typed ahead of the
+    reply (see _ctrl_c_typed_ahead). Does nothing unless stdin is a terminal."""
+    fd = -1
+    if terminal_input is not None and sys.stdin is not None and sys.stdin.isatty():
+        fd = sys.stdin.fileno()
     if fd < 0:
-        yield
+        yield False
         return
     import termios
 
@@ -282,10 +293,30 @@ def _keys_held(terminal: bool) -> Iterator[None]:
     quiet[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON)  # lflag
     termios.tcsetattr(fd, termios.TCSANOW, quiet)
     try:
-        yield
+        yield _ctrl_c_typed_ahead(fd, terminal_input)
     finally:
         termios.tcflush(fd, termios.TCIFLUSH)  # what was typed during the reply
         termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def _ctrl_c_typed_ahead(fd: int, terminal_input: Input | None) -> bool:
+    """A Ctrl-C pressed right after Enter arrives while the prompt still has the terminal in raw
+    mode: a byte, not a signal. prompt-toolkit keeps what it read past the Enter for the next
+    prompt, and the rest waits in the terminal's queue; a ^C in either stops the reply before it
+    begins (the rest is discarded, as keys typed during a reply are)."""
+    import select
+
+    from prompt_toolkit.input.typeahead import get_typeahead
+    from prompt_toolkit.keys import Keys
+
+    ahead = get_typeahead(terminal_input) if terminal_input is not None else []
+    pending = b""
+    while select.select([fd], [], [], 0)[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        pending += chunk
+    return any(key.key == Keys.ControlC for key in ahead) or b"\x03" in pending
 
 
 def _key_bindings() -> KeyBindings:
