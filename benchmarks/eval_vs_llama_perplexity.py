@@ -97,6 +97,7 @@ class LlamaKld:
     values: dict[str, float]
     base_ppl: float  # the reference's own run, full precision
     base_file: int  # bytes
+    base_written: int  # bytes the reference's run wrote (the file, counted as eval's writes are)
     base_rss: int
     kld_rss: int
 
@@ -118,8 +119,8 @@ def llama_kld(
     match = re.search(rf"Final estimate: PPL = {_FLOAT}", first.output)
     if not match:
         raise SystemExit(f"llama-perplexity printed no final PPL:\n{first.output[-3000:]}")
-    return LlamaKld(parse_llama(second.output), float(match[1]), size, first.peak_rss,
-                    second.peak_rss)  # fmt: skip
+    return LlamaKld(parse_llama(second.output), float(match[1]), size, first.written,
+                    first.peak_rss, second.peak_rss)  # fmt: skip
 
 
 def localmix_eval(
@@ -194,7 +195,8 @@ def memory(work: Path, tekken_chunks: list[int], threads: int) -> None:
     print(f"\nMemory and disk: tiny Mistral with tekken's {n_vocab}-token vocabulary, Q4_K_M "
           f"against F16, chunks of {N_CTX}, {threads} threads")  # fmt: skip
     print(f"{'chunks':>6} {'eval peak RSS':>14} {'eval wrote':>11} {'llama base file':>16} "
-          f"{'llama base RSS':>15} {'llama KLD RSS':>14} {'KLD ours/theirs':>16}")  # fmt: skip
+          f"{'llama wrote':>12} {'llama base RSS':>15} {'llama KLD RSS':>14} "
+          f"{'KLD ours/theirs':>16}")  # fmt: skip
     mib = 2**20
     for chunks in tekken_chunks:
         ours, run = localmix_eval(files["F16"], files["Q4_K_M"], chunks, threads, work / "home")
@@ -204,7 +206,8 @@ def memory(work: Path, tekken_chunks: list[int], threads: int) -> None:
             raise SystemExit(f"base file is {theirs.base_file} bytes, the formula says {expected}")
         ratio = ours["scores"]["kld_mean"] / theirs.values["kld_mean"]
         print(f"{chunks:>6} {run.peak_rss / mib:>10.0f} MiB {run.written / mib:>7.1f} MiB "
-              f"{theirs.base_file / mib:>12.0f} MiB {theirs.base_rss / mib:>11.0f} MiB "
+              f"{theirs.base_file / mib:>12.0f} MiB {theirs.base_written / mib:>8.0f} MiB "
+              f"{theirs.base_rss / mib:>11.0f} MiB "
               f"{theirs.kld_rss / mib:>10.0f} MiB {ratio:>16.5f}")  # fmt: skip
     from localmix import corpus
     from localmix.llama.engine import Engine, EngineConfig

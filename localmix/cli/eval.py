@@ -21,6 +21,7 @@ AgainstOpt = Annotated[
     Optional[str],  # noqa: UP045 - typer needs Optional at runtime on 3.10
     typer.Option(
         "--against",
+        metavar="MODEL",
         help="Reference: a store name or .gguf path (default: the store's F32/BF16/F16, "
         "else Q8_0, file of the same model).",
     ),
@@ -46,6 +47,7 @@ QuantsOpt = Annotated[
     typer.Option(
         "--quants",
         "-q",
+        metavar="LIST",
         help="Comma list (Q4_K_M,Q5_K_M,Q8_0): a table over these quants of MODEL; "
         "missing ones are made from its full-precision file.",
     ),
@@ -67,8 +69,10 @@ def eval_command(
     n_gpu_layers: NglOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Measure what a quant loses against a reference over a text: PPL ratio, KL divergence,
-    same top token (llama-perplexity --kl-divergence, without its base-logits file)."""
+    """Measure what a quant loses: PPL ratio, KL divergence and same top token against a reference.
+
+    The numbers of llama-perplexity --kl-divergence, over its chunks, without its base-logits
+    file: the model and its reference run side by side, one chunk at a time."""
     from localmix import corpus
     from localmix.quality.evaluate import EvalSettings
 

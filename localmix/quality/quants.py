@@ -54,7 +54,7 @@ class QuantRow:
 
 @dataclass(frozen=True)
 class QuantTable:
-    """The rows, reference first then the quants as asked, all scored over the same chunks."""
+    """The rows: the reference first, then the quants largest first, all over the same chunks."""
 
     model: str
     reference: str
@@ -88,9 +88,9 @@ def quant_table(
     reference = _reference(manifest, against)
     located = [_ensure(manifest.name, quant, settings, emit) for quant in wanted]
     evaluations = _evaluate_all(reference, located, text, settings, emit)
-    rows = [_row(reference, reference.quant_name, None, settings, emit, speed)]
+    rows = [_row(reference, None, settings, emit, speed)]
     scored = [
-        _row(target, _quant_of(target), evaluation.scores, settings, emit, speed, made)
+        _row(target, evaluation.scores, settings, emit, speed, made)
         for (target, made), evaluation in zip(located, evaluations, strict=True)
         if evaluation is not None  # None: the reference itself was asked for, its row is first
     ]
@@ -98,7 +98,7 @@ def quant_table(
     first = next((e for e in evaluations if e is not None), None)
     return QuantTable(
         model=manifest.name,
-        reference=reference.located.name,
+        reference=reference.name,
         text=text.name,
         n_ctx=settings.n_ctx,
         n_chunks=first.n_chunks if first else 0,
@@ -125,27 +125,12 @@ def _quant_names(model: str, quants: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-@dataclass(frozen=True)
-class _Reference:
-    located: Located
-    quant_name: str
-
-    @property
-    def path(self) -> Path:
-        return self.located.path
-
-
-def _reference(manifest: Manifest, against: str | Path | None) -> _Reference:
+def _reference(manifest: Manifest, against: str | Path | None) -> Located:
+    """The one file every quant is compared with: --against, else the store's most precise."""
     from localmix import load
     from localmix.quality.evaluate import best_reference
 
-    # every quant is compared with one file: the most precise the store has (or --against)
-    located = load.locate(against) if against is not None else best_reference(manifest.name)
-    return _Reference(located, _quant_of(located))
-
-
-def _quant_of(target: Located) -> str:
-    return target.info.quant
+    return load.locate(against) if against is not None else best_reference(manifest.name)
 
 
 def _ensure(name: str, quant: str, settings: EvalSettings, emit: Progress) -> tuple[Located, bool]:
@@ -182,7 +167,7 @@ def _ensure(name: str, quant: str, settings: EvalSettings, emit: Progress) -> tu
 
 
 def _evaluate_all(
-    reference: _Reference,
+    reference: Located,
     located: list[tuple[Located, bool]],
     text: Text,
     settings: EvalSettings,
@@ -194,9 +179,9 @@ def _evaluate_all(
 
     results: list[Evaluation | None] = []
     with ExitStack() as stack:
-        emit(EvalEvent("load", model=reference.located.name))
-        ref = stack.enter_context(load.open_model(reference.located, settings.load_settings()))
-        emit(EvalEvent("tokenize", model=reference.located.name))
+        emit(EvalEvent("load", model=reference.name))
+        ref = stack.enter_context(load.open_model(reference, settings.load_settings()))
+        emit(EvalEvent("tokenize", model=reference.name))
         tokens = tokenize(ref, text.text)
         for target, _ in located:
             if target.path.resolve() == reference.path.resolve():
@@ -210,15 +195,13 @@ def _evaluate_all(
 
 
 def _row(
-    target: Located | _Reference,
-    quant: str,
+    located: Located,
     scores: Scores | None,
     settings: EvalSettings,
     emit: Progress,
     speed: bool,
     made: bool = False,
 ) -> QuantRow:
-    located = target.located if isinstance(target, _Reference) else target
     info = located.info
     tensor_bytes = sum(t.n_bytes for t in info.tensors)
     gen = (0.0, 0.0)
@@ -226,7 +209,7 @@ def _row(
         emit(EvalEvent("speed", model=located.name, detail=f"tg{GEN_TOKENS}"))
         gen = generation_speed(located, settings)
     return QuantRow(
-        quant=quant,
+        quant=info.quant,
         name=located.name,
         path=located.path,
         size_bytes=info.file_size,
