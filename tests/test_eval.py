@@ -24,7 +24,7 @@ from localmix.quality.stats import KLD_FLOOR, Tally
 from tests.cli_run import run_cli
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-QUICK = EvalSettings(max_chunks=2, threads=2)
+QUICK = EvalSettings(max_chunks=2, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_chunks_are_llama_perplexity_chunks() -> None:
 
 
 def test_logits_from_a_position_and_as_a_view(tiny_mistral_gguf_f16: Path) -> None:
-    settings = load.LoadSettings(ctx=512, threads=2)
+    settings = load.LoadSettings(ctx=512, threads=1)
     with load.open_model(tiny_mistral_gguf_f16, settings) as loaded:
         engine = loaded.engine
         tokens = engine.tokenize("The quick brown fox " * 40, add_bos=True)[:300]
@@ -126,10 +126,14 @@ def test_logits_from_a_position_and_as_a_view(tiny_mistral_gguf_f16: Path) -> No
 # ---- evaluate: lockstep over a text --------------------------------------------------------------
 
 
-def test_a_copy_of_the_model_costs_nothing(tiny_mistral_gguf_f16: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["mistral", "mixtral"])
+def test_a_copy_of_the_model_costs_nothing(
+    arch: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    original: Path = request.getfixturevalue(f"tiny_{arch}_gguf_f16")
     copy = tmp_path / "copy.gguf"
-    shutil.copyfile(tiny_mistral_gguf_f16, copy)
-    result = evaluate(copy, tiny_mistral_gguf_f16, settings=QUICK)
+    shutil.copyfile(original, copy)
+    result = evaluate(copy, original, settings=QUICK)
     s = result.scores
     assert s.kld_mean == 0.0 and s.kld_max == 0.0 and s.same_top == 1.0 and s.dp_rms == 0.0
     assert s.ppl == s.ppl_ref and s.n_tokens == 2 * 255
@@ -140,7 +144,7 @@ def test_reference_perplexity_is_that_of_the_scored_half(
 ) -> None:
     """PPL(reference) = exp(mean NLL) over each chunk's second half, computed here from whole
     chunks' logits; the quant loses something, and the percentiles are in order."""
-    settings = EvalSettings(n_ctx=256, max_chunks=3, threads=2)
+    settings = EvalSettings(n_ctx=256, max_chunks=3, threads=1)
     text = Text("t", "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 400, "test")
     result = evaluate(tiny_q4, tiny_mistral_gguf_f16, text, settings)
     with load.open_model(tiny_mistral_gguf_f16, settings.load_settings()) as loaded:
@@ -188,7 +192,7 @@ def test_equal_to_llama_perplexity(tiny_mixtral_gguf_f16: Path, tmp_path: Path) 
     finally:
         sys.path.pop(0)
     q4 = quantize(tiny_mixtral_gguf_f16, tmp_path / "q4.gguf", "Q4_K_M")
-    theirs = bench.llama_kld(tiny_mixtral_gguf_f16, q4, tmp_path, chunks=2, threads=2)
+    theirs = bench.llama_kld(tiny_mixtral_gguf_f16, q4, tmp_path, chunks=2, threads=1)
     ours = evaluate(q4, tiny_mixtral_gguf_f16, settings=QUICK).scores
     assert ours.ppl == pytest.approx(theirs.values["ppl"], rel=1e-4)
     assert ours.ppl_ref == pytest.approx(theirs.base_ppl, rel=1e-4)
@@ -247,6 +251,16 @@ def test_models_of_different_vocabularies_are_refused(
     assert "32768" in mismatch.value.message and mismatch.value.hint
 
 
+def test_a_table_of_only_the_reference_is_refused(
+    tiny_mistral_gguf_f16: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from localmix.quality.quants import quant_table
+
+    _import(capsys, tiny_mistral_gguf_f16)
+    with pytest.raises(UsageError, match="nothing to compare"):
+        quant_table("tiny", ["f16"])
+
+
 @pytest.mark.parametrize(
     ("settings", "needle"),
     [({"n_ctx": 128}, "256"), ({"max_chunks": 0}, "--chunks")],
@@ -263,7 +277,7 @@ def test_cli_prints_llama_perplexity_numbers_and_json(
     tiny_mistral_gguf_f16: Path, tiny_q4: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ("eval", str(tiny_q4), "--against", str(tiny_mistral_gguf_f16), "--chunks", "1")
-    shown = run_cli(capsys, *args, "-t", "2")
+    shown = run_cli(capsys, *args, "-t", "1")
     assert shown.code == 0, shown.err
     for label in ("PPL ratio", "mean KLD", "99.9% KLD", "same top token", "RMS Δp"):
         assert label in shown.out
@@ -280,7 +294,8 @@ def test_a_table_of_quants_makes_the_missing_ones(
     from localmix import store
 
     _import(capsys, tiny_mistral_gguf_f16)
-    result = run_cli(capsys, "eval", "tiny", "--quants", "Q8_0,q4_k_m,F16", "--chunks", "1")
+    args = ("--chunks", "1", "-t", "1")  # one thread: a shared machine slows spinning threads
+    result = run_cli(capsys, "eval", "tiny", "--quants", "Q8_0,q4_k_m,F16", *args)
     assert result.code == 0, result.err
     assert "making tiny:Q8_0 with localmix quantize" in result.err
     assert {m.quant for m in store.find("tiny")} == {"F16", "Q8_0", "Q4_K_M"}
@@ -292,7 +307,7 @@ def test_a_table_of_quants_makes_the_missing_ones(
     }
     assert "reference" in rows["F16"] and "made now" in rows["Q8_0"]
     assert "tiny · mean KLD" in result.out and "│" in result.out  # the plot
-    again = json.loads(run_cli(capsys, "eval", "tiny", "-q", "Q4_K_M,Q8_0", "--chunks", "1",
+    again = json.loads(run_cli(capsys, "eval", "tiny", "-q", "Q4_K_M,Q8_0", *args,
                                "--json").out)  # fmt: skip
     quants = [row["quant"] for row in again["rows"]]
     assert quants == ["F16", "Q8_0", "Q4_K_M"]  # the reference, then by size

@@ -86,6 +86,11 @@ def quant_table(
     wanted = _quant_names(model, quants)
     manifest = store.get(model)
     reference = _reference(manifest, against)
+    if all(quant == _quant_of(reference) for quant in wanted):
+        raise UsageError(
+            f"{reference.name} is the reference: --quants names nothing to compare with it",
+            hint="name other quants, e.g. --quants Q4_K_M,Q5_K_M,Q8_0",
+        )
     located = [_ensure(manifest.name, quant, settings, emit) for quant in wanted]
     evaluations = _evaluate_all(reference, located, text, settings, emit)
     rows = [_row(reference, None, settings, emit, speed)]
@@ -131,6 +136,10 @@ def _reference(manifest: Manifest, against: str | Path | None) -> Located:
     from localmix.quality.evaluate import best_reference
 
     return load.locate(against) if against is not None else best_reference(manifest.name)
+
+
+def _quant_of(target: Located) -> str:
+    return target.info.quant
 
 
 def _ensure(name: str, quant: str, settings: EvalSettings, emit: Progress) -> tuple[Located, bool]:
@@ -209,7 +218,7 @@ def _row(
         emit(EvalEvent("speed", model=located.name, detail=f"tg{GEN_TOKENS}"))
         gen = generation_speed(located, settings)
     return QuantRow(
-        quant=info.quant,
+        quant=_quant_of(located),
         name=located.name,
         path=located.path,
         size_bytes=info.file_size,
