@@ -37,8 +37,20 @@ class UsageError(LocalmixError):
     exit_code = 2
 
 
+class VocabularyMismatch(UsageError):
+    """eval: the model and the reference read a text as different tokens."""
+
+
+class TextTooShort(UsageError):
+    """eval: the text does not fill one chunk."""
+
+
 class ModelNotFound(LocalmixError):
     exit_code = 3
+
+
+class ReferenceNotFound(ModelNotFound):
+    """eval: no reference to compare a model with (none given, none of the store's fits)."""
 
 
 class CatalogError(LocalmixError):

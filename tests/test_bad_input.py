@@ -663,9 +663,48 @@ BUILD_CASES = [
 ]
 
 
+def _short_text(work: Path, gguf: Path) -> list[str]:
+    (work / "short.txt").write_text("Too short to fill a chunk.", encoding="utf-8")
+    model = _requantized(work, gguf)
+    return ["eval", model, "--against", str(gguf), "--text", str(work / "short.txt")]
+
+
+EVAL_CASES = [
+    _c("eval no model", 2, "Missing argument", "eval"),
+    _c("eval unknown model", 3, "nothing", "eval", "nothing"),
+    _c("eval empty model", 3, "", "eval", ""),
+    _c("eval a file with no reference", 3, "--against", "eval", "GGUF"),
+    _c("eval against itself", 2, "with itself", "eval", "GGUF", "--against", "GGUF"),
+    _c(
+        "eval against a missing file",
+        3,
+        "no such file",
+        "eval",
+        "GGUF",
+        "--against",
+        "WORK/no.gguf",
+    ),
+    _c("eval against a folder", 6, "directory", "eval", "GGUF", "--against", "WORK"),
+    _c("eval ctx below 256", 2, "256", "eval", "GGUF", "--against", "GGUF", "--ctx", "100"),
+    _c("eval ctx a word", 2, "--ctx", "eval", "GGUF", "--ctx", "big"),
+    _c("eval chunks 0", 2, "--chunks", "eval", "GGUF", "--against", "GGUF", "--chunks", "0"),
+    _c("eval missing text", 2, "no such text file", "eval", "GGUF", "--text", "WORK/none.txt"),
+    _c("eval text a folder", 2, "directory", "eval", "GGUF", "--text", "WORK"),
+    _c("eval text not text", 2, "not a text file", "eval", "GGUF", "--text", "GGUF"),
+    Case("eval text shorter than a chunk", _short_text, 2, "less than one chunk"),
+    _c("eval quants of a file", 2, "in the store", "eval", "GGUF", "--quants", "Q4_K_M"),
+    _c("eval quants unknown type", 2, "Q9_X", "eval", "tiny", "--quants", "Q4_K_M,Q9_X"),
+    _c("eval quants empty", 2, "names no quant", "eval", "tiny", "--quants", ","),
+    _c("eval quants of an unknown model", 3, "nothing", "eval", "nothing", "--quants", "Q8_0"),
+    _c("eval ngl -2", 2, "n-gpu-layers", "eval", "GGUF", "-ngl", "-2"),
+    _c("eval threads 0", 2, "--threads", "eval", "GGUF", "-t", "0"),
+    _c("eval with LOCALMIX_HOME a file", 2, "LOCALMIX_HOME", "eval", "x", env=HOME_FILE),
+]
+
+
 @pytest.mark.parametrize(
     "case",
-    PULL_CASES + IMPORT_CASES + STORE_CASES + CHAT_CASES + BENCH_CASES + BUILD_CASES,
+    PULL_CASES + IMPORT_CASES + STORE_CASES + CHAT_CASES + BENCH_CASES + BUILD_CASES + EVAL_CASES,
     ids=lambda c: c.id,
 )
 def test_every_command(
@@ -705,6 +744,7 @@ def test_case_count() -> None:
     """The issue asks for at least 150 rows across every command."""
     rows = CONVERT_CASES + QUANTIZE_CASES + OTHER_CASES + BOUNDS_CASES + GGUF_CASES
     rows += PULL_CASES + IMPORT_CASES + STORE_CASES + CHAT_CASES + BENCH_CASES + BUILD_CASES
+    rows += EVAL_CASES
     assert len(rows) >= 150
     assert len({c.id for c in rows}) == len(rows)
     from localmix.cli.app import app

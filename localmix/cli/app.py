@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "localmix.cli.pull",
     "localmix.cli.chat",
     "localmix.cli.bench",
+    "localmix.cli.eval",
     "localmix.cli.models",
     "localmix.cli.build",
     "localmix.cli.doctor",

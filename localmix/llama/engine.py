@@ -123,6 +123,8 @@ class Engine:
         self.n_embd = int(c.llama_model_n_embd(model))
         self.bos_id = int(c.llama_vocab_bos(self._vocab))
         self.eos_id = int(c.llama_vocab_eos(self._vocab))
+        # The vocabulary's own rule for a text's first token (llama.cpp's tools tokenize with it)
+        self.adds_bos = bool(c.llama_vocab_get_add_bos(self._vocab)) and self.bos_id >= 0
         self.size_bytes = int(c.llama_model_size(model))
         self.n_params = int(c.llama_model_n_params(model))
         self.system_info = (c.llama_print_system_info() or b"").decode(errors="replace")
@@ -342,24 +344,41 @@ class Engine:
         self._step(token)
         self._c.llama_synchronize(self._ctx)
 
-    def logits(self, tokens: Sequence[int]) -> numpy.ndarray:
-        """(n_tokens, n_vocab) float32 logits of every position, from an empty KV cache."""
+    def logits(self, tokens: Sequence[int], first: int = 0, *, view: bool = False) -> numpy.ndarray:
+        """(n_tokens - first, n_vocab) float32 logits of the positions from `first` on, from an
+        empty KV cache; llama.cpp computes no output rows for the positions before `first`.
+
+        view=True returns a read-only array over llama.cpp's own output buffer instead of a
+        copy (n_vocab x 4 bytes a row saved): valid only until this engine decodes again or
+        closes. Where the rows come from more than one n_batch decode it is a copy anyway."""
         import numpy as np
 
         self.clear()
         tokens = list(tokens)
         self._check_tokens(tokens)
         self._check_room(len(tokens))
-        out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
+        if not 0 <= first < max(len(tokens), 1):
+            raise UsageError(f"first must be in [0, {len(tokens)}), not {first}")
+        shape = (len(tokens) - first, self.n_vocab)
+        one_decode = not tokens or first // self._n_batch == (len(tokens) - 1) // self._n_batch
+        if view and one_decode:
+            self._decode(tokens, outputs_from=first)
+            rows = np.ctypeslib.as_array(self._output_logits(), shape=shape)
+            rows.flags.writeable = False
+            return rows
+        out = np.empty(shape, dtype=np.float32)
 
-        def collect(start: int, n: int) -> None:
-            ptr = self._c.llama_get_logits(self._ctx)
-            if not ptr:
-                raise EngineError("llama.cpp returned no logits")
-            out[start : start + n] = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
+        def collect(row: int, n: int) -> None:
+            out[row : row + n] = np.ctypeslib.as_array(self._output_logits(), shape=(n, shape[1]))
 
-        self._decode(tokens, all_logits=True, each=collect)
+        self._decode(tokens, outputs_from=first, each=collect)
         return out
+
+    def _output_logits(self) -> Any:
+        ptr = self._c.llama_get_logits(self._ctx)
+        if not ptr:
+            raise EngineError("llama.cpp returned no logits")
+        return ptr
 
     def _check_room(self, n: int) -> None:
         if len(self._kv) + n > self.n_ctx:
@@ -368,24 +387,40 @@ class Engine:
                 hint="use a larger context size or a shorter input",
             )
 
-    def _decode(self, tokens: list[int], *, all_logits: bool = False, each: Any = None) -> None:
-        """Decode tokens at the next positions in n_batch batches; logits of each batch's last
-        token (of every token with all_logits)."""
+    def _decode(
+        self,
+        tokens: list[int],
+        *,
+        outputs_from: int | None = None,
+        each: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Decode tokens at the next positions in n_batch batches, with logits of each batch's
+        last token; with outputs_from, of every token from that index on instead. each(row, n)
+        is called after a batch that has n output rows, the first being output row `row`."""
         c, batch, step = self._c, self._batch, self._n_batch
+        row = 0
         for start in range(0, len(tokens), step):
             part = tokens[start : start + step]
             n, pos = len(part), len(self._kv)
             ctypes.memmove(batch.token, _int32_array(part), 4 * n)
             ctypes.memmove(batch.pos, _int32_array(range(pos, pos + n)), 4 * n)
-            ctypes.memset(batch.logits, 1 if all_logits else 0, n)
-            batch.logits[n - 1] = 1
+            if outputs_from is None:
+                ctypes.memset(batch.logits, 0, n)
+                batch.logits[n - 1] = 1
+                n_out = 1
+            else:
+                skip = min(max(outputs_from - start, 0), n)
+                ctypes.memset(batch.logits, 0, skip)
+                ctypes.memset(ctypes.addressof(batch.logits.contents) + skip, 1, n - skip)
+                n_out = n - skip
             batch.n_tokens = n
             rc = c.llama_decode(self._ctx, batch)
             if rc != 0:
                 self._decode_failed(rc)
             self._kv.extend(part)
-            if each is not None:
-                each(start, n)
+            if each is not None and n_out:
+                each(row, n_out)
+            row += n_out
 
     def _step(self, token: int) -> None:
         self._one_token[0] = token
