@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "localmix.cli.bench",
     "localmix.cli.models",
     "localmix.cli.build",
+    "localmix.cli.imatrix",
     "localmix.cli.doctor",
     "localmix.cli.demo",
 )
