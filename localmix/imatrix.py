@@ -1,5 +1,6 @@
 """Importance matrices (llama-imatrix output) for the lowest-bit quant types: read, normalised the way
-llama-quantize normalises them, and checked, so a bad file is one clear error before llama.cpp runs.
+llama-quantize normalises them, and checked, so a bad file is one clear error before llama.cpp runs;
+and written in llama-imatrix's GGUF format (what `localmix imatrix`, localmix.calibration, computes).
 
 Two formats exist: GGUF (`<tensor>.in_sum2` and `<tensor>.counts` F32 tensors per weight, one
 row per expert, plus `imatrix.datasets` / `imatrix.chunk_count` / `imatrix.chunk_size`) and the
@@ -8,7 +9,10 @@ legacy binary `.dat` (per entry: name, call count, sums; then an optional chunk 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +34,62 @@ class Imatrix:
     values: dict[str, numpy.ndarray]  # tensor name -> float32, experts one after another
     datasets: tuple[str, ...]
     chunks: int  # chunks of text it was computed on (0 if the file does not say)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One weight's raw data as llama-imatrix keeps it: per matrix (one per expert, else one),
+    the sum over its input rows of each column's square, and how many rows were summed."""
+
+    sums: numpy.ndarray  # float32 (matrices, columns)
+    counts: numpy.ndarray  # float32 (matrices,)
+
+
+def save(
+    path: Path,
+    entries: Mapping[str, Entry],
+    *,
+    datasets: Sequence[str],
+    chunk_count: int,
+    chunk_size: int,
+) -> Path:
+    """Write llama-imatrix's GGUF format, as it writes it: general.type imatrix, the imatrix.*
+    keys, then per weight in name order `<name>.in_sum2` (columns x matrices) and `<name>.counts`
+    (1 x matrices). The file appears complete or not at all (a temporary file renamed)."""
+    import gguf
+    import numpy as np
+
+    class Writer(gguf.GGUFWriter):
+        def add_architecture(self) -> None:
+            pass  # an imatrix file names no architecture
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        writer = Writer(partial, arch="")
+        writer.add_type("imatrix")
+        writer.add_array("imatrix.datasets", list(datasets))
+        writer.add_uint32("imatrix.chunk_count", chunk_count)
+        writer.add_uint32("imatrix.chunk_size", chunk_size)
+        for name in sorted(entries):
+            entry = entries[name]
+            sums = np.asarray(entry.sums, dtype=np.float32)
+            counts = np.asarray(entry.counts, dtype=np.float32).reshape(-1, 1)
+            if len(counts) == 1:  # ggml drops trailing dimensions of 1 when it writes a tensor
+                sums, counts = sums.reshape(-1), counts.reshape(-1)
+            writer.add_tensor(name + _SUMS, sums)
+            writer.add_tensor(name + _COUNTS, counts)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(partial, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return path
 
 
 def load(path: Path) -> Imatrix:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from localmix.llama.engine import Engine
     from localmix.llama.hardware import Hardware
     from localmix.llama.offload import Plan
-    from localmix.llama.records import EngineConfig
+    from localmix.llama.records import EngineConfig, MatMulTap
     from localmix.store import Located
 
 DEFAULT_CTX = 4096
@@ -252,12 +252,20 @@ def notices(settings: LoadSettings, target: Located | None = None) -> tuple[str,
     return tuple(said)
 
 
-def open_model(reference: str | Path | Located, settings: LoadSettings | None = None) -> Loaded:
-    """Locate, plan and load: the model ready to stream. The caller closes it."""
+def open_model(
+    reference: str | Path | Located,
+    settings: LoadSettings | None = None,
+    *,
+    tap: MatMulTap | None = None,
+) -> Loaded:
+    """Locate, plan and load: the model ready to stream. The caller closes it. tap sees the
+    inputs of the model's matrix products while it computes (an imatrix's collector)."""
     from localmix.llama.engine import Engine
 
     settings = settings or LoadSettings()
     target = locate(reference)
     config, plan = configure(target, settings)
+    if tap is not None:
+        config = replace(config, tap=tap)
     engine = Engine(config)
     return Loaded(target, config, plan, engine, notices=notices(settings, target))

@@ -16,6 +16,7 @@ from localmix import settings
 from localmix.errors import EngineError, OutputError, UsageError
 
 if TYPE_CHECKING:
+    from localmix.calibration import ImatrixEvent
     from localmix.imatrix import Imatrix
     from localmix.store import Manifest
 
@@ -83,8 +84,9 @@ def quant_type(name: str, *, imatrix: bool = False) -> QuantType:
     if qtype.needs_imatrix and not imatrix:
         raise UsageError(
             f"{qtype.name} needs an importance matrix",
-            hint="pass --imatrix FILE (from llama-imatrix, or the one published beside a "
-            "model's GGUFs), or use Q2_K, Q3_K_M or IQ3_M, which need none",
+            hint="pass --imatrix auto (computed from the model, see `localmix imatrix`) or "
+            "--imatrix FILE (llama-imatrix's, or the one published beside a model's GGUFs), "
+            "or use Q2_K, Q3_K_M or IQ3_M, which need none",
         )
     return qtype
 
@@ -109,15 +111,16 @@ def quantize(
     qtype: str = DEFAULT_TYPE,
     *,
     threads: int | None = None,
-    progress: Callable[[QuantizeEvent], None] | None = None,
+    progress: Callable[[QuantizeEvent | ImatrixEvent], None] | None = None,
     allow_requantize: bool = False,
-    imatrix: Path | Imatrix | None = None,
+    imatrix: Path | str | Imatrix | None = None,
 ) -> Path:
     """Quantize a GGUF; the output appears at `out` only once complete. Returns `out`.
 
     An already-quantized input needs allow_requantize (quality is lost twice, as llama-quantize
     warns). imatrix, an importance matrix (a file, or one already loaded), guides every type and is
-    needed by the lowest-bit ones.
+    needed by the lowest-bit ones; "auto" takes src's own (SRC_STEM.imatrix.gguf beside it),
+    computed from src first when it is not there (progress then sees ImatrixEvents too).
     """
     from localmix import gguffile
     from localmix import imatrix as importance
@@ -129,8 +132,12 @@ def quantize(
     n_threads = settings.check_threads(threads) if threads else settings.default_threads()
     info = gguffile.inspect(src)  # a truncated or non-GGUF input fails here, not in C
     _check_requantize(src, info.quant, allow_requantize)
-    matrix = importance.load(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     out_dir = _writable_dir(out, src)
+    if imatrix == AUTO:
+        from localmix import calibration
+
+        imatrix = calibration.ensure(src, progress)
+    matrix = importance.load(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     remove_stale_partials(out)
     _check_space(out_dir, estimate_size(info.n_params, kind.name))
     # Beside the output, so the final rename never crosses file systems.
@@ -259,7 +266,8 @@ def remove_stale_partials(out: Path) -> int:
 
 
 # Sources to quantize a store model from, best first: requantizing a quantized file loses quality.
-_SOURCE_PREFERENCE = ("F32", "BF16", "F16", "Q8_0")
+SOURCE_PREFERENCE = ("F32", "BF16", "F16", "Q8_0")
+AUTO = "auto"  # imatrix="auto": the model's own importance matrix, computed when missing
 
 
 def quantize_model(
@@ -267,12 +275,14 @@ def quantize_model(
     qtype: str = DEFAULT_TYPE,
     *,
     threads: int | None = None,
-    progress: Callable[[QuantizeEvent], None] | None = None,
+    progress: Callable[[QuantizeEvent | ImatrixEvent], None] | None = None,
     allow_requantize: bool = False,
-    imatrix: Path | None = None,
+    imatrix: Path | str | None = None,
     on_wait: Callable[[], None] | None = None,
 ) -> Manifest:
     """Make another quant of a store model and register it (`localmix quantize mistral -q Q5_K_M`).
+    imatrix "auto" takes the model's own importance matrix (store.imatrix_path), computed from
+    the file quantized when it is not there yet.
 
     The check for the quant, the work and the registration happen under the model's lock: a
     second quantize of the same model waits and finds the first one's result, and an `rm` waits
@@ -292,7 +302,7 @@ def quantize_model(
             return by_quant[kind.name]
         if not by_quant:  # removed while this waited
             store.get(reference)
-        source = next((by_quant[q] for q in _SOURCE_PREFERENCE if q in by_quant), None)
+        source = next((by_quant[q] for q in SOURCE_PREFERENCE if q in by_quant), None)
         if source is None:
             if not allow_requantize:
                 raise UsageError(
@@ -301,6 +311,10 @@ def quantize_model(
                     "file, or pass --allow-requantize to accept the quality loss",
                 )
             source = store.get(name)
+        if imatrix == AUTO:
+            from localmix import calibration
+
+            imatrix = calibration.ensure(source.ref, progress)
         return _quantize_and_register(source, kind, threads, progress, imatrix)
 
 
@@ -308,8 +322,8 @@ def _quantize_and_register(
     source: Manifest,
     kind: QuantType,
     threads: int | None,
-    progress: Callable[[QuantizeEvent], None] | None,
-    imatrix: Path | None,
+    progress: Callable[[QuantizeEvent | ImatrixEvent], None] | None,
+    imatrix: Path | str | None,
 ) -> Manifest:
     import dataclasses
     import time

@@ -2,6 +2,7 @@
 
 Layout under settings.home():
     models/<slug>/<QUANT>.gguf      files localmix owns (converted, quantized, copied)
+    models/<slug>/imatrix.gguf      the model's importance matrix, if computed (`localmix imatrix`)
     manifests/<slug>/<QUANT>.json   a model exists once (and only while) its manifest exists
     locks/<slug>.lock               one lock per model name
     tmp/                            partial outputs, renamed into place when complete
@@ -103,6 +104,11 @@ def model_dir(name: str) -> Path:
 def model_path(name: str, quant: str) -> Path:
     """Where localmix keeps its own GGUF for a model and quant."""
     return model_dir(name) / f"{quant.upper()}.gguf"
+
+
+def imatrix_path(name: str) -> Path:
+    """Where a model's importance matrix lives (`localmix imatrix`), one for all its quants."""
+    return model_dir(name) / "imatrix.gguf"
 
 
 def _manifest_path(name: str, quant: str) -> Path:
@@ -412,6 +418,9 @@ def remove(reference: str, on_wait: Callable[[], None] | None = None) -> list[Ma
                 if manifest.name == name:
                     _unregister(manifest)
                     removed.append(manifest)
+            if not any(m.name == name for m in list_models()):  # its imatrix goes with the last
+                with contextlib.suppress(FileNotFoundError):
+                    imatrix_path(name).unlink()
         for folder in (model_dir(name), _manifest_path(name, "x").parent):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     import numpy as np
 
@@ -191,16 +191,38 @@ def attention(
     return out.reshape(n, n_heads * head_dim)
 
 
-def swiglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    return (silu(x @ gate.T) * (x @ up.T)) @ down.T
+def _ignore(role: str, rows: np.ndarray, expert: int | None) -> None:
+    """A record() that keeps nothing. record(role, rows, expert) sees the input rows of one
+    weight matrix ("ffn_up", "ffn_down_exps", ...; expert None for a dense weight)."""
+
+
+def swiglu(
+    x: np.ndarray,
+    gate: np.ndarray,
+    up: np.ndarray,
+    down: np.ndarray,
+    record: Callable[[str, np.ndarray, int | None], None] = _ignore,
+    expert: int | None = None,
+) -> np.ndarray:
+    suffix = "_exps" if expert is not None else ""
+    record("ffn_gate" + suffix, x, expert)
+    record("ffn_up" + suffix, x, expert)
+    hidden = silu(x @ gate.T) * (x @ up.T)
+    record("ffn_down" + suffix, hidden, expert)
+    return hidden @ down.T
 
 
 def moe(
-    x: np.ndarray, router: np.ndarray, experts: Sequence[tuple[np.ndarray, ...]], top_k: int
+    x: np.ndarray,
+    router: np.ndarray,
+    experts: Sequence[tuple[np.ndarray, ...]],
+    top_k: int,
+    record: Callable[[str, np.ndarray, int | None], None] = _ignore,
 ) -> np.ndarray:
     """HF Mixtral routing: softmax over all experts, top-k, renormalize, weighted sum of expert MLPs."""
     import numpy as np
 
+    record("ffn_gate_inp", x, None)
     probs = softmax(x @ router.T, axis=-1)  # (n, E)
     chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
     weights = np.take_along_axis(probs, chosen, axis=-1)
@@ -209,7 +231,8 @@ def moe(
     for e, (gate, up, down) in enumerate(experts):
         rows, slot = np.nonzero(chosen == e)
         if rows.size:
-            out[rows] += weights[rows, slot][:, None] * swiglu(x[rows], gate, up, down)
+            mlp = swiglu(x[rows], gate, up, down, record, e)
+            out[rows] += weights[rows, slot][:, None] * mlp
     return out
 
 
@@ -262,11 +285,18 @@ def _experts(w: dict[str, np.ndarray], pattern: str, n: int) -> list[tuple[np.nd
 
 
 def forward(
-    hp: Hparams, w: dict[str, np.ndarray], tokens: Sequence[int], *, trace: dict | None = None
+    hp: Hparams,
+    w: dict[str, np.ndarray],
+    tokens: Sequence[int],
+    *,
+    trace: dict | None = None,
+    record: Callable[[str, np.ndarray, int | None], None] | None = None,
 ) -> np.ndarray:
     """Logits (n_tokens, vocab) float32 for every position of `tokens`, from position 0.
 
     `trace`, when given, collects "router_margin": the smallest top-k routing gap seen (MoE only).
+    `record(weight, rows, expert)`, when given, sees the input rows of every block weight matrix,
+    named as in a GGUF ("blk.0.attn_q.weight"; expert None for a dense weight).
     """
     import numpy as np
 
@@ -278,21 +308,30 @@ def forward(
     margin = np.inf
     for layer in range(hp.n_layers):
         names = _names(hp, layer)
+
+        def note(role: str, rows: np.ndarray, expert: int | None, layer: int = layer) -> None:
+            if record is not None:
+                record(f"blk.{layer}.{role}.weight", rows, expert)
+
         h = rms_norm(x, w[names["attn_norm"]], hp.norm_eps)
+        for role in ("attn_q", "attn_k", "attn_v"):
+            note(role, h, None)
         q = (h @ w[names["q"]].T).reshape(n, hp.n_heads, hp.head_dim)
         k = (h @ w[names["k"]].T).reshape(n, hp.n_kv_heads, hp.head_dim)
         v = (h @ w[names["v"]].T).reshape(n, hp.n_kv_heads, hp.head_dim)
         q = rope(q, positions, hp.rope_theta, hp.layout)
         k = rope(k, positions, hp.rope_theta, hp.layout)
-        x = x + attention(q, k, v, hp.sliding_window) @ w[names["o"]].T
+        mixed = attention(q, k, v, hp.sliding_window)
+        note("attn_output", mixed, None)
+        x = x + mixed @ w[names["o"]].T
         h = rms_norm(x, w[names["ffn_norm"]], hp.norm_eps)
         if hp.n_experts:
             router = w[names["router"]]
             experts = _experts(w, names["expert"], hp.n_experts)
             margin = min(margin, router_margin(h, router, hp.n_experts_used))
-            x = x + moe(h, router, experts, hp.n_experts_used)
+            x = x + moe(h, router, experts, hp.n_experts_used, note)
         else:
-            x = x + swiglu(h, w[names["gate"]], w[names["up"]], w[names["down"]])
+            x = x + swiglu(h, w[names["gate"]], w[names["up"]], w[names["down"]], note)
     x = rms_norm(x, w["model.norm.weight" if hf else "norm.weight"], hp.norm_eps)
     head_name = "lm_head.weight" if hf else "output.weight"
     head = embed if hp.tied_embeddings or head_name not in w else w[head_name]

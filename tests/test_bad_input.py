@@ -577,6 +577,57 @@ BENCH_CASES = [
     _c("bench with LOCALMIX_HOME a file", 2, "LOCALMIX_HOME", "bench", "x", env=HOME_FILE),
 ]
 
+
+def _imatrix_text(content: bytes) -> Callable[[Path, Path], list[str]]:
+    """imatrix of the tiny model over a text file holding `content`."""
+
+    def make(work: Path, gguf: Path) -> list[str]:
+        text = work / "text.txt"
+        text.write_bytes(content)
+        return ["imatrix", str(gguf), "-f", str(text), "-o", str(work / "i.gguf")]
+
+    return make
+
+
+IMATRIX_CASES = [
+    _c("imatrix no model", 2, "Missing argument", "imatrix"),
+    _c("imatrix empty model", 2, "no model given", "imatrix", ""),
+    _c("imatrix unknown model", 3, "nothing", "imatrix", "nothing"),
+    _c("imatrix a folder", 6, "directory", "imatrix", "WORK"),
+    Case(
+        "imatrix a text file named .gguf",
+        lambda w, g: ["imatrix", str(_text_as_gguf(w))],
+        6,
+        "not a GGUF",
+    ),
+    _c("imatrix text missing", 2, "no such text file", "imatrix", "GGUF", "-f", "WORK/no.txt"),
+    _c("imatrix text a folder", 2, "directory", "imatrix", "GGUF", "-f", "WORK"),
+    Case("imatrix text empty", _imatrix_text(b" \n"), 2, "is empty"),
+    Case("imatrix text binary", _imatrix_text(b"\x00\x01"), 2, "NUL"),
+    Case("imatrix text not utf-8", _imatrix_text(b"caf\xe9 " * 100), 2, "not UTF-8"),
+    Case("imatrix text under a chunk", _imatrix_text(b"Short."), 2, "less than one chunk"),
+    _c("imatrix chunks 0", 2, "--chunks", "imatrix", "GGUF", "--chunks", "0"),
+    _c("imatrix chunk size 8", 2, "--chunk-size", "imatrix", "GGUF", "-c", "8"),
+    _c("imatrix chunk size word", 2, "--chunk-size", "imatrix", "GGUF", "-c", "many"),
+    _c("imatrix threads 0", 2, "--threads", "imatrix", "GGUF", "-t", "0"),
+    _c("imatrix output a folder", 12, "is a directory", "imatrix", "GGUF", "-o", "WORK"),
+    _c("imatrix output empty", 2, "output file name", "imatrix", "GGUF", "-o", ""),
+    _c("imatrix output in no folder", 12, "no such directory", "imatrix", "GGUF", "-o", "WORK/a/b"),
+    _c("imatrix output is the model", 2, "replace the model", "imatrix", "GGUF", "-o", "GGUF"),
+    _c("imatrix with LOCALMIX_HOME a file", 2, "LOCALMIX_HOME", "imatrix", "x", env=HOME_FILE),
+    _c(
+        "quantize empty imatrix",
+        2,
+        "--imatrix",
+        "quantize",
+        "GGUF",
+        "-o",
+        "WORK/q.gguf",
+        "--imatrix",
+        "",
+    ),
+]
+
 BUILD_CASES = [
     _c("convert no path", 2, "Missing argument", "convert"),
     _c("convert empty path", 5, "", "convert", "", "-o", "WORK/o.gguf"),
@@ -643,6 +694,7 @@ BUILD_CASES = [
         2,
         "--allow-requantize",
     ),
+    *IMATRIX_CASES,
     _c("synth empty path", 2, "directory name", "synth", ""),
     _c("synth to a file", 12, "is a file", "synth", FILE),
     _c("synth under a file", 12, "Not a directory", "synth", FILE + "/sub/x"),

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "localmix.cli.eval",
     "localmix.cli.models",
     "localmix.cli.build",
+    "localmix.cli.imatrix",
     "localmix.cli.doctor",
     "localmix.cli.demo",
 )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from localmix.cli.options import ImatrixOpt, OutputOpt, QuantOpt, ThreadsOpt
+from localmix.cli.options import OutputOpt, QuantizeImatrixOpt, QuantOpt, ThreadsOpt
 from localmix.errors import UsageError
 
 _NAME_HINT = "give a .gguf path or a name from `localmix list`"
@@ -54,20 +54,34 @@ def quantize_command(
             help="Quantize an already-quantized file or store model (quality is lost twice).",
         ),
     ] = False,
-    imatrix: ImatrixOpt = None,
+    imatrix: QuantizeImatrixOpt = None,
 ) -> None:
     """Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default."""
     from localmix import quantize as q
+    from localmix.calibration import ImatrixEvent
     from localmix.cli import render
 
     kind = q.quant_type(qtype, imatrix=imatrix is not None)
     with render.steps() as bar:
-        tasks: list[object] = []  # the bar appears with the first tensor, after the input checks
+        # a bar per stage, each appearing with its first event, after the input checks
+        tasks: dict[str, object] = {}
 
-        def show(event: q.QuantizeEvent) -> None:
-            if not tasks:
-                tasks.append(bar.add_task(f"quantizing to {kind.name}", total=None, detail=""))
-            bar.update(tasks[0], completed=event.index, total=event.total, detail=event.tensor)  # type: ignore[arg-type]
+        def show(event: q.QuantizeEvent | ImatrixEvent) -> None:
+            if isinstance(event, ImatrixEvent):
+                if "imatrix" not in tasks:
+                    tasks["imatrix"] = bar.add_task("computing the importance matrix", detail="")
+                bar.update(tasks["imatrix"], completed=event.chunk, total=event.total)  # type: ignore[arg-type]
+                return
+            if "quantize" not in tasks:
+                tasks["quantize"] = bar.add_task(
+                    f"quantizing to {kind.name}", total=None, detail=""
+                )
+            bar.update(
+                tasks["quantize"],  # type: ignore[arg-type]
+                completed=event.index,
+                total=event.total,
+                detail=event.tensor,
+            )
 
         path = Path(src)
         if not src.strip():

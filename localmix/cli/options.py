@@ -59,6 +59,16 @@ ImatrixOpt = Annotated[
         "needed by IQ1/IQ2/IQ3_XXS/Q2_K_S.",
     ),
 ]
+QuantizeImatrixOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--imatrix",
+        metavar="FILE",
+        callback=not_empty,
+        help="Importance matrix (llama-imatrix's GGUF or .dat), or auto: the model's own, "
+        "computed first if missing (`localmix imatrix`); needed by IQ1/IQ2/IQ3_XXS/Q2_K_S.",
+    ),
+]
 OutputOpt = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(

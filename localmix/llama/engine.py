@@ -31,6 +31,8 @@ from localmix.llama.textstream import TextStream
 if TYPE_CHECKING:
     import numpy
 
+    from localmix.llama.tap import Tap
+
 __all__ = ["Chunk", "Engine", "EngineConfig", "Sampling", "Stats"]
 
 _LOAD_MODE_NONE, _LOAD_MODE_AUTO = 0, -1  # enum llama_load_mode
@@ -57,6 +59,7 @@ class Engine:
         self._eog: dict[int, bool] = {}
         self._live: Iterator[Chunk | Stats] | None = None
         self._closed = False
+        self._tap: Tap | None = None
         self._stack = ExitStack()
         self._c = llama()
         try:
@@ -98,6 +101,12 @@ class Engine:
         cparams.flash_attn_type = FLASH_ATTN[config.flash_attn]
         cparams.type_k = KV_CACHE_TYPES[config.type_k]
         cparams.type_v = KV_CACHE_TYPES[config.type_v]
+        if config.tap is not None:
+            from localmix.llama.tap import Tap
+
+            # Held by the engine: the context calls it until llama_free.
+            self._tap = Tap(config.tap)
+            cparams.cb_eval = self._tap.callback
         ctx = c.llama_init_from_model(model, cparams)
         if not ctx:
             raise EngineError(
@@ -122,6 +131,7 @@ class Engine:
         self.n_layer = int(c.llama_model_n_layer(model))
         self.n_embd = int(c.llama_model_n_embd(model))
         self.bos_id = int(c.llama_vocab_bos(self._vocab))
+        self.add_bos = bool(c.llama_vocab_get_add_bos(self._vocab))  # the model's own choice
         self.eos_id = int(c.llama_vocab_eos(self._vocab))
         # The vocabulary's own rule for a text's first token (llama.cpp's tools tokenize with it)
         self.adds_bos = bool(c.llama_vocab_get_add_bos(self._vocab)) and self.bos_id >= 0
@@ -326,13 +336,15 @@ class Engine:
         c.llama_memory_seq_add(mem, 0, keep + discard, -1, -discard)
         del self._kv[keep : keep + discard]
 
-    def process(self, tokens: Sequence[int]) -> None:
-        """Append tokens to the KV cache in n_batch batches, without sampling."""
+    def process(self, tokens: Sequence[int], *, every_output: bool = False) -> None:
+        """Append tokens to the KV cache in n_batch batches, without sampling. every_output
+        computes every position's output (else the last only: llama.cpp then runs the last
+        layer's feed-forward for that one token)."""
         self._check()
         tokens = list(tokens)
         self._check_tokens(tokens)
         self._check_room(len(tokens))
-        self._decode(tokens)
+        self._decode(tokens, outputs_from=0 if every_output else None)
         self._c.llama_synchronize(self._ctx)  # so a caller's clock sees finished work
 
     def decode_one(self, token: int) -> None:
@@ -417,6 +429,9 @@ class Engine:
             rc = c.llama_decode(self._ctx, batch)
             if rc != 0:
                 self._decode_failed(rc)
+            if self._tap is not None and self._tap.error is not None:
+                self._sync_kv()
+                self._tap.raise_error()
             self._kv.extend(part)
             if each is not None and n_out:
                 each(row, n_out)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from localmix.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy
 
 # enum llama_flash_attn_type (include/llama.h)
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
@@ -50,6 +54,7 @@ class EngineConfig:
     tensor_overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor name, buffer type)
     use_mmap: bool = True
     verbose: bool = False
+    tap: MatMulTap | None = None  # sees the inputs of the graph's matrix products (imatrix)
 
     def __post_init__(self) -> None:
         _choice("flash attention mode", self.flash_attn, FLASH_ATTN)
@@ -62,6 +67,31 @@ class EngineConfig:
         for threads in (self.n_threads, self.n_threads_batch):
             if threads is not None and threads < 1:
                 raise UsageError(f"threads must be at least 1, not {threads}")
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """A matrix product in llama.cpp's compute graph, as the eval callback sees it. Shapes are
+    ggml's ne, innermost first; the weight is the first operand, the inputs the second."""
+
+    op: str  # "MUL_MAT", or "MUL_MAT_ID": one matrix per expert, chosen per token by expert ids
+    weight: str  # the first operand's name ("blk.0.attn_q.weight" for a model weight)
+    weight_shape: tuple[int, ...]  # (columns, rows, matrices, 1): matrices is experts for _ID
+    input_shape: tuple[int, ...]  # (columns, rows, ...): rows are tokens (or expert slots)
+    input_f32: bool
+
+
+class MatMulTap(Protocol):
+    """What an engine calls while it computes: wants() for every product about to run, take()
+    with the inputs of each product wanted, once it has run."""
+
+    def wants(self, product: MatMul) -> bool: ...
+
+    def take(
+        self, product: MatMul, inputs: numpy.ndarray, expert_ids: numpy.ndarray | None
+    ) -> None:
+        """inputs: float32 shaped (ne3, ne2, ne1, ne0), readable only during the call; expert_ids
+        (MUL_MAT_ID only): int32 (tokens, experts used), the expert each input row goes to."""
 
 
 _SAMPLING_HINT = "see `localmix chat --help` for each sampling value's range"
