@@ -108,3 +108,18 @@ class Splitter:
         elif text:
             parts.append(text)
         return tuple(parts)
+
+
+def thinks_by_default(model: str | None, think_mode: str | None) -> bool:
+    """Whether a chat starts with thinking on: for a catalog reasoning model switched by its
+    prompt (Magistral, Ministral 3 Reasoning: their repos ship the reasoning prompt as the
+    default system prompt); Mistral Small 4's default reasoning_effort is "none"."""
+    if think_mode != "prompt" or not model:
+        return False
+    from localmix import catalog
+    from localmix.errors import LocalmixError
+
+    try:
+        return catalog.load().get(model).reasoning
+    except LocalmixError:  # not a catalog name (a path, hf.co/...), or a broken user catalog
+        return False
