@@ -46,11 +46,14 @@ def shipped(name: str) -> Path:
     return Path(os.path.dirname(mistral_common.__file__)) / "data" / name
 
 
-def tekken_file(version: str, folder: Path) -> Path:
+def tekken_file(version: str, folder: Path, vocab_size: int | None = None) -> Path:
     """tekken.json of `version` ("v7", "v11", "v13", "v15") in folder; v7 is tekken_240911
-    relabelled (Mistral Small 3's rules, its special tokens the old fixed list)."""
+    relabelled (Mistral Small 3's rules, its special tokens the old fixed list). vocab_size cuts
+    the vocabulary (special tokens included) for scripted models that need only its start."""
     data = json.loads(shipped("tekken_240911.json").read_text(encoding="utf-8"))
     data["config"]["version"] = version
+    if vocab_size is not None:
+        data["config"]["default_vocab_size"] = vocab_size
     data.pop("image", None)  # text only: no image encoder to configure
     if version in _ADDED:
         n = data["config"]["default_num_special_tokens"]
@@ -62,7 +65,7 @@ def tekken_file(version: str, folder: Path) -> Path:
     if version == "v15":
         data["model_settings_builder"] = SMALL_4_SETTINGS
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"tekken_{version}.json"
+    path = folder / f"tekken_{version}{'' if vocab_size is None else f'_{vocab_size}'}.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
 
