@@ -234,3 +234,14 @@ def test_chat_prints_only_the_answer(stored: str, capsys: pytest.CaptureFixture[
     result = run_cli(capsys, "chat", stored, "2+2?", "--temperature", "0", "--no-think")
     assert result.code == 0, result.err
     assert result.out == ANSWER + "\n"
+
+
+def test_chat_think_on_a_model_without_a_switch_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_repl import SCRIPT as V1_SCRIPT
+
+    path = write_scripted_gguf(tmp_path / "v1.gguf", V1_SCRIPT)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    result = run_cli(capsys, "chat", str(path), "Hi", "--think", "--temperature", "0")
+    assert result.code != 0 and "no thinking switch" in result.err
