@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from importlib import resources
@@ -21,8 +22,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ARCHITECTURES = ("mistral", "mixtral")
-CHAT_FORMATS = ("v1", "v2", "v3", "v3-tekken", "v7")
+# mistral3: Mistral Small 3.x, Magistral, Devstral Small 2, Ministral 3; mistral4: Small 4 (MoE)
+ARCHITECTURES = ("mistral", "mixtral", "mistral3", "mistral4")
+CHAT_FORMATS = ("v1", "v2", "v3", "v3-tekken", "v7", "v11", "v13", "v15")  # chat/template.py's
+THINKING_FORMATS = ("v13", "v15")  # the formats that encode [THINK]
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,20 @@ class ModelSpec:
     gated: bool
     aliases: tuple[str, ...] = ()
     synthetic: str = ""
+    reasoning: bool = False  # thinks in [THINK]…[/THINK] before it answers
+    size_q4_k_m: float = 0.0  # GB (10^9 bytes) of the Q4_K_M file(s); 0 for synthetic models
+    purpose: str = ""  # what it is for, in a few words
+    license: str = ""
+    quant_files: dict[str, str] = field(default_factory=dict)  # quant -> the tag its files carry
+
+    def file_quant(self, quant: str) -> str:
+        """The quant tag the repo's file names carry for `quant` (MaziyarPanahi's 8x22B names
+        its Q6_K files "Q6")."""
+        return self.quant_files.get(quant, quant)
 
     def gguf_file(self, quant: str) -> str:
         """The GGUF file name for a quant in gguf_repo."""
-        return self.gguf_pattern.replace("{quant}", quant)
+        return self.gguf_pattern.replace("{quant}", self.file_quant(quant))
 
 
 # field name -> (python type(s), required)
@@ -64,6 +77,11 @@ _FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "gated": (bool, True),
     "aliases": (list, False),
     "synthetic": (str, False),
+    "reasoning": (bool, False),
+    "size_q4_k_m": ((float, int), False),
+    "purpose": (str, False),
+    "license": (str, False),
+    "quant_files": (dict, False),
 }
 assert set(_FIELDS) == {f.name for f in fields(ModelSpec)} - {"name"}
 
@@ -88,20 +106,42 @@ def _spec(path: Path, name: str, table: Any) -> ModelSpec:
             continue
         value = table[key]
         # bool is an int in Python; a context length of `true` is still wrong.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise fail(key, f"expected {kind.__name__}, got {type(value).__name__}")
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise fail(key, f"expected {_kind_name(kind)}, got {type(value).__name__}")
         if kind is list:
             if not all(isinstance(item, str) for item in value):
                 raise fail(key, "expected a list of strings")
             value = tuple(value)
-        values[key] = value
+        if kind is dict and not all(isinstance(v, str) for v in value.values()):
+            raise fail(key, "expected a table of strings")
+        values[key] = float(value) if key == "size_q4_k_m" else value
+    _check_values(values, fail)
+    return ModelSpec(name=name, **values)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return "number" if isinstance(kind, tuple) else kind.__name__
+
+
+def _check_values(values: dict[str, Any], fail: Callable[[str, str], CatalogError]) -> None:
+    """What the types alone do not say: known architectures and formats, sizes above 0, quants
+    the entry lists."""
     if values["architecture"] not in ARCHITECTURES:
         raise fail("architecture", f"{values['architecture']!r} is not one of {ARCHITECTURES}")
     if values["chat_format"] not in CHAT_FORMATS:
         raise fail("chat_format", f"{values['chat_format']!r} is not one of {CHAT_FORMATS}")
     if values["context_length"] <= 0:
         raise fail("context_length", "must be positive")
-    return ModelSpec(name=name, **values)
+    if values.get("reasoning") and values["chat_format"] not in THINKING_FORMATS:
+        raise fail("reasoning", f"a reasoning model's chat format is one of {THINKING_FORMATS}")
+    if values.get("size_q4_k_m", 0) < 0:
+        raise fail("size_q4_k_m", "must be 0 (unknown) or more")
+    quants = values["quants"]
+    if quants and values["default_quant"] not in quants:
+        raise fail("default_quant", f"{values['default_quant']!r} is not in quants")
+    for quant in values.get("quant_files", {}):
+        if quant not in quants:
+            raise fail("quant_files", f"{quant!r} is not in quants")
 
 
 def _read(path: Path, text: str) -> dict[str, ModelSpec]:

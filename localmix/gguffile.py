@@ -19,7 +19,11 @@ GGUF_MAGIC = b"GGUF"
 _MAX_ARRAY = 64
 # Pieces whose presence and ids tell Mistral's tokenizer versions apart: control tokens of v2+
 # and tekken, and the v1 sentencepiece pieces that "[INST]" is written with.
-MARKER_PIECES = ("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[SYSTEM_PROMPT]", "▁[", "INST", "]")
+# The pieces chat/detection.py looks for: Mistral's control tokens by version, v1's "[INST]" pieces.
+MARKER_PIECES = (
+    *("[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[SYSTEM_PROMPT]", "▁[", "INST", "]"),
+    *("[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]", "[MODEL_SETTINGS]"),
+)
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 

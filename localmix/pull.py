@@ -53,6 +53,7 @@ class _Plan:
     convert: bool
     chat_format: str | None = None
     preferred_file: str | None = None
+    file_quant: str | None = None  # the tag the repo's file names carry for quant, if another
 
 
 def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
@@ -69,8 +70,9 @@ def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
         quant = quant or spec.default_quant
         if from_source or not spec.gguf_repo:
             return _Plan(spec.name, spec.source, quant, True, spec.chat_format)
+        tag = spec.file_quant(quant) if quant in spec.quant_files else None
         return _Plan(
-            spec.name, spec.gguf_repo, quant, False, spec.chat_format, spec.gguf_file(quant)
+            spec.name, spec.gguf_repo, quant, False, spec.chat_format, spec.gguf_file(quant), tag
         )
     assert ref.repo is not None
     if ref.kind is catalog.RefKind.HF_GGUF:
@@ -240,10 +242,15 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
 
     try:
         quant, names = repofiles.choose_gguf(
-            listing.names, plan.quant, repo=plan.repo, preferred=plan.preferred_file
+            listing.names,
+            plan.file_quant or plan.quant,
+            repo=plan.repo,
+            preferred=plan.preferred_file,
         )
     except ModelNotFound as exc:
         raise _offline_miss(exc, listing) from exc
+    if plan.file_quant:
+        quant = plan.quant or quant  # registered under the catalog's name (Q6_K, not Q6)
     if found := _existing(plan.name, quant):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found

@@ -84,8 +84,11 @@ def choose_gguf(
     by_stem = groups[quant]
     stems = sorted(by_stem)
     if preferred:
-        wanted = _SPLIT_RE.sub("", preferred).lower()
-        stems.sort(key=lambda s: s.rsplit("/", 1)[-1].lower() != wanted.rsplit("/", 1)[-1])
+        # a stem is a file name without its split suffix and, when split, without ".gguf"
+        def base(name: str) -> str:
+            return _SPLIT_RE.sub("", name).rsplit("/", 1)[-1].lower().removesuffix(".gguf")
+
+        stems.sort(key=lambda s: base(s) != base(preferred))
     files = by_stem[stems[0]]
     match = _SPLIT_RE.search(files[0])
     if match and len(files) != int(match.group(2)):

@@ -1,4 +1,5 @@
-"""A tiny Llama-architecture GGUF with Mistral's v1 vocabulary whose greedy output is scripted.
+"""A tiny Llama-architecture GGUF with Mistral's v1 vocabulary (or a tekken one) whose greedy
+output is scripted.
 
 All attention and feed-forward weights are zero, so the residual stream is the token's embedding.
 Each scripted token gets a one-hot embedding, and the output row of its successor points along it:
@@ -10,7 +11,10 @@ end of sequence) on real llama.cpp.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 N_EMBD = 64
 N_HEAD = 4
@@ -26,29 +30,19 @@ def v1_tokenizer_path() -> Path:
     return Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
 
 
-def write_scripted_gguf(path: Path, successors: dict[int, int], *, n_ctx: int = 512) -> Path:
-    """Write the model; successors maps token -> the token greedy decoding emits after it."""
+def write_scripted_gguf(
+    path: Path, successors: dict[int, int], *, n_ctx: int = 512, tekken: Path | None = None
+) -> Path:
+    """Write the model; successors maps token -> the token greedy decoding emits after it.
+    tekken: a tekken.json whose vocabulary replaces Mistral's v1 sentencepiece one."""
     import gguf
     import numpy as np
-    import sentencepiece
 
     if len(successors) > N_EMBD:
         raise ValueError(f"at most {N_EMBD} scripted tokens")
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(v1_tokenizer_path()))
-    n_vocab = sp.vocab_size()
-    tokens, scores, types = [], [], []
-    for i in range(n_vocab):
-        tokens.append(sp.id_to_piece(i).encode())
-        scores.append(sp.get_score(i))
-        types.append(
-            _UNKNOWN
-            if sp.is_unknown(i)
-            else _CONTROL
-            if sp.is_control(i)
-            else _BYTE
-            if sp.is_byte(i)
-            else _NORMAL
-        )
+    vocab = _tekken_vocab(tekken) if tekken is not None else _v1_vocab()
+    tokens, scores, types, tokenizer_keys = vocab
+    n_vocab = len(tokens)
 
     rng = np.random.default_rng(0)
     embd = rng.normal(0, 0.01, (n_vocab, N_EMBD)).astype(np.float32)
@@ -69,7 +63,7 @@ def write_scripted_gguf(path: Path, successors: dict[int, int], *, n_ctx: int = 
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
     writer.add_file_type(0)  # all F32
-    writer.add_tokenizer_model("llama")
+    tokenizer_keys(writer)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -96,3 +90,50 @@ def write_scripted_gguf(path: Path, successors: dict[int, int], *, n_ctx: int = 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+Vocab = tuple[list[bytes], list[float], list[int], Callable[[Any], None]]
+
+
+def _v1_vocab() -> Vocab:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(v1_tokenizer_path()))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i).encode())
+        scores.append(sp.get_score(i))
+        types.append(
+            _UNKNOWN
+            if sp.is_unknown(i)
+            else _CONTROL
+            if sp.is_control(i)
+            else _BYTE
+            if sp.is_byte(i)
+            else _NORMAL
+        )
+    return tokens, scores, types, lambda w: w.add_tokenizer_model("llama")
+
+
+def _tekken_vocab(tekken: Path) -> Vocab:
+    """A tekken.json's vocabulary as llama.cpp's converter writes it (gguf's MistralVocab)."""
+    import tempfile
+
+    import gguf
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copyfile(tekken, Path(folder) / "tekken.json")
+        vocab = gguf.MistralVocab(Path(folder))
+        tokens, scores, types = [], [], []
+        for text, score, kind in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(int(kind))
+        merges = vocab.extract_vocab_merges_from_model()
+
+    def keys(writer: Any) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("tekken")
+        writer.add_token_merges(merges)
+
+    return tokens, scores, types, keys

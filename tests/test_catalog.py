@@ -119,3 +119,93 @@ def test_the_repository_root_catalog_is_the_one_the_package_ships() -> None:
     it there); the wheel ships localmix/models.toml. Edit both, or this fails."""
     root = Path(__file__).resolve().parent.parent
     assert (root / "models.toml").read_bytes() == (root / "localmix" / "models.toml").read_bytes()
+
+
+def test_the_catalog_holds_the_mistral_family_of_today() -> None:
+    cat = catalog.load()
+    expected = {
+        "mistral-small:3.2": ("mistral3", "v11", False),
+        "ministral-3:3b": ("mistral3", "v13", False),
+        "ministral-3:8b": ("mistral3", "v13", False),
+        "ministral-3:14b": ("mistral3", "v13", False),
+        "ministral-3:8b-reasoning": ("mistral3", "v13", True),
+        "magistral:small": ("mistral3", "v13", True),
+        "devstral-small:2": ("mistral3", "v13", False),
+        "mistral-small:4": ("mistral4", "v15", True),
+    }
+    for name, (arch, fmt, thinks) in expected.items():
+        spec = cat.get(name)
+        assert (spec.architecture, spec.chat_format, spec.reasoning) == (arch, fmt, thinks), name
+    assert cat.get("magistral").name == "magistral:small"
+    assert cat.get("mistral-small").name == "mistral-small:4"
+    assert cat.get("devstral").name == "devstral-small:2"
+
+
+def test_every_downloadable_entry_says_its_size_purpose_and_license() -> None:
+    for spec in catalog.load().models.values():
+        if spec.synthetic:
+            continue
+        assert spec.size_q4_k_m > 0 and spec.purpose and spec.license, spec.name
+        assert spec.gguf_repo and "{quant}" in spec.gguf_pattern, spec.name
+
+
+def test_catalog_formats_are_the_ones_chat_encodes() -> None:
+    from localmix.chat import template
+
+    assert set(catalog.CHAT_FORMATS) == set(template.FORMATS)
+    thinking = {name for name, fmt in template.FORMATS.items() if fmt.think}
+    assert set(catalog.THINKING_FORMATS) == thinking
+
+
+_ENTRY = (
+    '[models."x"]\ndescription="d"\narchitecture="mistral3"\nparameters="1B"\nsource=""\n'
+    'gguf_repo="o/r"\ngguf_pattern="r-{quant}.gguf"\nquants=["Q4_K_M", "Q6_K"]\n'
+    'default_quant="Q4_K_M"\nchat_format="v13"\ncontext_length=1\ngated=false\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ('reasoning="yes"\n', "'reasoning': expected bool"),
+        ("size_q4_k_m=true\n", "'size_q4_k_m': expected number"),
+        ("size_q4_k_m=-1\n", "'size_q4_k_m': must be 0"),
+        ('quant_files={ Q8_0 = "Q8" }\n', "'quant_files': 'Q8_0' is not in quants"),
+        ("quant_files={ Q6_K = 6 }\n", "'quant_files': expected a table of strings"),
+        ('purpose=["chat"]\n', "'purpose': expected str"),
+    ],
+)
+def test_new_fields_are_validated(localmix_home: Path, extra: str, needle: str) -> None:
+    localmix_home.mkdir(parents=True)
+    (localmix_home / "models.toml").write_text(_ENTRY + extra)
+    with pytest.raises(CatalogError) as info:
+        catalog.load()
+    assert needle in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("replace", "needle"),
+    [
+        (('chat_format="v13"', 'chat_format="v7"\nreasoning=true'), "'reasoning'"),
+        (('default_quant="Q4_K_M"', 'default_quant="Q8_0"'), "'default_quant'"),
+        (('architecture="mistral3"', 'architecture="mistral5"'), "'architecture'"),
+    ],
+)
+def test_field_combinations_are_validated(
+    localmix_home: Path, replace: tuple[str, str], needle: str
+) -> None:
+    localmix_home.mkdir(parents=True)
+    (localmix_home / "models.toml").write_text(_ENTRY.replace(*replace))
+    with pytest.raises(CatalogError) as info:
+        catalog.load()
+    assert needle in info.value.message
+
+
+def test_quant_files_name_the_tag_a_repo_uses(localmix_home: Path) -> None:
+    localmix_home.mkdir(parents=True)
+    (localmix_home / "models.toml").write_text(
+        _ENTRY + 'quant_files={ Q6_K = "Q6" }\nsize_q4_k_m=1\nreasoning=true\n'
+    )
+    spec = catalog.load().get("x")
+    assert (spec.gguf_file("Q6_K"), spec.gguf_file("Q4_K_M")) == ("r-Q6.gguf", "r-Q4_K_M.gguf")
+    assert spec.size_q4_k_m == 1.0 and isinstance(spec.size_q4_k_m, float) and spec.reasoning

@@ -9,27 +9,31 @@ tokenizer file.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 
 from localmix.chat import template
-from localmix.chat.template import Message, TemplateFormat
+from localmix.chat.reasoning import REASONING_PROMPT
+from localmix.chat.template import Message, TemplateFormat, Think
 from localmix.errors import InvalidGGUF, UsageError
+from tests.tekken_files import checkpoint_with, shipped, tekken_file
 
 N_CONVERSATIONS = 40
 
-# format -> (synth tokenizer whose checkpoint we start from, mistral-common tokenizer file to use)
+# format -> (synth tokenizer whose checkpoint we start from, mistral-common tokenizer file to use);
+# the v7 tekken file and v11+ come from tests/tekken_files.py (mistral-common ships none of those)
 TOKENIZERS = {
     "v1": ("v1", "tokenizer.model.v1"),
     "v2": ("v3", "mistral_instruct_tokenizer_240216.model.v2"),
     "v3": ("v3", "mistral_instruct_tokenizer_240323.model.v3"),
     "v3-tekken": ("tekken", "tekken_240718.json"),
     "v7": ("v3", "mistral_instruct_tokenizer_241114.model.v7"),
-    "v7-tekken": ("tekken", "tekken_240911.json"),  # relabelled v7 below: Mistral Small 3's rules
+    "v7-tekken": ("tekken", "v7"),  # Mistral Small 3's rules
+    "v11": ("tekken", "v11"),  # Mistral Small 3.2
+    "v13": ("tekken", "v13"),  # Magistral, Ministral 3, Devstral Small 2
+    "v15": ("tekken", "v15"),  # Mistral Small 4
 }
 
 WORDS = [
@@ -39,6 +43,9 @@ WORDS = [
     "I'M", "https://example.com/a?b=c", "def f(x):\n    return x**2", '{"k": [1, 2]}',
     "$$\\frac{1}{2}$$", "tab\t", "\n", "\n\n\n", "  spaced  ", "\u00a0", "a\r\nb", "[INST]",
     "</s>", "<unk>", "▁",
+    # control markers typed as text: they stay text
+    "[THINK]", "[/THINK]", "[SYSTEM_PROMPT]", "[/INST]", "[MODEL_SETTINGS]", "[TOOL_CALLS]",
+    "[ARGS]", "<s>",
 ]  # fmt: skip
 SYSTEMS = [
     "Be brief.",
@@ -48,8 +55,11 @@ SYSTEMS = [
 ]
 
 
-def conversations(seed: int, n: int = N_CONVERSATIONS) -> list[list[Message]]:
-    """n conversations: 1-4 user turns, replies between them, a system prompt in about half."""
+def conversations(
+    seed: int, n: int = N_CONVERSATIONS, *, thinking: bool = False
+) -> list[list[Message]]:
+    """n conversations: 1-4 user turns, replies between them, a system prompt in about half;
+    with thinking, replies carry Think parts (closed or not) and some system prompts too."""
     rng = random.Random(seed)
 
     def text(lo: int, hi: int) -> str:
@@ -57,6 +67,14 @@ def conversations(seed: int, n: int = N_CONVERSATIONS) -> list[list[Message]]:
             rng.choice(WORDS) + rng.choice(["", " ", " ", "\n"]) for _ in range(rng.randint(lo, hi))
         ]
         return "".join(parts)
+
+    def reply() -> Message:
+        answer = text(1, 12).strip() or "ok"
+        if not thinking or rng.random() < 0.3:
+            return Message("assistant", answer)
+        think = Think(text(0, 8), closed=rng.random() < 0.8)
+        parts = [think] if rng.random() < 0.15 else [think, answer + rng.choice(["", "  ", "\n"])]
+        return Message("assistant", tuple(parts))
 
     out: list[list[Message]] = [
         [Message("user", "Hi")],
@@ -69,32 +87,37 @@ def conversations(seed: int, n: int = N_CONVERSATIONS) -> list[list[Message]]:
             Message("user", "c"),
         ],
         [Message("user", "long " * 300 + "end")],
+        [Message("user", "type [THINK] and [/INST] and </s> as text")],
     ]
+    if thinking:
+        out += [
+            [
+                Message("user", "2+2?"),
+                Message("assistant", (Think("add them "), "4  ")),
+                Message("assistant", (Think("more"), "!")),  # merged with the one before
+                Message("user", "and 3+3?"),
+            ],
+            [Message("user", "x"), Message("assistant", (Think("cut off"),)), Message("user", "y")],
+            [  # adjacent text parts of one message: "\n\n" before v15, "" in v15
+                Message("system", ("sys a", "sys b")),
+                Message("user", "x"),
+                Message("assistant", ("part one", " part two  ")),
+                Message("user", "y"),
+            ],
+        ]
     while len(out) < n:
         msgs = [Message("system", rng.choice(SYSTEMS))] if rng.random() < 0.5 else []
         for _ in range(rng.randint(1, 4)):
             msgs.append(Message("user", text(1, 12) or "hi"))
-            msgs.append(Message("assistant", text(1, 12).strip() or "ok"))
+            msgs.append(reply())
         out.append(msgs[:-1])
     return out
 
 
-def _data_file(name: str) -> Path:
-    import mistral_common
-
-    return Path(os.path.dirname(mistral_common.__file__)) / "data" / name
-
-
 def _tokenizer_file(fmt: str, tmp: Path) -> Path:
-    """The tokenizer file for fmt; the v7 tekken one is tekken_240911 relabelled version v7."""
-    src = _data_file(TOKENIZERS[fmt][1])
-    if fmt != "v7-tekken":
-        return src
-    data = json.loads(src.read_text(encoding="utf-8"))
-    data["config"]["version"] = "v7"
-    out = tmp / "tekken.json"
-    out.write_text(json.dumps(data), encoding="utf-8")
-    return out
+    """The mistral-common tokenizer file for fmt."""
+    name = TOKENIZERS[fmt][1]
+    return tekken_file(name, tmp) if name.startswith("v") else shipped(name)
 
 
 @pytest.fixture(scope="module", params=list(TOKENIZERS))
@@ -102,31 +125,45 @@ def format_gguf(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, Path, Path]:
     """(format, its tokenizer file, a tiny GGUF converted from a checkpoint with that file)."""
-    from localmix import synth
     from localmix.convert import convert
 
     fmt = request.param
     tmp = tmp_path_factory.mktemp(f"fmt-{fmt}")
     tok_file = _tokenizer_file(fmt, tmp)
     # Mistral-native layout: the tokenizer file is the only vocabulary source, so swapping in
-    # another version of the same size (v2/v7 for v3, tekken v7 for v3) is all it takes.
-    ckpt = synth.checkpoint(
-        tmp / "ckpt", size="tiny", tokenizer=TOKENIZERS[fmt][0], layout="mistral", seed=0
-    )
-    for old in [*ckpt.glob("tokenizer.model*"), *ckpt.glob("tekken*.json")]:
-        old.unlink()
-    native = "tekken.json" if tok_file.suffix == ".json" else "tokenizer.model" + tok_file.suffix
-    shutil.copyfile(tok_file, ckpt / native)
+    # another version of the same size (v2/v7 for v3, tekken v7+ for v3) is all it takes.
+    ckpt = checkpoint_with(tok_file, tmp, synth_tokenizer=TOKENIZERS[fmt][0])
     return fmt, tok_file, convert(ckpt, tmp / "model.gguf", outtype="f16")
 
 
-def test_encode_matches_mistral_common(format_gguf: tuple[str, Path, Path]) -> None:
+def reference_request(msgs: list[Message], effort: str | None = None) -> object:
+    """The same conversation as mistral-common's ChatCompletionRequest (Think -> ThinkChunk)."""
+    from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
     from mistral_common.protocol.instruct.messages import (
         AssistantMessage,
         SystemMessage,
         UserMessage,
     )
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+
+    def content(m: Message) -> object:
+        if isinstance(m.content, str):
+            return m.content
+        return [
+            TextChunk(text=p)
+            if isinstance(p, str)
+            else ThinkChunk(thinking=p.text, closed=p.closed)
+            for p in m.content
+        ]
+
+    return ChatCompletionRequest(
+        messages=[kinds[m.role](content=content(m)) for m in msgs], reasoning_effort=effort
+    )
+
+
+def test_encode_matches_mistral_common(format_gguf: tuple[str, Path, Path]) -> None:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     from localmix.llama.engine import Engine
@@ -135,25 +172,25 @@ def test_encode_matches_mistral_common(format_gguf: tuple[str, Path, Path]) -> N
     fmt, tok_file, gguf_path = format_gguf
     name = fmt.removesuffix("-tekken") if fmt == "v7-tekken" else fmt
     reference = MistralTokenizer.from_file(str(tok_file))
-    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-    convs = conversations(seed=len(fmt))
-    assert len(convs) >= 30
+    convs = conversations(seed=len(fmt), thinking=template.get(name).think)
+    convs += (
+        [[Message("system", REASONING_PROMPT), *c[1:]] for c in convs[:4]] if name == "v13" else []
+    )
+    assert len(convs) >= N_CONVERSATIONS
+    efforts = [None, *template.get(name).efforts]
     with Engine(EngineConfig(gguf_path, n_ctx=256, n_threads=1)) as engine:
-        for msgs in convs:
-            request = ChatCompletionRequest(
-                messages=[kinds[m.role](content=m.content) for m in msgs]
-            )
-            expected = reference.encode_chat_completion(request).tokens
-            assert template.encode(name, msgs, engine.tokenize) == expected, msgs
+        for i, msgs in enumerate(convs):
+            effort = efforts[i % len(efforts)]
+            expected = reference.encode_chat_completion(reference_request(msgs, effort)).tokens
+            got = template.encode(name, msgs, engine.tokenize, reasoning_effort=effort)
+            assert got == expected, msgs
 
 
 @pytest.mark.parametrize("fmt", ["v1", "v7", "v3"])
 def test_adding_a_turn_appends_tokens_except_v3_with_system(fmt: str) -> None:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    raw = MistralTokenizer.from_file(
-        str(_data_file(TOKENIZERS[fmt][1]))
-    ).instruct_tokenizer.tokenizer
+    raw = MistralTokenizer.from_file(str(shipped(TOKENIZERS[fmt][1]))).instruct_tokenizer.tokenizer
     tokenize = _reference_tokenize(raw)
     for system in (None, "Be brief."):
         head = [Message("system", system)] if system else []
@@ -211,6 +248,8 @@ _CHATML = (
     " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+_TEKKEN = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "tekken"}
+_TEKKEN_V7 = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
 _LLAMA2 = "{% for m in messages %}[INST] <<SYS>>{{ m.content }}<</SYS>> [/INST]{% endfor %}"
 
 
@@ -244,6 +283,21 @@ _LLAMA2 = "{% for m in messages %}[INST] <<SYS>>{{ m.content }}<</SYS>> [/INST]{
         ({"tokenizer.ggml.model": "llama", "tokenizer.chat_template": _CHATML}, None),
         ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2"}, None),
         ({"tokenizer.chat_template": "mistral-v7-tekken"}, "v7"),  # llama.cpp's built-in names
+        # tekken vocabularies by their control tokens (a converted file with no template)
+        ({**_TEKKEN, "tokenizer.ggml.tokens": [*_TEKKEN_V7, "[ARGS]", "[CALL_ID]"]}, "v11"),
+        ({**_TEKKEN, "tokenizer.ggml.tokens": [*_TEKKEN_V7, "[ARGS]", "[THINK]"]}, "v13"),
+        ({**_TEKKEN, "tokenizer.ggml.tokens": [*_TEKKEN_V7, "[THINK]", "[MODEL_SETTINGS]"]}, "v15"),
+        ({**_TEKKEN, "tokenizer.ggml.tokens": _TEKKEN_V7}, "v3-tekken"),
+        # the tokens win over a built-in name that a converter wrote for an older version
+        (
+            {
+                **_TEKKEN,
+                "tokenizer.ggml.tokens": [*_TEKKEN_V7, "[THINK]"],
+                "tokenizer.chat_template": "mistral-v7-tekken",
+            },
+            "v13",
+        ),
+        ({**_TEKKEN, "tokenizer.chat_template": _CHATML}, None),  # a ChatML fine-tune of Nemo
         ({"tokenizer.chat_template": "mistral-v1"}, "v1"),
         ({"tokenizer.chat_template": "chatml"}, None),
         # gguffile.inspect() shows long arrays by their length only
@@ -277,13 +331,37 @@ def test_detect_on_converted_gguf(format_gguf: tuple[str, Path, Path]) -> None:
     fmt, _, gguf_path = format_gguf
     # v2 differs from v3 only in tool calls; the tekken v7 file says "v7" itself
     expected = {"v2": "v3", "v7-tekken": "v7"}.get(fmt, fmt)
-    if fmt in ("v1", "v2"):  # the header alone (gguffile is slow on tekken's 131072 tokens)
+    # the header alone, as pull reads it (gguffile takes ~2 s on tekken's 131072 tokens)
+    if fmt in ("v1", "v2", "v13"):
         assert template.detect(gguffile.inspect(gguf_path).metadata) == expected
     with Engine(EngineConfig(gguf_path, n_ctx=256, n_threads=1)) as engine:
         assert template.detect(engine.metadata, engine.tokenize) == expected
         without_template = {k: v for k, v in engine.metadata.items() if "chat_template" not in k}
-        if fmt in ("v2", "v3", "v7"):  # sentencepiece: the control tokens tell
+        # sentencepiece, and tekken from v11 on: the control tokens tell
+        if fmt in ("v2", "v3", "v7", "v11", "v13", "v15"):
             assert template.detect(without_template, engine.tokenize) == expected
+
+
+@pytest.mark.parametrize(
+    ("version", "thinking"),
+    [("v7", False), ("v11", False), ("v13", False), ("v13", True), ("v15", False), ("v15", True)],
+)
+def test_mistral_common_generated_templates_are_detected(version: str, thinking: bool) -> None:
+    """The jinja templates mistral-common generates for each tokenizer version (what Mistral's
+    HF repos and GGUF converters carry), on a tekken vocabulary: the template tells."""
+    from mistral_common.integrations.chat_templates.chat_templates import generate_chat_template
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
+    jinja = generate_chat_template(
+        spm=False, tokenizer_version=TokenizerVersion(version), image_support=False,
+        audio_support=False, thinking_support=thinking, default_system_prompt=None,
+        plain_thinking_support=False, use_special_token_variables=True,
+        model_settings_fields=None,
+        reasoning_effort_values=("none", "high") if version == "v15" else None,
+        reasoning_effort_default="none" if version == "v15" else None,
+    )  # fmt: skip
+    tekken = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "tekken"}
+    assert template.detect({**tekken, "tokenizer.chat_template": jinja}) == version
 
 
 @pytest.mark.parametrize(

@@ -694,3 +694,96 @@ def test_pull_revision_with_dot_dot_writes_nothing(env: Env, tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr
     assert "not a revision" in result.stderr and "hint:" in result.stderr
     assert {p for p in tmp_path.rglob("*") if p.is_file()} <= before
+
+
+# --- the catalog's own repos: file names per quant, odd layouts -----------------------------------
+
+
+def _catalog_gguf_specs() -> list:
+    from localmix import catalog
+
+    return [s for s in catalog.load().models.values() if s.gguf_repo]
+
+
+@pytest.mark.parametrize("spec", _catalog_gguf_specs(), ids=lambda s: s.name)
+def test_every_catalog_quant_resolves_to_the_file_the_catalog_names(spec: object) -> None:
+    """Each listed quant's file name carries the tag the catalog looks for, and a repo holding
+    those files (plus a vision projector, and a split copy in a folder) yields it."""
+    names = [spec.gguf_file(q) for q in spec.quants]  # type: ignore[attr-defined]
+    noise = ["mmproj-F16.gguf", "imatrix.gguf", "README.md"]
+    for quant, name in zip(spec.quants, names, strict=True):  # type: ignore[attr-defined]
+        tag = spec.file_quant(quant)  # type: ignore[attr-defined]
+        assert repofiles.quant_of(name) == tag.upper(), name
+        picked, files = repofiles.choose_gguf(names + noise, tag, preferred=name)
+        assert (picked, files) == (tag.upper(), [name])
+    assert spec.default_quant in spec.quants  # type: ignore[attr-defined]
+
+
+def test_mixtral_8x22b_lists_no_quant_its_repo_lost() -> None:
+    from localmix import catalog
+
+    spec = catalog.load().get("mixtral:8x22b")
+    assert not [q for q in spec.quants if q.startswith("Q3_K")]  # partly deleted in April 2024
+    assert spec.gguf_file("Q6_K") == "Mixtral-8x22B-Instruct-v0.1.Q6.gguf"
+
+
+@pytest.mark.slow
+def test_pull_catalog_q6_k_of_mixtral_8x22b_takes_the_q6_files(env: Env, tmp_path: Path) -> None:
+    """MaziyarPanahi names the 6-bit files ...Q6-0000N-of-00004.gguf: `mixtral:8x22b:q6_k` pulls
+    all four and registers them as Q6_K."""
+    stem = "Mixtral-8x22B-Instruct-v0.1"
+    files = {f"{stem}.Q6-0000{i}-of-00004.gguf": 64 << 10 for i in range(1, 5)}
+    files |= {f"{stem}.Q4_K_M-0000{i}-of-00002.gguf": 64 << 10 for i in (1, 2)}
+    env.hub.add_repo(
+        "MaziyarPanahi/Mixtral-8x22B-Instruct-v0.1-GGUF", gguf_repo(tmp_path, "8x22b", files)
+    )
+    result = env.cli("pull", "mixtral:8x22b:q6_k")
+    assert result.returncode == 0, result.stderr
+    (model,) = env.listed()
+    assert (model["name"], model["quant"], model["chat_format"]) == ("mixtral:8x22b", "Q6_K", "v3")
+    assert model["path"].endswith(".Q6-00001-of-00004.gguf")
+    assert len(model["extra_files"]) == 3
+    served = [env.hub.bytes_served(name) for name in files]
+    again = env.cli("pull", "mixtral:8x22b:Q6_K")  # found under the catalog's name
+    assert again.returncode == 0, again.stderr
+    assert [env.hub.bytes_served(name) for name in files] == served  # nothing fetched again
+    assert len(env.listed()) == 1
+
+
+@pytest.mark.slow
+def test_pull_catalog_models_in_folders_and_with_prefixed_names(env: Env, tmp_path: Path) -> None:
+    """unsloth keeps a big quant's split files in a folder named after the quant (Mistral Small
+    4); bartowski prefixes files with the publisher (mistralai_...); projectors are left alone."""
+    small4 = "Mistral-Small-4-119B-2603"
+    env.hub.add_repo(
+        "unsloth/Mistral-Small-4-119B-2603-GGUF",
+        gguf_repo(
+            tmp_path,
+            "small4",
+            {
+                **{f"Q4_K_M/{small4}-Q4_K_M-0000{i}-of-00002.gguf": 64 << 10 for i in (1, 2)},
+                f"Q8_0/{small4}-Q8_0-00001-of-00003.gguf": 64 << 10,  # an incomplete quant
+                "mmproj-F16.gguf": 64 << 10,
+            },
+        ),
+    )
+    small32 = "mistralai_Mistral-Small-3.2-24B-Instruct-2506"
+    env.hub.add_repo(
+        f"bartowski/{small32}-GGUF",
+        gguf_repo(
+            tmp_path, "small32", {f"{small32}-Q4_K_M.gguf": MiB, f"{small32}-Q8_0.gguf": MiB}
+        ),
+    )
+    assert env.cli("pull", "mistral-small").returncode == 0  # the alias of mistral-small:4
+    assert env.cli("pull", "mistral-small:3.2").returncode == 0
+    models = {m["name"]: m for m in env.listed()}
+    small4_model = models["mistral-small:4"]
+    assert (small4_model["quant"], small4_model["chat_format"]) == ("Q4_K_M", "v15")
+    assert small4_model["path"].endswith(f"Q4_K_M/{small4}-Q4_K_M-00001-of-00002.gguf")
+    assert [Path(p).name for p in small4_model["extra_files"]] == [
+        f"{small4}-Q4_K_M-00002-of-00002.gguf"
+    ]
+    assert models["mistral-small:3.2"]["path"].endswith(f"{small32}-Q4_K_M.gguf")
+    assert models["mistral-small:3.2"]["chat_format"] == "v11"
+    broken = env.cli("pull", "mistral-small:4:q8_0")
+    assert broken.returncode != 0 and "split into 3 parts but 1" in broken.stderr

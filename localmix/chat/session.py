@@ -6,6 +6,10 @@ holds, so a turn processes only the tokens after that prefix. For the v1 and v7 
 the new turn; v2/v3 put the system prompt into the *last* user message (mistral-common's rule, and
 what those models were trained on), so with a system prompt each turn re-processes the history after
 the first [INST]. We follow the reference rather than trade exactness for speed.
+
+Reasoning models (chat/reasoning.py): a reply's [THINK]…[/THINK] part streams as Thoughts, apart
+from the answer's Chunks, and stays in the history as a Think part, which mistral-common encodes
+again on later turns. `thinking` switches it on or off where the model has a switch.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localmix.chat import template
-from localmix.chat.template import ChatFormat, Message, MistralFormat
+from localmix.chat import reasoning, template
+from localmix.chat.reasoning import Thought
+from localmix.chat.template import ChatFormat, Message, MistralFormat, Think
 from localmix.errors import ContextTooLong, LocalmixError, OutputError, UsageError
 from localmix.llama.records import Chunk, Sampling, Stats
 
@@ -26,7 +31,8 @@ if TYPE_CHECKING:
     from localmix.llama.engine import Engine
 
 SAVE_FORMAT = "localmix-chat"
-SAVE_VERSION = 1
+SAVE_VERSION = 2  # 2: a reply's content may be a list with thinking parts
+READS_VERSIONS = (1, 2)
 OVERFLOW_MODES = ("shift", "drop")
 # What /set may change: sampling fields plus the reply budget.
 SETTINGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "max_tokens")
@@ -52,6 +58,7 @@ class Session:
         max_tokens: int = 512,
         overflow: str = "shift",
         model: str | None = None,
+        thinking: bool | None = None,
     ) -> None:
         if overflow not in OVERFLOW_MODES:
             raise UsageError(f"unknown overflow mode {overflow!r}", hint="use shift or drop")
@@ -66,6 +73,13 @@ class Session:
         self.model = model
         self.messages: list[Message] = []
         self.last_stats: Stats | None = None
+        self.last_thought_tokens = 0  # tokens the last reply spent thinking
+        # how thinking is switched ("prompt", "effort" or None) and the [THINK] / [/THINK] ids
+        self.think_mode = reasoning.mode(self.format, engine.tokenize)
+        self._think_ids = reasoning.markers(self.format, engine.tokenize)
+        self.thinking = False
+        if thinking is not None:
+            self.set_thinking(thinking)
         # SentencePiece vocabularies prepend "▁" to encoded text, and their decoders drop it again;
         # a reply's first piece carries that space, which mistral-common's decoded text does not.
         self._strip_space = _adds_space_prefix(engine.metadata)
@@ -73,23 +87,44 @@ class Session:
     # --- the conversation -------------------------------------------------------------------
 
     def conversation(self, messages: Sequence[Message] | None = None) -> list[Message]:
-        """System prompt (if any) followed by the messages."""
+        """The reasoning prompt (thinking on, "prompt" mode), the system prompt (if any), then the
+        messages."""
         head = [Message("system", self.system)] if self.system else []
+        if self.thinking and self.think_mode == "prompt":
+            head.insert(0, Message("system", reasoning.REASONING_PROMPT))
         return head + list(self.messages if messages is None else messages)
 
     def prompt(self, messages: Sequence[Message] | None = None) -> list[int]:
         """The prompt token ids for the conversation, ready for the assistant's reply."""
-        return template.encode(self.format, self.conversation(messages), self.engine.tokenize)
+        effort = None
+        if self.think_mode == "effort":
+            effort = "high" if self.thinking else "none"
+        return template.encode(
+            self.format,
+            self.conversation(messages),
+            self.engine.tokenize,
+            reasoning_effort=effort,
+        )
 
-    def send(self, text: str) -> Iterator[Chunk | Stats | Notice]:
-        """Add a user message and stream the reply: Notices, then Chunks, then the final Stats.
+    def set_thinking(self, on: bool) -> None:
+        """Turn thinking on or off; UsageError for a model without a thinking switch."""
+        if on and self.think_mode is None:
+            raise UsageError(
+                f"this model has no thinking switch (chat format {self.format.name})",
+                hint="reasoning models: Magistral, Ministral 3 Reasoning, Mistral Small 4",
+            )
+        self.thinking = on
+
+    def send(self, text: str) -> Iterator[Chunk | Thought | Stats | Notice]:
+        """Add a user message and stream the reply: Notices, then Thoughts (a reasoning model's
+        thinking) and Chunks (the answer), then the final Stats.
 
         Closing the iterator early (Ctrl-C) keeps the partial reply as the assistant's message, or
         forgets the user message when nothing was generated yet.
         """
         return self._turn([*self.messages, Message("user", text)], restore=None)
 
-    def retry(self) -> Iterator[Chunk | Stats | Notice]:
+    def retry(self) -> Iterator[Chunk | Thought | Stats | Notice]:
         """Generate the last reply again (the same user message); as send(). Interrupted before
         any text, the old reply stays."""
         if not self.messages or self.messages[-1].role != "assistant":
@@ -108,7 +143,7 @@ class Session:
 
     def _turn(
         self, messages: list[Message], *, restore: list[Message] | None
-    ) -> Iterator[Chunk | Stats | Notice]:
+    ) -> Iterator[Chunk | Thought | Stats | Notice]:
         """Stream the reply to `messages` (which end with a user message). Abandoned before any
         text, the messages become `restore`, or lose that user message when restore is None."""
         prompt, kept, dropped = self._fit(messages)
@@ -179,7 +214,7 @@ class Session:
             "model": self.model,
             "chat_format": self.format.name,
             "system": self.system,
-            "messages": [asdict(m) for m in self.messages],
+            "messages": [m.to_json() for m in self.messages],
             "sampling": asdict(self.sampling),
             "max_tokens": self.max_tokens,
         }
@@ -203,20 +238,22 @@ class Session:
             raise UsageError(f"{path} is not a saved chat (not JSON)") from None
         if not isinstance(data, dict) or data.get("format") != SAVE_FORMAT:
             raise UsageError(f"{path} is not a saved localmix chat")
-        if data.get("version") != SAVE_VERSION:
+        if data.get("version") not in READS_VERSIONS:
             raise UsageError(
                 f"{path} is a version {data.get('version')} chat file; this localmix reads "
-                f"version {SAVE_VERSION}",
+                f"versions {', '.join(map(str, READS_VERSIONS))}",
                 hint="upgrade localmix",
             )
         try:
-            messages = [Message(str(m["role"]), str(m["content"])) for m in data["messages"]]
+            messages = [Message.from_json(m) for m in data["messages"]]
             sampling = Sampling(**data.get("sampling", {}))
             max_tokens = int(data.get("max_tokens", self.max_tokens))
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"{path} is a damaged chat file ({e})") from None
         if any(m.role not in ("user", "assistant") for m in messages):
             raise UsageError(f"{path} is a damaged chat file (unknown message role)")
+        if not self.format.think:  # this model cannot read thinking back: its text goes on
+            messages = [m.without_thinking() for m in messages]
         self.messages = messages
         self.system = data.get("system") or None
         self.sampling = sampling
@@ -272,30 +309,36 @@ class Session:
 
     def _reply(
         self, prompt: list[int], max_tokens: int, restore: list[Message] | None
-    ) -> Iterator[Chunk | Stats]:
-        pieces: list[str] = []
+    ) -> Iterator[Chunk | Thought | Stats]:
+        split = reasoning.Splitter(self._think_ids)
         stats: Stats | None = None
         strip = self._strip_space
         stream = self.engine.stream(prompt, sampling=self.sampling, max_tokens=max_tokens)
         try:
             for item in stream:
-                if isinstance(item, Chunk) and item.text:
-                    if strip and item.text.startswith(" "):
+                if isinstance(item, Chunk):
+                    if item.text and strip and item.text.startswith(" "):
                         item = Chunk(item.text[1:], item.token)
-                    strip = False
-                    pieces.append(item.text)
-                elif isinstance(item, Stats):
-                    stats = item
+                    strip = strip and not item.text
+                    shown = split.feed(item)
+                    if shown is not None:
+                        yield shown
+                    continue
+                stats = item
                 yield item
         finally:
             stream.close()
             self.last_stats = stats or getattr(self.engine, "last_stats", None)
-            self._record("".join(pieces), finished=stats is not None, restore=restore)
+            self.last_thought_tokens = split.thought_tokens
+            self._record(split.parts(), finished=stats is not None, restore=restore)
 
-    def _record(self, reply: str, *, finished: bool, restore: list[Message] | None) -> None:
+    def _record(
+        self, reply: tuple[str | Think, ...], *, finished: bool, restore: list[Message] | None
+    ) -> None:
         """Keep the message list in step with what the model saw and said."""
         if reply:
-            self.messages.append(Message("assistant", reply))
+            content = reply[0] if len(reply) == 1 and isinstance(reply[0], str) else reply
+            self.messages.append(Message("assistant", content))
         elif not finished:
             self._abandon(restore)  # interrupted before any text: as if never sent
         # finished with an empty reply: the user message stays; the next one is merged with it

@@ -1,20 +1,25 @@
 """Chat formats: a conversation → the exact prompt token ids the model was trained on.
 
 Mistral formats follow mistral-common's `encode_chat_completion` token for token (its
-InstructTokenizerV1/V2/V3/V7 and request normalizer); the text pieces go through the engine's own
+InstructTokenizerV1 … V15 and request normalizers); the text pieces go through the engine's own
 tokenizer, the markers are looked up as control tokens of the model's vocabulary. A GGUF of another
 family brings its own `tokenizer.chat_template`, rendered in a sandboxed jinja environment the way
 Hugging Face's `apply_chat_template` renders it.
 
 Prefix stability (what lets a chat reuse its KV cache): v1 merges the system prompt into the first
-user message and v7 keeps it as its own block, so a conversation's prompt only grows at the end.
+user message and v7+ keep it as its own block, so a conversation's prompt only grows at the end.
 v2, v3 and v3-tekken merge it into the *last* user message (mistral-common, and those models' own
 HF templates), so with a system prompt every new turn rewrites earlier tokens. We keep the
 reference's tokens; `MistralFormat.prefix_stable` says which formats append only.
+
+Reasoning (v13, v15): a message's content may hold `Think` parts, encoded [THINK]…[/THINK]
+(without [/THINK] while unclosed), as mistral-common's ThinkChunk. v15 also writes the model
+settings, `[MODEL_SETTINGS]{"reasoning_effort": …}[/MODEL_SETTINGS]`, before the first [INST].
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,11 +34,73 @@ _JOIN = "\n\n"
 
 
 @dataclass(frozen=True)
+class Think:
+    """A thinking part of a message (mistral-common's ThinkChunk); closed=False: the reply ended
+    (was interrupted) before [/THINK]."""
+
+    text: str
+    closed: bool = True
+
+
+# A message's content: plain text, or text and thinking parts in order.
+Content = str | tuple[str | Think, ...]
+
+
+@dataclass(frozen=True)
 class Message:
     """One message of a conversation; role is "system", "user" or "assistant"."""
 
     role: str
-    content: str
+    content: Content
+
+    @property
+    def text(self) -> str:
+        """The text parts, thinking left out."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p for p in self.content if isinstance(p, str))
+
+    @property
+    def thinking(self) -> str | None:
+        """The thinking parts joined, or None when there are none."""
+        if isinstance(self.content, str):
+            return None
+        parts = [p.text for p in self.content if isinstance(p, Think)]
+        return "".join(parts) if parts else None
+
+    def without_thinking(self) -> Message:
+        """The message with its thinking parts dropped (its text kept)."""
+        return self if self.thinking is None else Message(self.role, self.text)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object: content is a string, or a list of strings and {"thinking", "closed"}."""
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        parts = [
+            p if isinstance(p, str) else {"thinking": p.text, "closed": p.closed}
+            for p in self.content
+        ]
+        return {"role": self.role, "content": parts}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Message:
+        """The inverse of to_json; ValueError for anything else."""
+        if not isinstance(data, dict) or not isinstance(data.get("role"), str):
+            raise ValueError("a message needs a role")
+        content = data.get("content")
+        if isinstance(content, str):
+            return cls(data["role"], content)
+        if not isinstance(content, list):
+            raise ValueError("a message's content is a string or a list")
+        parts: list[str | Think] = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("thinking"), str):
+                parts.append(Think(part["thinking"], bool(part.get("closed", True))))
+            else:
+                raise ValueError("a content part is a string or {thinking, closed}")
+        return cls(data["role"], tuple(parts))
 
 
 class Tokenize(Protocol):
@@ -51,11 +118,22 @@ class MistralFormat:
     control_inst: bool  # [INST]/[/INST] are control tokens (v2+), not text (v1)
     system: str  # where the system prompt goes: "first_user", "last_user" or "message"
     strip_reply: bool  # assistant text is rstrip(" ")-ed before encoding (v2+)
+    think: bool = False  # Think parts are encoded [THINK]…[/THINK] (v13+)
+    system_think: bool = False  # system messages may hold Think parts (v13; v15 refuses them)
+    chunk_join: str = _JOIN  # joins adjacent text parts of one message ("" from v15)
+    efforts: tuple[
+        str, ...
+    ] = ()  # reasoning_effort values of [MODEL_SETTINGS] (v15), default first
 
     @property
     def prefix_stable(self) -> bool:
         """True when adding a turn only appends tokens, so the KV cache of the last turn is reused."""
         return self.system != "last_user"
+
+    @property
+    def settings(self) -> bool:
+        """Whether prompts carry [MODEL_SETTINGS] (v15)."""
+        return bool(self.efforts)
 
 
 @dataclass(frozen=True)
@@ -69,9 +147,15 @@ class TemplateFormat:
     name: str = "gguf-template"
     description: str = "the model's own chat template"
     prefix_stable: bool = False  # unknown: a template may rewrite earlier turns
+    think: bool = False
+    settings: bool = False
 
 
 ChatFormat = MistralFormat | TemplateFormat
+
+# v7, v11 and v13 encode plain chat alike (they differ in tool calls); v13 adds thinking, v15 the
+# model settings and "" between a message's adjacent text parts.
+_V7_RULES: dict[str, Any] = {"control_inst": True, "system": "message", "strip_reply": True}
 
 FORMATS: dict[str, MistralFormat] = {
     f.name: f
@@ -107,16 +191,32 @@ FORMATS: dict[str, MistralFormat] = {
         MistralFormat(
             "v7",
             "[SYSTEM_PROMPT] ... [/SYSTEM_PROMPT] (sentencepiece v7 or tekken)",
-            control_inst=True,
-            system="message",
-            strip_reply=True,
+            **_V7_RULES,
+        ),
+        MistralFormat(
+            "v11", "Mistral Small 3.2 (tekken v11): v7 rules, [ARGS] tool calls", **_V7_RULES
+        ),
+        MistralFormat(
+            "v13",
+            "Magistral, Ministral 3, Devstral Small 2 (tekken v13): [THINK] ... [/THINK]",
+            think=True,
+            system_think=True,
+            **_V7_RULES,
+        ),
+        MistralFormat(
+            "v15",
+            "Mistral Small 4 (tekken v15): [MODEL_SETTINGS] reasoning_effort none / high",
+            think=True,
+            chunk_join="",
+            efforts=("none", "high"),
+            **_V7_RULES,
         ),
     )
 }
 
 
 def get(name: str) -> MistralFormat:
-    """The Mistral chat format called `name` ("v1", "v2", "v3", "v3-tekken", "v7")."""
+    """The Mistral chat format called `name` ("v1", "v2", "v3", "v3-tekken", "v7", ...)."""
     try:
         return FORMATS[name]
     except KeyError:
@@ -125,19 +225,64 @@ def get(name: str) -> MistralFormat:
 
 
 def encode(
-    chat_format: str | ChatFormat, messages: Sequence[Message], tokenize: Tokenize
+    chat_format: str | ChatFormat,
+    messages: Sequence[Message],
+    tokenize: Tokenize,
+    *,
+    reasoning_effort: str | None = None,
 ) -> list[int]:
-    """Prompt token ids for `messages`, ready for the assistant's reply (BOS included)."""
+    """Prompt token ids for `messages`, ready for the assistant's reply (BOS included).
+
+    reasoning_effort: the v15 model setting ("none", "high"); None is the model's default."""
     fmt = get(chat_format) if isinstance(chat_format, str) else chat_format
     for m in messages:
         if m.role not in ROLES:
             raise UsageError(f"unknown message role {m.role!r}", hint=f"use one of {ROLES}")
+    if reasoning_effort is not None and reasoning_effort not in fmt_efforts(fmt):
+        known = ", ".join(fmt_efforts(fmt)) or "none: this format has no reasoning effort"
+        raise UsageError(f"unknown reasoning effort {reasoning_effort!r}", hint=f"use {known}")
     if isinstance(fmt, TemplateFormat):
-        return _encode_template(fmt, messages, tokenize)
-    return _encode_mistral(fmt, messages, tokenize)
+        return _encode_template(fmt, [m.without_thinking() for m in messages], tokenize)
+    return _encode_mistral(fmt, messages, tokenize, reasoning_effort)
+
+
+def fmt_efforts(fmt: ChatFormat) -> tuple[str, ...]:
+    """The reasoning_effort values a format encodes (empty but for v15)."""
+    return fmt.efforts if isinstance(fmt, MistralFormat) else ()
 
 
 # --- Mistral formats -------------------------------------------------------------------------
+
+
+def _aggregate(contents: Sequence[Content], chunk_join: str) -> Content:
+    """mistral-common's chunk aggregation: text of separate messages joined by "\\n\\n", adjacent
+    text parts of one message by chunk_join, empty text skipped; plain text if no Think is left."""
+    parts: list[str | Think] = []
+    text: list[str] = []
+
+    def flush() -> None:
+        if text:
+            parts.append("".join(text))
+            text.clear()
+
+    for content in contents:
+        new_message = bool(text)
+        if not content:
+            continue
+        if isinstance(content, str):
+            text.append((_JOIN if new_message else "") + content)
+            continue
+        for part in content:
+            if isinstance(part, Think):
+                flush()
+                parts.append(part)
+            elif part:
+                text.append(("" if not text else _JOIN if new_message else chunk_join) + part)
+                new_message = False
+    if not parts:
+        return "".join(text)
+    flush()
+    return tuple(parts)
 
 
 def _normalize(fmt: MistralFormat, messages: Sequence[Message]) -> tuple[list[Message], str | None]:
@@ -153,12 +298,13 @@ def _normalize(fmt: MistralFormat, messages: Sequence[Message]) -> tuple[list[Me
     for group in groups:
         role = group[0].role
         if role != "system":
-            # empty contents are skipped, not joined (mistral-common's chunk aggregation)
-            out.append(Message(role, _JOIN.join(m.content for m in group if m.content)))
+            out.append(Message(role, _aggregate([m.content for m in group], fmt.chunk_join)))
         elif fmt.system == "message":
-            out.extend(group)  # v7 keeps every system message where it stands, unmerged
+            # v7+ keep every system message where it stands, unmerged
+            out.extend(Message(role, _aggregate([m.content], fmt.chunk_join)) for m in group)
         else:
-            system_parts.extend(m.content for m in group if m.content)
+            merged = (_aggregate([m.content], fmt.chunk_join) for m in group)
+            system_parts.extend(text for text in merged if isinstance(text, str) and text)
     if fmt.system != "message" and (not out or out[0].role != "user"):
         out.insert(0, Message("user", ""))  # v1-v3 always open with a user turn
     elif not out:
@@ -166,9 +312,24 @@ def _normalize(fmt: MistralFormat, messages: Sequence[Message]) -> tuple[list[Me
     return out, (_JOIN.join(system_parts) if system_parts else None)
 
 
+def _check_parts(fmt: MistralFormat, messages: Sequence[Message]) -> None:
+    """Think parts where mistral-common accepts them: assistant messages from v13, system
+    messages in v13 only, never in a user message."""
+    for m in messages:
+        if isinstance(m.content, str) or all(isinstance(p, str) for p in m.content):
+            continue
+        allowed = {"assistant": fmt.think, "system": fmt.system_think}.get(m.role, False)
+        if not allowed:
+            raise UsageError(
+                f"the {fmt.name} chat format has no thinking in a {m.role} message",
+                hint="drop the thinking (a reasoning model's format is v13 or v15)",
+            )
+
+
 def _encode_mistral(
-    fmt: MistralFormat, messages: Sequence[Message], tokenize: Tokenize
+    fmt: MistralFormat, messages: Sequence[Message], tokenize: Tokenize, effort: str | None
 ) -> list[int]:
+    _check_parts(fmt, messages)
     msgs, system = _normalize(fmt, messages)
     user_idx = [i for i, m in enumerate(msgs) if m.role == "user"]
     first_user, last_user = (user_idx[0], user_idx[-1]) if user_idx else (-1, -1)
@@ -177,25 +338,53 @@ def _encode_mistral(
     def text(s: str) -> list[int]:
         return tokenize(s, add_bos=False, special=False)
 
+    def parts(content: Content) -> list[int]:
+        if isinstance(content, str):
+            return text(content)
+        out: list[int] = []
+        for part in content:
+            if isinstance(part, str):
+                out += text(part)
+            else:
+                out += [special["[THINK]"], *text(part.text)]
+                out += [special["[/THINK]"]] if part.closed else []
+        return out
+
     tokens = [special["<s>"]]
     for i, m in enumerate(msgs):
         if m.role == "user":
-            content = m.content
+            content = m.text
             where = {"first_user": first_user, "last_user": last_user}.get(fmt.system)
             if system and i == where:
                 content = system + _JOIN + content
+            if fmt.settings and i == first_user:
+                tokens += _settings(fmt, effort, special, text)
             if fmt.control_inst:
                 tokens += [special["[INST]"], *text(content), special["[/INST]"]]
             else:
                 tokens += text(f"[INST] {content} [/INST]")
         elif m.role == "assistant":
-            content = m.content.rstrip(" ") if fmt.strip_reply else m.content
             if not m.content:
                 raise UsageError("an assistant message is empty", hint="drop it or give it text")
-            tokens += [*text(content), special["</s>"]]
+            # plain text is rstrip(" ")-ed (v2+); text beside thinking is encoded as it is
+            content = (
+                m.content.rstrip(" ")
+                if fmt.strip_reply and isinstance(m.content, str)
+                else m.content
+            )
+            tokens += [*parts(content), special["</s>"]]
         else:
-            tokens += [special["[SYSTEM_PROMPT]"], *text(m.content), special["[/SYSTEM_PROMPT]"]]
+            tokens += [special["[SYSTEM_PROMPT]"], *parts(m.content), special["[/SYSTEM_PROMPT]"]]
     return tokens
+
+
+def _settings(
+    fmt: MistralFormat, effort: str | None, special: _SpecialIds, text: Callable[[str], list[int]]
+) -> list[int]:
+    """[MODEL_SETTINGS]{json}[/MODEL_SETTINGS]: mistral-common's v15 block, top-level keys sorted;
+    an unset effort is the model's default (Mistral Small 4's tokenizer: "none")."""
+    settings = json.dumps({"reasoning_effort": effort or fmt.efforts[0]}, ensure_ascii=False)
+    return [special["[MODEL_SETTINGS]"], *text(settings), special["[/MODEL_SETTINGS]"]]
 
 
 class _SpecialIds:
@@ -231,105 +420,12 @@ def has_control_token(tokenize: Tokenize, piece: str) -> bool:
     return True
 
 
-# --- detection -------------------------------------------------------------------------------
-
-
 def detect(metadata: Mapping[str, Any], tokenize: Tokenize | None = None) -> str | None:
-    """The Mistral chat format a GGUF's metadata points to, or None for another family.
+    """The Mistral chat format a GGUF's metadata points to, or None for another family
+    (chat/detection.py reads the tokenizer, its control tokens and the chat template)."""
+    from localmix.chat import detection
 
-    Reads tokenizer.ggml.model / .pre, the vocabulary size, tokenizer.chat_template and the name;
-    `tokenize` (the engine's) lets it probe for control tokens when the token list is not in
-    `metadata` (llama.cpp's key/value view leaves arrays out).
-    """
-    template = metadata.get("tokenizer.chat_template")
-    template = template if isinstance(template, str) else None
-    if template in _LLAMA_CPP_NAMES:
-        return _LLAMA_CPP_NAMES[template]
-    if template is not None and "[INST]" not in template:
-        return None  # a fine-tune with its own format (ChatML, ...)
-    if template is not None and "<<SYS>>" in template:
-        return None  # Llama 2 chat: [INST] with a <<SYS>> block, not Mistral's rules
-    has = _token_probe(metadata, tokenize)
-    model = metadata.get("tokenizer.ggml.model")
-    system_in_template = template is not None and "[SYSTEM_PROMPT]" in template
-    if model == "gpt2" and metadata.get("tokenizer.ggml.pre") == "tekken":
-        # every tekken vocabulary carries [SYSTEM_PROMPT]; only the template tells v7 apart
-        return "v7" if system_in_template else "v3-tekken"
-    if model != "llama":
-        return None
-    if system_in_template or (has is not None and has("[SYSTEM_PROMPT]")):
-        return "v7"
-    # v2 and v3 differ only in tool calls, which plain chat never encodes
-    if has is not None and has("[INST]"):
-        return "v3"
-    if has is None and _vocab_size(metadata) == _V3_VOCAB:
-        return "v3"  # no token list to look at: Mistral's control-token vocabulary has 32768
-    if template is not None or _is_v1_vocab(metadata, tokenize):
-        return "v1"
-    return None
-
-
-# Converters of Mistral-native checkpoints (ours, llama.cpp's) store the name of one of llama.cpp's
-# built-in templates instead of a jinja template.
-_LLAMA_CPP_NAMES = {
-    "mistral-v1": "v1",
-    "mistral-v3": "v3",
-    "mistral-v3-tekken": "v3-tekken",
-    "mistral-v7": "v7",
-    "mistral-v7-tekken": "v7",
-}
-
-
-_V3_VOCAB = 32768
-
-
-def _token_probe(
-    metadata: Mapping[str, Any], tokenize: Tokenize | None
-) -> Callable[[str], bool] | None:
-    """A test for "is this piece a token of the vocabulary", or None when nothing can tell."""
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, (list, tuple)):
-        vocab = set(tokens)
-        return lambda piece: piece in vocab
-    pieces = getattr(tokens, "pieces", None)  # gguffile.TokenList: the marker pieces it holds
-    if isinstance(pieces, dict):
-        return lambda piece: piece in pieces
-    if tokenize is not None:
-        return lambda piece: has_control_token(tokenize, piece)
-    return None
-
-
-def _vocab_size(metadata: Mapping[str, Any]) -> int | None:
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, (list, tuple)):
-        return len(tokens)
-    if isinstance(tokens, str) and (m := re.fullmatch(r"\[(\d+) items\]", tokens)):
-        return int(m.group(1))  # gguffile.inspect's stand-in for a long array
-    arch = metadata.get("general.architecture")
-    size = metadata.get(f"{arch}.vocab_size")
-    return int(size) if isinstance(size, (int, str)) and str(size).isdigit() else None
-
-
-# Mistral's v1 sentencepiece vocabulary (tokenizer.model.v1, 32000 pieces) writes "[INST]" as
-# these pieces at these ids; Llama 2's vocabulary, the same size, uses other ids. The model's name
-# is not evidence: fine-tunes rename, and llama.cpp's converter names a model after its folder.
-_V1_INST = (("▁[", 733), ("INST", 16289), ("]", 28793))
-_V1_VOCAB = 32000
-
-
-def _is_v1_vocab(metadata: Mapping[str, Any], tokenize: Tokenize | None) -> bool:
-    """True for Mistral's v1 tokenizer, recognised by its pieces' ids."""
-    if _vocab_size(metadata) not in (None, _V1_VOCAB):
-        return False
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, (list, tuple)):
-        return all(i < len(tokens) and tokens[i] == p for p, i in _V1_INST)
-    pieces = getattr(tokens, "pieces", None)  # gguffile.TokenList
-    if isinstance(pieces, dict):
-        return all(pieces.get(p) == i for p, i in _V1_INST)
-    if tokenize is not None:
-        return tokenize("[INST]", add_bos=False, special=False) == [i for _, i in _V1_INST]
-    return False
+    return detection.detect(metadata, tokenize)
 
 
 def for_model(

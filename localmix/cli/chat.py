@@ -89,6 +89,18 @@ OverflowOpt = Annotated[
 PlainOpt = Annotated[
     bool, typer.Option("--plain", help="Show replies as plain text, not rendered markdown.")
 ]
+ThinkOpt = Annotated[
+    Optional[bool],  # noqa: UP045
+    typer.Option(
+        "--think/--no-think",
+        help="A reasoning model thinks before it answers (default: the model's own way: "
+        "Magistral and Ministral 3 Reasoning think, Mistral Small 4 does not).",
+    ),
+]
+HideThinkingOpt = Annotated[
+    bool,
+    typer.Option("--hide-thinking", help="Show only how long the model thought, not its thinking."),
+]
 StatsOpt = Annotated[
     bool, typer.Option("--stats", help="With a prompt: print the stats line on stderr.")
 ]
@@ -112,6 +124,8 @@ def chat_command(
     overflow: OverflowOpt = "shift",
     json_out: JsonOpt = False,
     plain: PlainOpt = False,
+    think: ThinkOpt = None,
+    hide_thinking: HideThinkingOpt = False,
     stats: StatsOpt = False,
     estimate: EstimateOpt = False,
     vram_budget: VramBudgetOpt = None,
@@ -147,15 +161,21 @@ def chat_command(
     def open_chat(reference: str | Located, status: bool = False) -> Session:
         return open_session(
             reference, settings, chat_format=chat_format, system=system, sampling=sampling,
-            max_tokens=max_tokens, overflow=overflow, status=status,
+            max_tokens=max_tokens, overflow=overflow, status=status, thinking=think,
         )  # fmt: skip
 
     session = open_chat(target, status=message is None)
     try:
         if message is None:
-            _interactive(session, open_chat, markdown=not plain)
+            _interactive(session, open_chat, markdown=not plain, show_thoughts=not hide_thinking)
         else:
-            _one_shot(session, message, json_out=json_out, show_stats=stats)
+            _one_shot(
+                session,
+                message,
+                json_out=json_out,
+                show_stats=stats,
+                show_thoughts=not hide_thinking,
+            )
     finally:
         session.engine.close()
 
@@ -197,12 +217,15 @@ def open_session(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     overflow: str = "shift",
     status: bool = False,
+    thinking: bool | None = None,
 ) -> Session:
     """Open a model through the door (load.open_model) and start a chat Session on it; the
-    caller closes session.engine. status shows a spinner while it loads."""
+    caller closes session.engine. status shows a spinner while it loads. thinking None: the
+    model's own default (chat.reasoning.thinks_by_default)."""
     from contextlib import nullcontext
 
     from localmix import load
+    from localmix.chat import reasoning
     from localmix.chat.session import Session
     from localmix.cli.render import err_console
 
@@ -214,20 +237,27 @@ def open_session(
         err_console().print(f"note: {notice}", style="dim", markup=False, highlight=False)
     try:
         # the manifest's format, else Session detects it from the GGUF's metadata
-        return Session(
+        session = Session(
             loaded.engine, chat_format or target.chat_format, system=system, sampling=sampling,
-            max_tokens=max_tokens, overflow=overflow, model=target.name,
+            max_tokens=max_tokens, overflow=overflow, model=target.name, thinking=thinking,
         )  # fmt: skip
+        if thinking is None:
+            session.thinking = reasoning.thinks_by_default(target.name, session.think_mode)
+        return session
     except BaseException:
         loaded.close()
         raise
 
 
-def _interactive(session: Session, loader: Callable[[str], Session], *, markdown: bool) -> None:
+def _interactive(
+    session: Session, loader: Callable[[str], Session], *, markdown: bool, show_thoughts: bool
+) -> None:
     from localmix.cli.render import console
     from localmix.cli.repl import Repl
 
-    repl = Repl(session, console=console(), loader=loader, markdown=markdown)
+    repl = Repl(
+        session, console=console(), loader=loader, markdown=markdown, show_thoughts=show_thoughts
+    )
     repl.banner()
     try:
         repl.run()
@@ -236,19 +266,31 @@ def _interactive(session: Session, loader: Callable[[str], Session], *, markdown
             repl.session.engine.close()
 
 
-def _one_shot(session: Session, message: str, *, json_out: bool, show_stats: bool) -> None:
-    """Print only the reply (streamed, no colors) or, with --json, the reply and its stats."""
+def _one_shot(
+    session: Session, message: str, *, json_out: bool, show_stats: bool, show_thoughts: bool
+) -> None:
+    """Print only the answer (streamed, no colors) or, with --json, the reply and its stats. A
+    reasoning model's thinking goes to stderr, dim, when stderr is a terminal; --json has it as
+    "thinking"."""
+    from localmix.chat.reasoning import Thought
     from localmix.chat.session import Notice
     from localmix.cli import render
-    from localmix.cli.reply import printable
+    from localmix.cli.reply import ThoughtView, printable
     from localmix.llama.records import Chunk, Stats
 
     out = sys.stdout
     tty = out.isatty()  # a terminal gets no control characters from the model; a pipe gets all
+    err = render.err_console()
+    thought = ThoughtView(err, show=show_thoughts) if err.is_terminal and not json_out else None
     pieces: list[str] = []
     final: Stats | None = None
     for item in session.send(message):
-        if isinstance(item, Chunk):
+        if isinstance(item, Thought):
+            if thought is not None:
+                thought.feed(item.text, item.token)
+        elif isinstance(item, Chunk):
+            if thought is not None:
+                thought.finish()
             pieces.append(item.text)
             if not json_out:
                 out.write(printable(item.text) if tty else item.text)
@@ -256,16 +298,28 @@ def _one_shot(session: Session, message: str, *, json_out: bool, show_stats: boo
         elif isinstance(item, Stats):
             final = item
         elif isinstance(item, Notice):
-            render.err_console().print(item.text, style="dim", markup=False, highlight=False)
+            err.print(item.text, style="dim", markup=False, highlight=False)
+    if thought is not None:
+        thought.finish()
     reply = "".join(pieces)
     if json_out:
-        render.print_json({"model": session.model, "reply": reply, "stats": final})
+        last = session.messages[-1] if session.messages else None
+        thinking = last.thinking if last is not None and last.role == "assistant" else None
+        render.print_json(
+            {
+                "model": session.model,
+                "reply": reply,
+                "thinking": thinking,
+                "thinking_tokens": session.last_thought_tokens,
+                "stats": final,
+            }
+        )
         return
     if not reply.endswith("\n"):
         out.write("\n")
         out.flush()
     if show_stats and final is not None:
-        render.err_console().print(render.stats_line(final), style="dim", highlight=False)
+        err.print(render.stats_line(final), style="dim", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -175,6 +175,6 @@ ChatFormatOpt = Annotated[
     typer.Option(
         "--format",
         callback=not_empty,
-        help="Chat format: v1, v2, v3, v3-tekken, v7 (default: from the model).",
+        help="Chat format: v1, v2, v3, v3-tekken, v7, v11, v13, v15 (default: from the model).",
     ),
 ]

@@ -232,24 +232,32 @@ def _short_commit(source: str) -> str:
 
 
 def catalog_table(specs: list[Any]) -> Any:
+    """`list --available`: each model's size at Q4_K_M, what it is for, its format and source."""
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
     widest = max((len(s.name) for s in specs), default=4)
     table.add_column("NAME", no_wrap=True, min_width=widest)
-    for column in ("PARAMS", "FORMAT", "CONTEXT", "GATED"):
-        table.add_column(column, no_wrap=True, min_width=len(column))
-    table.add_column("FROM", no_wrap=True, overflow="ellipsis")
-    table.add_column("ALIASES", overflow="fold")
+    for column in ("PARAMS", "Q4_K_M", "CONTEXT"):
+        table.add_column(column, no_wrap=True, justify="right", min_width=len(column))
+    table.add_column("FORMAT", no_wrap=True, min_width=9)
+    table.add_column("FOR", overflow="fold", ratio=3, min_width=16)
+    table.add_column("GATED", no_wrap=True, min_width=5)
+    table.add_column("FROM", overflow="fold", ratio=4, min_width=16)
     for s in sorted(specs, key=lambda s: s.name):
+        size = f"{s.size_q4_k_m:.1f} GB" if s.size_q4_k_m else "-"
+        purpose = s.purpose or s.description
+        if s.reasoning:
+            purpose += " (thinks)"
         table.add_row(
             s.name,
             s.parameters,
+            size,
+            f"{s.context_length // 1024}k",
             s.chat_format,
-            str(s.context_length),
+            purpose,
             "yes" if s.gated else "",
-            "built here" if s.synthetic else s.source,
-            ", ".join(s.aliases),
+            "built here" if s.synthetic else s.gguf_repo or s.source,
         )
     return table
 

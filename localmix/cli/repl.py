@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +30,9 @@ from rich.table import Table
 from rich.text import Text
 
 from localmix import settings
+from localmix.chat.reasoning import Thought
 from localmix.chat.session import Notice
-from localmix.cli.reply import ReplyView
+from localmix.cli.reply import ReplyView, ThoughtView
 from localmix.errors import LocalmixError, UsageError
 from localmix.llama.records import Chunk, Stats
 
@@ -101,11 +102,13 @@ class Repl:
         output: Output | None = None,
         history: History | Path | None = None,
         markdown: bool = True,
+        show_thoughts: bool = True,
     ) -> None:
         self.session = session
         self.console = console
         self.loader = loader
         self.markdown = markdown
+        self.show_thoughts = show_thoughts  # stream a reasoning model's thinking (dim), or hide it
         self._input, self._output = input, output
         self._history = history
         self._prompt: PromptSession[str] | None = None
@@ -155,32 +158,47 @@ class Repl:
             return None
         return self.show(self.session.send(text))
 
-    def show(self, stream: Iterator[Chunk | Stats | Notice]) -> Stats | None:
-        """Show a reply stream of the session (send, retry), then its stats line."""
+    def show(self, stream: Iterator[Chunk | Thought | Stats | Notice]) -> Stats | None:
+        """Show a reply stream of the session (send, retry): its thinking (dim, or a count), the
+        answer, then its stats line."""
         before = self.session.last_stats
         stats: Stats | None = None
+        thought = ThoughtView(self.console, show=self.show_thoughts)
         try:
             terminal_input = self._prompt.input if self._prompt and self._input is None else None
-            with self._interruptible(), _keys_held(terminal_input) as ctrl_c_typed:
+            with (
+                self._interruptible(),
+                _keys_held(terminal_input) as ctrl_c_typed,
+                ExitStack() as views,
+            ):
                 if ctrl_c_typed:
                     stream.close()  # not started: the message is as if never sent
                     self.say("interrupted")
                     return None
+                view: ReplyView | None = None  # opened at the answer, after the thinking
                 try:
-                    with ReplyView(self.console, markdown=self.markdown) as view:
-                        for item in stream:
-                            if isinstance(item, Chunk):
-                                self._phase = "reply"
-                                view.feed(item.text)
-                            elif isinstance(item, Stats):
-                                stats = item
-                            elif isinstance(item, Notice):
-                                self.say(item.text)
-                            if self._stop_requested:
-                                break
+                    for item in stream:
+                        if isinstance(item, Thought):
+                            self._phase = "reply"
+                            thought.feed(item.text, item.token)
+                        elif isinstance(item, Chunk):
+                            self._phase = "reply"
+                            if view is None:
+                                thought.finish()
+                                view = views.enter_context(
+                                    ReplyView(self.console, markdown=self.markdown)
+                                )
+                            view.feed(item.text)
+                        elif isinstance(item, Stats):
+                            stats = item
+                        elif isinstance(item, Notice):
+                            self.say(item.text)
+                        if self._stop_requested:
+                            break
                 finally:
                     self._phase = "closing"
                     stream.close()  # the KV cache and the messages keep what was said
+                    thought.finish()
         except KeyboardInterrupt:  # Ctrl-C while the prompt was processed: no reply began
             if self.session.last_stats is before:
                 self.say("interrupted")
@@ -226,9 +244,12 @@ class Repl:
         """The first lines: the model, its context and format, and how to get help."""
         engine = self.session.engine
         name = self.session.model or Path(engine.config.model_path).name
+        thinking = ""
+        if self.session.think_mode is not None:
+            thinking = f" · thinking {'on' if self.session.thinking else 'off'} (/think)"
         self.say(
             f"{name} · {engine.description} · context {engine.n_ctx} · "
-            f"format {self.session.format.name}"
+            f"format {self.session.format.name}{thinking}"
         )
         self.say('/? for help · """ for multiline · Ctrl-C stops a reply · Ctrl-D exits')
 
@@ -366,6 +387,9 @@ class SlashCompleter(Completer):
         if name == "/set":
             values = self.repl.session.settings()
             return [(key, str(value)) for key, value in values.items()]
+        if name in ("/think", "/thoughts"):
+            words = ("on", "off") if name == "/think" else ("show", "hide")
+            return [(word, "") for word in words]
         if name == "/model":
             from localmix import store
 
@@ -444,6 +468,36 @@ def _stats(repl: Repl, arg: str) -> None:
     )
 
 
+@_command("/think", "[on|off]", "show or switch a reasoning model's thinking")
+def _think(repl: Repl, arg: str) -> None:
+    session = repl.session
+    if arg.lower() not in ("", "on", "off"):
+        raise UsageError(f"/think takes on or off, not {arg!r}")
+    if arg:
+        session.set_thinking(arg.lower() == "on")
+    if session.think_mode is None:
+        repl.say("this model has no thinking switch")
+        return
+    how = "reasoning_effort high / none" if session.think_mode == "effort" else "reasoning prompt"
+    repl.say(f"thinking {'on' if session.thinking else 'off'} ({how})")
+
+
+@_command("/thoughts", "[show|hide]", "the last reply's thinking; show or hide it as it streams")
+def _thoughts(repl: Repl, arg: str) -> None:
+    if arg.lower() in ("show", "hide"):
+        repl.show_thoughts = arg.lower() == "show"
+        repl.say(f"thinking is {'shown' if repl.show_thoughts else 'hidden'} as it streams")
+        return
+    if arg:
+        raise UsageError(f"/thoughts takes show or hide, not {arg!r}")
+    replies = [m for m in repl.session.messages if m.role == "assistant"]
+    thinking = replies[-1].thinking if replies else None
+    if thinking is None:
+        repl.say("the last reply has no thinking")
+        return
+    repl.console.print(Text(thinking, style="dim"), highlight=False)
+
+
 @_command("/retry", "", "generate the last reply again")
 def _retry(repl: Repl, arg: str) -> None:
     repl.show(repl.session.retry())
@@ -452,7 +506,7 @@ def _retry(repl: Repl, arg: str) -> None:
 @_command("/undo", "", "drop the last exchange (your message and the reply)")
 def _undo(repl: Repl, arg: str) -> None:
     removed = repl.session.undo()
-    first = removed[0].content
+    first = removed[0].text
     shown = first if len(first) <= 40 else first[:39] + "…"
     repl.say(f"dropped {len(removed)} message{'s' * (len(removed) != 1)} ({shown!r} …)")
 
@@ -510,6 +564,10 @@ def _carry(old: Session, new: Session) -> None:
         return
     new.set_system(old.system)
     new.sampling, new.max_tokens, new.messages = old.sampling, old.max_tokens, list(old.messages)
+    if not new.format.think:  # a model that cannot read thinking back gets the answers only
+        new.messages = [m.without_thinking() for m in new.messages]
+    if new.think_mode is not None and old.think_mode is not None:
+        new.set_thinking(old.thinking)
 
 
 def _reply_numbers(stats: Stats) -> str:

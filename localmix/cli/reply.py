@@ -183,3 +183,50 @@ class ReplyView:
 def _starts_block(line: str) -> bool:
     """A line that begins a new top-level block (not an indented continuation)."""
     return bool(line) and not line[0].isspace()
+
+
+class ThoughtView:
+    """A reasoning model's thinking as it streams: dim text (show) or only a live count on a
+    terminal (hide); finish() ends it with one summary line, the thought's token count."""
+
+    def __init__(self, console: Console, *, show: bool = True) -> None:
+        self.console = console
+        self.show = show
+        self.text = ""
+        self.tokens = 0
+        self._status: Any = None
+        self._done = False
+
+    def feed(self, piece: str, token: int = 0) -> None:
+        """Add a piece of thinking (token -1: text flushed at the end, not a token)."""
+        from rich.text import Text
+
+        self.tokens += token >= 0
+        piece = printable(piece)
+        self.text += piece
+        if self.show:
+            if piece:
+                self.console.print(Text(piece, style="dim"), end="", highlight=False)
+            return
+        if self.console.is_terminal and not self.console.is_dumb_terminal:
+            if self._status is None:
+                self._status = self.console.status("thinking", spinner="dots")
+                self._status.start()
+            self._status.update(f"thinking … {self.tokens} tokens")
+
+    def finish(self) -> None:
+        """The summary line (nothing when there was no thinking); idempotent."""
+        if self._done or not (self.tokens or self.text):
+            return
+        self._done = True
+        if self._status is not None:
+            self._status.stop()
+        if self.show and self.text and not self.text.endswith("\n"):
+            self.console.print()
+        where = "" if self.show else " · /thoughts shows it"
+        self.console.print(
+            f"╰ thought for {self.tokens} token{'s' * (self.tokens != 1)}{where}",
+            style="dim italic",
+            markup=False,
+            highlight=False,
+        )
