@@ -156,7 +156,10 @@ def reference_quantize(src_gguf: Path, out: Path, qtype: str) -> Path:
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    # errors="replace": llama-quantize logs token text, and tekken pieces are partial UTF-8
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, errors="replace", env=env, check=False
+    )
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
         raise RuntimeError(

@@ -3,7 +3,9 @@
 Memory per device = weights placed there + the KV cache of its layers + its compute buffer.
 Placement follows llama.cpp's rules: token_embd always stays on the CPU; `n_gpu_layers = k`
 puts the last k-1 repeating layers and the output layer on the GPU; tensor buffer overrides
-move matching tensors (the MoE experts, `ffn_*_exps`) to the CPU buffer type.
+move matching tensors (the MoE experts, `ffn_*_exps`) to the CPU buffer type. A shared expert
+(`ffn_*_shexp`, Mistral Small 4) is read by every token and stays with attention. Latent attention
+(MLA) caches one compressed K row per token per layer and no V.
 
 The plan tries, fastest first: everything on the GPU; for MoE models, the experts of the first
 N layers on the CPU with attention, norms, router and KV on the GPU (llama.cpp's --n-cpu-moe),
