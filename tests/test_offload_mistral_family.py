@@ -186,11 +186,14 @@ def test_plan_kv_cache_is_what_llama_cpp_allocates_for_mla(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Differential: the tiny mistral4's K and V sizes from llama.cpp's own log line."""
+    import dataclasses
+
     from localmix import gguffile, synthgguf
     from localmix.llama.engine import Engine
     from localmix.llama.records import EngineConfig
 
-    path = synthgguf.write(tmp_path / "tiny-mistral4.gguf")
+    spec = dataclasses.replace(synthgguf.TINY_MISTRAL4, n_vocab=264)  # a small vocab: fast
+    path = synthgguf.write(tmp_path / "tiny-mistral4.gguf", spec, vocab=qt.fake_vocab(264))
     info: GGUFInfo = gguffile.inspect(path)
     plan = offload.plan(info, budget=Budget(gpu_bytes=0, ram_bytes=8 * GIB), n_ctx=1024)
     capfd.readouterr()
