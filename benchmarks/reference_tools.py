@@ -4,7 +4,8 @@ llama-cpp-python vendors.
 
     python benchmarks/reference_tools.py [--keep DIR] [--arch A] [--size S] [--layout L]
 
-For synthetic Mistral and Mixtral checkpoints (sizes tiny and small; Hugging Face and Mistral-native)
+For synthetic Mistral, Mixtral and Ministral 3 checkpoints (sizes tiny and small; Hugging Face and
+Mistral-native; --tokenizer v1, v3 or tekken)
 it converts with both converters (f16 and f32) and compares every tensor (name, type, shape, bytes)
 and every metadata key; then it quantizes localmix's f16 GGUF to Q4_K_M with localmix and with
 llama-quantize and compares the results byte for byte. convert_hf_to_gguf.py needs torch and
@@ -37,11 +38,13 @@ _REQUIREMENT_FILES = (
     "requirements-convert_legacy_llama.txt",
 )
 # Differences that are expected, with the reason the report shows. Keyed by (layout, key, aspect).
+_NO_CONTEXT = (
+    "convert_hf_to_gguf.py --mistral-format finds no context length in params.json "
+    "(max_seq_len), and llama.cpp refuses to load its GGUF without one"
+)
 INTENTIONAL = {
-    ("mistral", "llama.context_length", "extra"): (
-        "convert_hf_to_gguf.py --mistral-format finds no context length in params.json "
-        "(max_seq_len), and llama.cpp refuses to load its GGUF without one"
-    ),
+    ("mistral", "llama.context_length", "extra"): _NO_CONTEXT,
+    ("mistral", "mistral3.context_length", "extra"): _NO_CONTEXT,
 }
 # The essential metadata the comparison must actually see (absent from both files = a failure too).
 REQUIRED_KEYS = (
@@ -153,7 +156,10 @@ def reference_quantize(src_gguf: Path, out: Path, qtype: str) -> Path:
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    # errors="replace": llama-quantize logs token text, and tekken pieces are partial UTF-8
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, errors="replace", env=env, check=False
+    )
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
         raise RuntimeError(
@@ -246,7 +252,9 @@ def compare(case: str, reference: Path, ours: Path, *, layout: str = "hf") -> Co
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def run(work: Path, archs: list[str], layouts: list[str], sizes: list[str]) -> list[Comparison]:
+def run(
+    work: Path, archs: list[str], layouts: list[str], sizes: list[str], tokenizer: str = "v1"
+) -> list[Comparison]:
     from localmix import synth
     from localmix.convert import convert
     from localmix.quantize import quantize
@@ -258,7 +266,9 @@ def run(work: Path, archs: list[str], layouts: list[str], sizes: list[str]) -> l
         for arch in archs:
             for layout in layouts:
                 name = f"{size}-{arch}" + ("" if layout == "hf" else "-native")
-                ckpt = synth.checkpoint(work / name, arch=arch, size=size, layout=layout, seed=0)
+                ckpt = synth.checkpoint(
+                    work / name, arch=arch, size=size, layout=layout, seed=0, tokenizer=tokenizer
+                )
                 for outtype in ("f16", "f32"):
                     case = f"{name} convert {outtype}"
                     ours = convert(ckpt, work / f"{name}.localmix.{outtype}.gguf", outtype=outtype)
@@ -348,7 +358,8 @@ def report(results: list[Comparison]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="write (and keep) the checkpoints and GGUFs here")
-    parser.add_argument("--arch", action="append", choices=["mistral", "mixtral"])
+    parser.add_argument("--arch", action="append", choices=["mistral", "mixtral", "ministral3"])
+    parser.add_argument("--tokenizer", default="v1", choices=["v1", "v3", "tekken"])
     parser.add_argument(
         "--layout",
         action="append",
@@ -357,17 +368,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", action="append", choices=["tiny", "small", "125m"])
     args = parser.parse_args(argv)
-    archs = args.arch or ["mistral", "mixtral"]
+    archs = args.arch or ["mistral", "mixtral", "ministral3"]
     # tiny (dim 64) is below k-quant block size 256, so Q4_K_M falls back to legacy types there;
     # small (dim 256) exercises Q4_K and Q6_K themselves
     sizes = args.size or ["tiny", "small"]
     layouts = args.layout or ["hf", "mistral"]
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        results = run(args.keep, archs, layouts, sizes)
+        results = run(args.keep, archs, layouts, sizes, args.tokenizer)
     else:
         with tempfile.TemporaryDirectory(prefix="localmix-reftools-") as tmp:
-            results = run(Path(tmp), archs, layouts, sizes)
+            results = run(Path(tmp), archs, layouts, sizes, args.tokenizer)
     report(results)
     return 1 if any(r.essential for r in results) else 0
 

@@ -294,6 +294,7 @@ def _pull_checkpoint(
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
     names = repofiles.checkpoint_files(listing.names)
+    _check_convertible(plan, listing, names, emit)
     weights = sum(listing.file(n).size for n in names if n.endswith(".safetensors"))
     # Published checkpoints are 16-bit, so the f16 GGUF is about the size of the weights (an f32
     # checkpoint makes it half: the estimate errs on the safe side), and n_params = bytes / 2.
@@ -312,6 +313,29 @@ def _pull_checkpoint(
         hub.discard(download)  # the checkpoint served its purpose; files other tools had stay
     emit(Stage("done", manifest.ref))
     return manifest
+
+
+def _check_convertible(plan: _Plan, listing: hub.Listing, names: list[str], emit: Progress) -> None:
+    """Read the checkpoint's config first: a model localmix does not convert (Mistral Small 4,
+    FP8 releases) is refused before gigabytes of weights come down, with the way to a GGUF."""
+    from localmix.convert import check_config
+    from localmix.errors import CheckpointError, LocalmixError
+
+    config = next(n for n in names if n in ("config.json", "params.json"))
+    download = hub.download(listing, [config], progress=emit)
+    try:
+        check_config(download.files[0].path)
+    except CheckpointError as exc:
+        try:
+            spec = catalog.load().get(plan.name)
+        except LocalmixError:
+            spec = None  # ORG/REPO outside the catalog: the generic hint stands
+        if spec is not None and spec.gguf_repo:
+            # the catalog knows a ready GGUF of this model: name the exact command
+            exc = CheckpointError(
+                exc.message, hint=f"pull the ready GGUF: localmix pull {plan.name}"
+            )
+        raise exc from None
 
 
 def _convert_and_quantize(

@@ -1,5 +1,11 @@
-"""Seeded random-weight Mistral / Mixtral checkpoints with the real tokenizers that mistral-common
-ships, in Hugging Face or Mistral-native layout, for the demo, the tests and the benchmarks.
+"""Seeded random-weight Mistral / Mixtral / Ministral 3 checkpoints with the real tokenizers that
+mistral-common ships, in Hugging Face or Mistral-native layout, for the demo, the tests and the
+benchmarks.
+
+"ministral3" is laid out like Mistral's Ministral 3 releases: a multimodal Hugging Face checkpoint
+(Mistral3ForConditionalGeneration, the language model under model.language_model.*, YaRN and
+llama_4_scaling_beta in text_config.rope_parameters) or params.json with yarn and llama_4_scaling,
+each with a stub image encoder that a text conversion leaves out.
 
 The same seed gives the same model in both layouts: weights are drawn per tensor in Meta's
 (Mistral-native) order, and the Hugging Face layout stores q/k permuted the way HF's own
@@ -23,7 +29,7 @@ from localmix.errors import UsageError
 if TYPE_CHECKING:
     import numpy as np
 
-ARCHS = ("mistral", "mixtral")
+ARCHS = ("mistral", "mixtral", "ministral3")
 LAYOUTS = ("hf", "mistral")
 DTYPES = {"f32": ("F32", 4), "bf16": ("BF16", 2)}
 
@@ -90,6 +96,9 @@ TOKENIZERS = {
 N_EXPERTS = 8
 N_EXPERTS_USED = 2
 NORM_EPS = 1e-5
+# Ministral 3's long-context settings: YaRN x16 over the pre-training context, query scaling
+YARN_FACTOR = 16.0
+LLAMA_4_SCALING_BETA = 0.1
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,19 @@ class Spec:
                 yield m + "w3.weight", (f, d)
         yield "norm.weight", (d,)
         yield "output.weight", (vocab, d)
+
+    def image_stub(self) -> list[tuple[str, tuple[int, ...]]]:
+        """A few tensors standing for a multimodal release's image encoder (native names)."""
+        if self.arch != "ministral3":
+            return []
+        return [
+            ("vision_encoder.patch_conv.weight", (8, 3, 2, 2)),
+            ("vision_language_adapter.w_in.weight", (self.size.dim, 8)),
+        ]
+
+    @property
+    def yarn_orig_context(self) -> int:
+        return self.size.context // int(YARN_FACTOR)
 
 
 def spec(arch: str, size: str, tokenizer: str, sliding_window: int | None = None) -> Spec:
@@ -242,13 +264,13 @@ def _write_checkpoint(
     s: Spec, out_dir: Path, layout: str, seed: int, dtype: str, max_shard_bytes: int | None
 ) -> None:
     _copy_tokenizer(s, out_dir, layout)
-    tensors = list(s.tensors())
+    tensors = list(s.tensors()) + s.image_stub()
     if layout == "hf":
         (out_dir / "config.json").write_text(json.dumps(_hf_config(s, dtype), indent=2) + "\n")
         (out_dir / "tokenizer_config.json").write_text(
             json.dumps(_tokenizer_config(s), indent=2) + "\n"
         )
-        named = [(_hf_name(n), shape) for n, shape in tensors]
+        named = [(_hf_name(n, _nest(s)), shape) for n, shape in tensors]
         values = _hf_values(s, seed)
         shard = s.size.shard_bytes if max_shard_bytes is None else max_shard_bytes
         _write_shards(out_dir, named, dtype, values, shard)
@@ -267,6 +289,8 @@ def _write_checkpoint(
 
 
 def _hf_config(s: Spec, dtype: str) -> dict:
+    if s.arch == "ministral3":
+        return _ministral3_config(s, dtype)
     config = {
         "architectures": ["MixtralForCausalLM" if s.n_experts else "MistralForCausalLM"],
         "model_type": s.arch,
@@ -296,6 +320,48 @@ def _hf_config(s: Spec, dtype: str) -> dict:
     return config
 
 
+def _ministral3_config(s: Spec, dtype: str) -> dict:
+    """Mistral3ForConditionalGeneration around a ministral3 text model (Ministral 3's layout)."""
+    text = {
+        "model_type": "ministral3",
+        "hidden_size": s.size.dim,
+        "intermediate_size": s.ffn,
+        "num_hidden_layers": s.size.n_layers,
+        "num_attention_heads": s.size.n_heads,
+        "num_key_value_heads": s.size.n_kv_heads,
+        "head_dim": s.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": s.size.context,
+        "rms_norm_eps": NORM_EPS,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "type": "yarn",
+            "rope_theta": s.tokenizer.rope_theta,
+            "factor": YARN_FACTOR,
+            "original_max_position_embeddings": s.yarn_orig_context,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": LLAMA_4_SCALING_BETA,
+        },
+        "sliding_window": s.sliding_window,
+        "vocab_size": s.tokenizer.vocab_size,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    return {
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "model_type": "mistral3",
+        "text_config": text,
+        "vision_config": {"model_type": "pixtral", "hidden_size": 8, "patch_size": 2},
+        "image_token_index": 10,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16" if dtype == "bf16" else "float32",
+    }
+
+
 def _native_params(s: Spec) -> dict:
     params: dict = {
         "dim": s.size.dim,
@@ -313,6 +379,15 @@ def _native_params(s: Spec) -> dict:
         params["sliding_window"] = s.sliding_window
     if s.n_experts:
         params["moe"] = {"num_experts": s.n_experts, "num_experts_per_tok": N_EXPERTS_USED}
+    if s.arch == "ministral3":
+        orig = s.yarn_orig_context
+        params["yarn"] = {
+            "factor": YARN_FACTOR, "original_max_position_embeddings": orig, "beta": 32.0,
+            "alpha": 1.0, "apply_scale": False,
+        }  # fmt: skip
+        params["llama_4_scaling"] = {
+            "beta": LLAMA_4_SCALING_BETA, "original_max_position_embeddings": orig,
+        }  # fmt: skip
     return params
 
 
@@ -394,18 +469,34 @@ _HF_NAMES = {
 }
 
 
-def _hf_name(native: str) -> str:
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+_HF_IMAGE_STUB = {
+    "vision_encoder.patch_conv.weight": "model.vision_tower.patch_conv.weight",
+    "vision_language_adapter.w_in.weight": "model.multi_modal_projector.linear_1.weight",
+}
+
+
+def _nest(s: Spec) -> str:
+    """Where the HF layout keeps the language model: a multimodal release nests it."""
+    return "model.language_model." if s.arch == "ministral3" else "model."
+
+
+def _hf_name(native: str, nest: str = "model.") -> str:
+    top = {
+        "tok_embeddings.weight": nest + "embed_tokens.weight",
+        "norm.weight": nest + "norm.weight",
+    }
     if native in top:
         return top[native]
     if native == "output.weight":
         return "lm_head.weight"
+    if native in _HF_IMAGE_STUB:
+        return _HF_IMAGE_STUB[native]
     _, layer, rest = native.split(".", 2)
     for old, new in _HF_NAMES.items():
         if rest.startswith(old + "."):
             rest = new + rest[len(old) :]
             break
-    return f"model.layers.{layer}.{rest}"
+    return f"{nest}layers.{layer}.{rest}"
 
 
 def _values(seed: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -430,7 +521,7 @@ def hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _hf_values(s: Spec, seed: int) -> Callable[[str], np.ndarray]:
-    native_of = {_hf_name(n): (n, shape) for n, shape in s.tensors()}
+    native_of = {_hf_name(n, _nest(s)): (n, shape) for n, shape in [*s.tensors(), *s.image_stub()]}
 
     def produce(hf_name: str) -> np.ndarray:
         native, shape = native_of[hf_name]

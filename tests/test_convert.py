@@ -370,7 +370,7 @@ def _extra_tensor(c: Path, w: Path) -> Path:
     d = _copy(c, w)
     synth.write_safetensors(
         d / "model-extra.safetensors",
-        [("model.vision_tower.weight", (4,))],
+        [("model.layers.0.mystery.weight", (4,))],
         "f32",
         lambda n: np.ones(4, np.float32),
     )
@@ -486,7 +486,7 @@ BAD = [
         CheckpointError,
         "shape",
     ),
-    Bad("unexpected tensor", _extra_tensor, CheckpointError, "model.vision_tower.weight"),
+    Bad("unexpected tensor", _extra_tensor, CheckpointError, "model.layers.0.mystery.weight"),
     Bad("unsupported dtype", _int8_tensor, CheckpointError, "I8"),
     Bad("no tokenizer", _no_tokenizer, CheckpointError, "tokenizer"),
     Bad("native without tokenizer", _native_without_tokenizer, CheckpointError, "tokenizer"),

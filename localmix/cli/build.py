@@ -113,7 +113,7 @@ def quantize_command(
 
 def synth_command(
     out: Annotated[Path, typer.Argument(help="Directory for the checkpoint.")],
-    arch: Annotated[str, typer.Option(help="mistral or mixtral.")] = "mistral",
+    arch: Annotated[str, typer.Option(help="mistral, mixtral or ministral3.")] = "mistral",
     size: Annotated[str, typer.Option(help="tiny, small, 125m or 1b.")] = "tiny",
     tokenizer: Annotated[str, typer.Option(help="v1, v3 or tekken.")] = "v1",
     layout: Annotated[str, typer.Option(help="hf or mistral (native).")] = "hf",

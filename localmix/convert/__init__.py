@@ -21,12 +21,23 @@ from localmix.errors import CheckpointError, DiskSpaceError, OutputError
 if TYPE_CHECKING:
     from localmix.convert.checkpoint import Checkpoint
 
-__all__ = ["OUTTYPES", "ConvertEvent", "convert", "converter_for", "register"]
+__all__ = [
+    "OUTTYPES", "ConvertEvent", "check_config", "convert", "converter_for", "register",
+]  # fmt: skip
 
 _CONVERTERS: dict[str, type] = {}
 _C = TypeVar("_C", bound=type)
 # modules that register converters, imported on first use so `import localmix.convert` stays light
-_FAMILIES = ("localmix.convert.llama",)
+_FAMILIES = ("localmix.convert.llama", "localmix.convert.mistral3")
+GGUF_HINT = "pull a ready GGUF of it instead: localmix pull hf.co/ORG/REPO-GGUF:Q4_K_M"
+# Why localmix leaves these to a ready GGUF (the README's architecture table says the same).
+_NOT_CONVERTED = {
+    "mistral4": (
+        "Mistral Small 4 (mistral4: latent attention, 128 experts) is not converted by localmix: "
+        "llama.cpp's own converter writes it as mistral4 from the Hugging Face files and as "
+        "deepseek2 from Mistral's, and the release is FP8"
+    ),
+}
 
 
 def register(*names: str) -> Callable[[_C], _C]:
@@ -43,19 +54,57 @@ def register(*names: str) -> Callable[[_C], _C]:
 
 def converter_for(ckpt: Checkpoint) -> Any:
     """An instance of the converter registered for the checkpoint's architecture."""
+    return _converter_class(ckpt.layout, ckpt.config, ckpt.config_file)(ckpt)
+
+
+def check_config(config_file: Path) -> None:
+    """CheckpointError, with a hint, for a checkpoint localmix will not convert, told from its
+    config.json or params.json alone (so `pull` can refuse before downloading the weights)."""
+    from localmix.convert.checkpoint import _read_json
+
+    layout = "mistral" if Path(config_file).name == "params.json" else "hf"
+    _converter_class(layout, _read_json(Path(config_file)), Path(config_file))
+
+
+def _converter_class(layout: str, config: dict[str, Any], config_file: Path) -> type:
     import importlib
+
+    from localmix.convert.checkpoint import native_architecture
+    from localmix.convert.llama import text_config
 
     for module in _FAMILIES:
         importlib.import_module(module)
-    arch = ckpt.architecture
+    text = text_config(config)
+    quantized = text.get("quantization_config") or text.get("quantization")
+    if quantized:
+        method = quantized.get("quant_method") or quantized.get("qformat_weight") or "quantized"
+        raise CheckpointError(
+            f"{config_file}: the weights are quantized ({method}); localmix converts 16- and "
+            "32-bit checkpoints",
+            hint=f"pull its BF16 release if there is one, or {GGUF_HINT}",
+        )
+    if layout == "mistral":
+        arch = native_architecture(config)
+    else:
+        archs = config.get("architectures") or []
+        if not archs or not isinstance(archs, list):
+            raise CheckpointError(
+                f"{config_file}: no 'architectures' entry",
+                hint="a Hugging Face config.json names its model class there",
+            )
+        arch = str(archs[0])
+        if text.get("model_type") in _NOT_CONVERTED:
+            arch = str(text["model_type"])
+    if arch in _NOT_CONVERTED:
+        raise CheckpointError(f"{config_file}: {_NOT_CONVERTED[arch]}", hint=GGUF_HINT)
     cls = _CONVERTERS.get(arch)
     if cls is None:
         supported = ", ".join(sorted(n for n in _CONVERTERS if n[0].isupper()))
         raise CheckpointError(
-            f"{ckpt.config_file}: unsupported architecture {arch}",
+            f"{config_file}: unsupported architecture {arch}",
             hint=f"localmix converts {supported} checkpoints",
         )
-    return cls(ckpt)
+    return cls
 
 
 def convert(

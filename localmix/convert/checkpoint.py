@@ -89,9 +89,11 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        """HF: the config's architectures[0]; Mistral-native: "mistral" or "mixtral"."""
+        """HF: the config's architectures[0]; Mistral-native: "mistral", "mixtral", "ministral3"
+        (Llama 4 query scaling, as llama.cpp's converter tells them apart) or "mistral4" (MoE with
+        latent attention: Mistral Small 4, Large 3)."""
         if self.layout == "mistral":
-            return "mixtral" if self.config.get("moe") else "mistral"
+            return native_architecture(self.config)
         archs = self.config.get("architectures") or []
         if not archs or not isinstance(archs, list):
             raise CheckpointError(
@@ -99,6 +101,13 @@ class Checkpoint:
                 hint="a Hugging Face config.json names its model class there",
             )
         return str(archs[0])
+
+
+def native_architecture(params: dict[str, Any]) -> str:
+    """The family of a Mistral-native params.json."""
+    if params.get("moe"):
+        return "mistral4" if params.get("kv_lora_rank") or params.get("q_lora_rank") else "mixtral"
+    return "ministral3" if params.get("llama_4_scaling") else "mistral"
 
 
 def open_checkpoint(directory: Path) -> Checkpoint:
@@ -220,7 +229,8 @@ def read_header(path: Path) -> Iterator[TensorEntry]:
         if dtype not in DTYPES:
             raise CheckpointError(
                 f"{path}: tensor {name} has dtype {dtype}, which localmix cannot convert",
-                hint="supported: F32, F16, BF16 (quantized checkpoints are not)",
+                hint="localmix converts F32, F16 and BF16 weights; for an FP8 release pull its "
+                "BF16 repo, or a ready GGUF (localmix pull hf.co/ORG/REPO-GGUF:Q4_K_M)",
             )
         if end - start != DTYPES[dtype][1] * int(np.prod(shape, dtype=np.int64)):
             raise CheckpointError(

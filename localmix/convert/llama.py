@@ -18,6 +18,19 @@ if TYPE_CHECKING:
 
 # tensors a checkpoint may carry that the GGUF does not need
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# the image encoder of multimodal checkpoints (Mistral Small 3.1+, Ministral 3, Magistral 2509):
+# the text GGUF leaves it out, as convert_hf_to_gguf.py does (its mmproj is a separate file)
+_MULTIMODAL = (
+    "vision_tower.", "vision_encoder.", "vision_language_adapter.", "multi_modal_projector.",
+    "patch_merger.", "pre_mm_projector_norm.",
+)  # fmt: skip
+
+
+def is_multimodal(name: str) -> bool:
+    """A tensor of the image encoder or its projector (HF or Mistral-native names)."""
+    return name.startswith(_MULTIMODAL) or any(f".{p}" in name for p in _MULTIMODAL)
+
+
 DEFAULT_NATIVE_CONTEXT = 32768  # params.json rarely says; Mistral 7B v0.2+ and Mixtral train on 32k
 
 
@@ -39,9 +52,15 @@ class Hparams:
     n_experts_used: int
 
 
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal HF config's language model part (text_config) over its top level."""
+    text = config.get("text_config")
+    return {**config, **text} if isinstance(text, dict) else config
+
+
 def hparams(ckpt: Checkpoint) -> Hparams:
     """Hyper-parameters from config.json (HF) or params.json (Mistral-native)."""
-    c = ckpt.config
+    c = text_config(ckpt.config)
 
     def get(*keys: str, default: Any = None) -> Any:
         for key in keys:
@@ -143,7 +162,8 @@ class LlamaConverter:
 
         self.ckpt = ckpt
         self.hp = hparams(ckpt)
-        self.name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, self.hp.n_layers)
+        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.gguf_arch)
+        self.name_map = gguf.get_tensor_name_map(arch, self.hp.n_layers)
         self._used: set[str] = set()
 
     # ---- metadata ----
@@ -180,7 +200,7 @@ class LlamaConverter:
     def tensors(self, outtype: str) -> list[OutputTensor]:
         """Every output tensor, checked against the config, in llama.cpp's usual order."""
         hp, layout = self.hp, self.ckpt.layout
-        prefix, embed, norm, head = _TOP_NAMES[layout]
+        prefix, embed, norm, head = self._top_names()
         out = [self._plain(embed + ".weight", (hp.vocab_size, hp.dim), outtype)]
         for i in range(hp.n_layers):
             out.extend(self._layer(i, f"{prefix}layers.{i}.", _LAYER_NAMES[layout], outtype))
@@ -189,6 +209,18 @@ class LlamaConverter:
             out.append(self._plain(head + ".weight", (hp.vocab_size, hp.dim), outtype))
         self._check_all_used()
         return out
+
+    def _top_names(self) -> tuple[str, str, str, str]:
+        """(layer prefix, embeddings, final norm, output head) names in this checkpoint."""
+        layout = self.ckpt.layout
+        if layout == "hf":
+            # multimodal checkpoints nest the language model: transformers 5 writes
+            # model.language_model.*, earlier versions language_model.model.*
+            for nest, head in (("model.language_model.", "lm_head"),
+                               ("language_model.model.", "language_model.lm_head")):  # fmt: skip
+                if nest + "embed_tokens.weight" in self.ckpt.tensors:
+                    return (nest, nest + "embed_tokens", nest + "norm", head)
+        return _TOP_NAMES[layout]
 
     def _layer(self, i: int, p: str, names: dict[str, str], outtype: str) -> Iterator[OutputTensor]:
         hp = self.hp
@@ -248,14 +280,17 @@ class LlamaConverter:
         return entry
 
     def _gguf_name(self, name: str) -> str:
-        mapped = self.name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        # the nesting prefix goes, as in convert_hf_to_gguf.py's filter_tensors
+        plain = name.replace("language_model.", "")
+        mapped = self.name_map.get_name(plain, try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise CheckpointError(f"{self.ckpt.directory}: cannot map tensor {name} to GGUF")
         return mapped
 
     def _check_all_used(self) -> None:
         for name, entry in self.ckpt.tensors.items():
-            if name not in self._used and not name.endswith(_IGNORED_SUFFIXES):
+            ignored = name.endswith(_IGNORED_SUFFIXES) or is_multimodal(name)
+            if name not in self._used and not ignored:
                 raise CheckpointError(
                     f"{entry.file}: unexpected tensor {name}",
                     hint="this is not a plain Mistral/Mixtral checkpoint",

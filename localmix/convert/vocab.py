@@ -26,7 +26,7 @@ def add_vocab(w: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> None:
         if ckpt.layout == "mistral" or (
             (d / "tekken.json").is_file() and not (d / "tokenizer.json").is_file()
         ):
-            _mistral(w, d, vocab_size)
+            add_mistral_vocab(w, d, vocab_size)
             return
         _space_prefix(w, d)
         if (d / "tokenizer.model").is_file():
@@ -40,7 +40,7 @@ def add_vocab(w: gguf.GGUFWriter, ckpt: Checkpoint, vocab_size: int) -> None:
                         f"{d / 'tokenizer.json'}: a BPE tokenizer localmix cannot convert",
                         hint="add the repo's tekken.json or tokenizer.model",
                     ) from None
-                _mistral(w, d, vocab_size)
+                add_mistral_vocab(w, d, vocab_size)
         else:
             raise CheckpointError(
                 f"{d}: no tokenizer (tokenizer.model, tokenizer.json or tekken.json)",
@@ -156,7 +156,8 @@ def _llama_hf(w: gguf.GGUFWriter, d: Path) -> None:
     gguf.SpecialVocab(d, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
-def _mistral(w: gguf.GGUFWriter, d: Path, vocab_size: int) -> None:
+def add_mistral_vocab(w: gguf.GGUFWriter, d: Path, vocab_size: int) -> None:
+    """mistral-common's tokenizer file in folder d (tekken.json, tokenizer.model.v*) into w."""
     import gguf
 
     try:

@@ -3,7 +3,9 @@
 Memory per device = weights placed there + the KV cache of its layers + its compute buffer.
 Placement follows llama.cpp's rules: token_embd always stays on the CPU; `n_gpu_layers = k`
 puts the last k-1 repeating layers and the output layer on the GPU; tensor buffer overrides
-move matching tensors (the MoE experts, `ffn_*_exps`) to the CPU buffer type.
+move matching tensors (the MoE experts, `ffn_*_exps`) to the CPU buffer type. A shared expert
+(`ffn_*_shexp`, Mistral Small 4) is read by every token and stays with attention. Latent attention
+(MLA) caches one compressed K row per token per layer and no V.
 
 The plan tries, fastest first: everything on the GPU; for MoE models, the experts of the first
 N layers on the CPU with attention, norms, router and KV on the GPU (llama.cpp's --n-cpu-moe),
@@ -132,6 +134,8 @@ class Shape:
     n_expert_used: int
     context_length: int
     tied_output: bool = field(default=False)
+    # MLA (Mistral Small 4, DeepSeek): the cache holds one compressed K row per token and no V
+    kv_has_v: bool = field(default=True)
 
     @classmethod
     def of(cls, info: GGUFInfo) -> Shape:
@@ -160,7 +164,14 @@ class Shape:
             n_expert_used=key("expert_used_count"),
             context_length=key("context_length"),
             tied_output="output.weight" not in names,
+            kv_has_v=not is_mla(info),
         )
+
+
+def is_mla(info: GGUFInfo) -> bool:
+    """Multi-head latent attention: llama.cpp then keeps no V cache (llama-kv-cache.cpp) and
+    attends over the compressed K row (key_length = kv_lora_rank + rope dims, one KV head)."""
+    return bool(info.key("attention.key_length_mla") and info.key("attention.value_length_mla"))
 
 
 def parse_size(text: str) -> int:
@@ -202,10 +213,12 @@ def group_of(name: str) -> tuple[str, int | None]:
         return "norms", layer
     if rest.startswith("attn_"):
         return "attention", layer
-    if rest.startswith("ffn_gate_inp"):
+    if rest.startswith(("ffn_gate_inp", "exp_probs_b")):
         return "router", layer
     if re.match(EXPERT_PATTERN, rest):
         return "experts", layer
+    if re.match(r"ffn_(up|down|gate)_shexp", rest):
+        return "shared expert", layer  # read by every token: stays beside attention
     if rest.startswith("ffn_"):
         return "ffn", layer
     return "other", layer
@@ -267,10 +280,8 @@ class _Estimator:
         self.n_ubatch = min(n_ubatch, n_ctx)
         self.flash = flash
         self.gpu = gpu_name
-        per_cell = shape.n_head_kv * (
-            shape.head_dim_k * kv_bytes_per_element(type_k)
-            + shape.head_dim_v * kv_bytes_per_element(type_v)
-        )
+        v_bytes = shape.head_dim_v * kv_bytes_per_element(type_v) if shape.kv_has_v else 0
+        per_cell = shape.n_head_kv * (shape.head_dim_k * kv_bytes_per_element(type_k) + v_bytes)
         self.kv_layer = int(self.n_kv * per_cell)
 
     def device(self, group: str, layer: int | None, p: _Placement) -> str:
