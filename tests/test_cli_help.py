@@ -99,12 +99,28 @@ def test_help_and_list_import_neither_pydantic_nor_the_engine(
         f"sys.argv = ['localmix', *{argv!r}]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('pydantic', 'llama_cpp', 'numpy', 'huggingface_hub', 'mistral_common',"
-        " 'prompt_toolkit') if m in sys.modules]\n"
+        " 'prompt_toolkit', 'markdown_it', 'pygments') if m in sys.modules]\n"
         "print(heavy, file=sys.stderr)\n"
     )
     env = {**os.environ, "LOCALMIX_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_after_help_the_real_markdown_and_traceback_modules_import(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Help imports typer's renderer with stand-ins for rich.markdown and rich.traceback; a reply
+    # rendered later in the same process (the REPL's markdown) must get the real modules.
+    import importlib
+    import sys
+
+    for name in ("typer.rich_utils", "rich.markdown", "rich.traceback"):
+        sys.modules.pop(name, None)
+    assert run_cli(capsys, "chat", "--help").code == 0
+    assert "typer.rich_utils" in sys.modules and "rich.markdown" not in sys.modules
+    assert importlib.import_module("rich.markdown").Markdown.__name__ == "Markdown"
+    assert importlib.import_module("rich.traceback").Traceback.__name__ == "Traceback"
 
 
 def test_a_given_value_is_still_coerced_and_checked(capsys: pytest.CaptureFixture[str]) -> None:

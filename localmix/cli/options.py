@@ -116,6 +116,43 @@ def plain_help() -> None:
     core.TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
     core.TyperOption.display_type_rich = flag_or_option_type  # type: ignore[method-assign]
     _coerce_lazily(core)
+    for cls in (core.TyperCommand, core.TyperGroup):
+        cls.format_help = _with_light_help_renderer(cls.format_help)  # type: ignore[method-assign]
+
+
+def _with_light_help_renderer(format_help: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(self: Any, ctx: Any, formatter: Any) -> Any:
+        _import_help_renderer()
+        return format_help(self, ctx, formatter)
+
+    return wrapped
+
+
+def _import_help_renderer() -> None:
+    """typer.rich_utils, the help renderer, imports rich.markdown (with markdown-it) and
+    rich.traceback (with pygments) at its top, a third of `localmix --help`'s time, for the
+    "markdown" markup mode and pretty tracebacks, neither of which localmix uses. Import it with
+    stand-ins for those two, then take the stand-ins away, so later imports get the real ones."""
+    import importlib
+    import sys
+    import types
+
+    if "typer.rich_utils" in sys.modules:
+        return
+    stand_ins = {
+        name: types.ModuleType(name)
+        for name in ("rich.markdown", "rich.traceback")
+        if name not in sys.modules
+    }
+    for name, module in stand_ins.items():
+        module.__dict__[name.rsplit(".", 1)[1].capitalize()] = None  # Markdown, Traceback
+        sys.modules[name] = module
+    try:
+        importlib.import_module("typer.rich_utils")
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 class _UnsetOrCoerced:
