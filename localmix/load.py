@@ -53,13 +53,25 @@ class LoadSettings:
     type_v: str = "f16"
     tensor_overrides: tuple[tuple[str, str], ...] = ()
     verbose: bool = False
+    # Sequences decoded together (serve): each gets a context of n_ctx() tokens, drawn from one
+    # KV cache of parallel * n_ctx() cells.
+    parallel: int = 1
 
     def n_ctx(self, target: Located) -> int:
-        """The context to load with: the asked size, else 4096 capped at the trained one."""
+        """The context (per sequence) to load with: the asked size, else 4096 capped at the
+        trained one."""
         if self.ctx is not None:
             return self.ctx
         trained = target.context_length
         return min(DEFAULT_CTX, trained) if trained > 0 else DEFAULT_CTX
+
+    def kv_cells(self, target: Located) -> int:
+        """The context llama.cpp is asked for: n_ctx() for one sequence (0: the model's own),
+        parallel times the per-sequence context for several."""
+        n_ctx = self.n_ctx(target)
+        if self.parallel == 1:
+            return n_ctx
+        return (n_ctx or target.context_length) * self.parallel
 
     @property
     def asks_for_plan(self) -> bool:
@@ -123,7 +135,7 @@ def plan_for(
         return None
     return offload.estimate_for(
         target.path,
-        n_ctx=settings.n_ctx(target) or target.context_length,
+        n_ctx=settings.kv_cells(target) or target.context_length,
         type_k=settings.type_k,
         type_v=settings.type_v,
         n_ubatch=settings.n_ubatch,
@@ -159,7 +171,7 @@ def check(target: Located, settings: LoadSettings, *, beyond_trained: bool = Tru
     else:
         _check_ctx(target, n_ctx, beyond_trained)
     if n_ctx and not settings.n_gpu_layers and not settings.asks_for_plan:
-        _check_kv_memory(target, settings, n_ctx)
+        _check_kv_memory(target, settings, settings.kv_cells(target) or n_ctx)
 
 
 def _check_ctx(target: Located, n_ctx: int, beyond_trained: bool) -> None:
@@ -183,6 +195,19 @@ def _check_kv_memory(target: Located, settings: LoadSettings, n_ctx: int) -> Non
     """On the CPU the whole KV cache is in RAM: refuse one larger than the machine's memory."""
     from localmix.errors import DoesNotFit
     from localmix.llama.hardware import ram
+
+    need, (total, _) = kv_bytes(target, settings, n_ctx), ram()
+    if total and need > total:
+        gib = 1024**3
+        raise DoesNotFit(
+            f"a {n_ctx}-token context needs a {need / gib:.1f} GiB KV cache, more than this "
+            f"machine's {total / gib:.1f} GiB of memory",
+            hint="use a smaller --ctx, or a quantized KV cache type",
+        )
+
+
+def kv_bytes(target: Located, settings: LoadSettings, n_ctx: int) -> int:
+    """Bytes of an n_ctx-token KV cache of target, with the settings' cache types."""
     from localmix.llama.offload import Shape, kv_bytes_per_element
 
     shape = Shape.of(target.info)
@@ -194,14 +219,7 @@ def _check_kv_memory(target: Located, settings: LoadSettings, n_ctx: int) -> Non
             + shape.head_dim_v * kv_bytes_per_element(settings.type_v)
         )
     )
-    need, (total, _) = int(per_token * n_ctx), ram()
-    if total and need > total:
-        gib = 1024**3
-        raise DoesNotFit(
-            f"a {n_ctx}-token context needs a {need / gib:.1f} GiB KV cache, more than this "
-            f"machine's {total / gib:.1f} GiB of memory",
-            hint="use a smaller --ctx, or a quantized KV cache type",
-        )
+    return int(per_token * n_ctx)
 
 
 def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Plan | None]:
@@ -212,7 +230,7 @@ def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Pl
     check(target, settings)
     config = EngineConfig(
         model_path=target.path,
-        n_ctx=settings.n_ctx(target),
+        n_ctx=settings.kv_cells(target),
         n_threads=settings.threads,
         n_threads_batch=settings.threads_batch,
         n_batch=settings.n_batch,
@@ -223,6 +241,7 @@ def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Pl
         type_v=settings.type_v,
         tensor_overrides=settings.tensor_overrides,
         verbose=settings.verbose,
+        n_seq_max=settings.parallel,
     )
     plan = plan_for(target, settings)
     if plan is not None:

@@ -65,7 +65,7 @@ class Session:
         if max_tokens < 1:
             raise UsageError(f"max_tokens must be at least 1, not {max_tokens}")
         self.engine = engine
-        self.format = _resolve_format(engine, chat_format)
+        self.format = resolve_format(engine, chat_format)
         self.system = system or None
         self.sampling = sampling or Sampling()
         self.max_tokens = max_tokens
@@ -82,7 +82,7 @@ class Session:
             self.set_thinking(thinking)
         # SentencePiece vocabularies prepend "▁" to encoded text, and their decoders drop it again;
         # a reply's first piece carries that space, which mistral-common's decoded text does not.
-        self._strip_space = _adds_space_prefix(engine.metadata)
+        self._strip_space = adds_space_prefix(engine.metadata)
 
     # --- the conversation -------------------------------------------------------------------
 
@@ -344,7 +344,8 @@ class Session:
         # finished with an empty reply: the user message stays; the next one is merged with it
 
 
-def _resolve_format(engine: Engine, chat_format: str | ChatFormat | None) -> ChatFormat:
+def resolve_format(engine: Engine, chat_format: str | ChatFormat | None) -> ChatFormat:
+    """The chat format to use: a name, a format, or None to detect it from the model."""
     if isinstance(chat_format, str):
         return template.get(chat_format)
     if chat_format is not None:
@@ -363,7 +364,9 @@ def _piece_text(engine: Engine, token: int) -> str:
     return engine.token_piece(token).decode("utf-8", errors="replace")
 
 
-def _adds_space_prefix(metadata: dict[str, str]) -> bool:
+def adds_space_prefix(metadata: dict[str, str]) -> bool:
+    """Whether the vocabulary prepends "▁" to text, so a reply's first piece starts with a space
+    that mistral-common's decoded text does not have (chat clients drop it)."""
     if metadata.get("tokenizer.ggml.model") != "llama":
         return False
     return str(metadata.get("tokenizer.ggml.add_space_prefix", "true")).lower() != "false"

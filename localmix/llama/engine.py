@@ -95,7 +95,8 @@ class Engine:
         cparams.n_ctx = config.n_ctx
         cparams.n_batch = config.n_batch
         cparams.n_ubatch = config.n_ubatch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = config.n_seq_max
+        cparams.kv_unified = config.n_seq_max > 1
         cparams.n_threads = threads
         cparams.n_threads_batch = batch_threads
         cparams.flash_attn_type = FLASH_ATTN[config.flash_attn]

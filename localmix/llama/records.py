@@ -28,6 +28,9 @@ KV_CACHE_TYPES = {
     "q5_1": 7,
 }
 
+# LLAMA_MAX_SEQ (llama-cparams.h): a context refuses more sequences than this.
+MAX_SEQUENCES = 256
+
 FINISH_REASONS = ("stop", "length", "stop_string", "interrupted")
 
 
@@ -55,6 +58,9 @@ class EngineConfig:
     use_mmap: bool = True
     verbose: bool = False
     tap: MatMulTap | None = None  # sees the inputs of the graph's matrix products (imatrix)
+    # Sequences decoded together (llama/batch.py); above 1 the KV cache is one buffer that every
+    # sequence draws cells from (llama.cpp's kv_unified), n_ctx cells in all.
+    n_seq_max: int = 1
 
     def __post_init__(self) -> None:
         _choice("flash attention mode", self.flash_attn, FLASH_ATTN)
@@ -64,6 +70,10 @@ class EngineConfig:
             raise UsageError(f"context size must be 0 or more, not {self.n_ctx}")
         if self.n_batch < 1 or self.n_ubatch < 1:
             raise UsageError("batch sizes must be at least 1", hint="use 1 or more")
+        if not 1 <= self.n_seq_max <= MAX_SEQUENCES:
+            raise UsageError(
+                f"parallel sequences must be between 1 and {MAX_SEQUENCES}, not {self.n_seq_max}"
+            )
         for threads in (self.n_threads, self.n_threads_batch):
             if threads is not None and threads < 1:
                 raise UsageError(f"threads must be at least 1, not {threads}")
