@@ -754,9 +754,39 @@ EVAL_CASES = [
 ]
 
 
+# serve fails before it listens (nothing here may start a server), ps before it asks
+SERVE_CASES = [
+    _c("serve unknown model", 3, "nosuch", "serve", "nosuch", "--port", "0"),
+    _c("serve a folder", 6, "directory", "serve", "WORK", "--port", "0"),
+    _c("serve port 70000", 2, "--port", "serve", "--port", "70000"),
+    _c("serve port word", 2, "--port", "serve", "--port", "http"),
+    _c("serve parallel 0", 2, "--parallel", "serve", "--parallel", "0"),
+    _c("serve parallel 1000", 2, "--parallel", "serve", "--parallel", "1000"),
+    _c("serve queue -1", 2, "--queue", "serve", "--queue", "-1"),
+    _c("serve keep-alive word", 2, "soon", "serve", "--keep-alive", "soon"),
+    _c("serve keep-alive unit", 2, "5y", "serve", "--keep-alive", "5y"),
+    _c("serve memory word", 2, "not a size", "serve", "--memory", "lots"),
+    _c("serve max-models 0", 2, "--max-models", "serve", "--max-models", "0"),
+    _c("serve ctx 10", 2, "256", "serve", "GGUF", "--ctx", "10", "--port", "0"),
+    _c("serve threads 100000", 2, "100000", "serve", "GGUF", "-t", "100000", "--port", "0"),
+    _c("serve threads without a model", 2, "100000", "serve", "-t", "100000", "--port", "0"),
+    _c("serve with LOCALMIX_HOME a file", 2, "LOCALMIX_HOME", "serve", "tiny", env=HOME_FILE),
+    _c("ps no server", 1, "no server answers", "ps", "--url", "http://127.0.0.1:9"),
+    _c("ps not http", 2, "not an http address", "ps", "--url", "ftp://127.0.0.1"),
+    _c("ps extra argument", 2, "extra", "ps", "more"),
+]
+
+
 @pytest.mark.parametrize(
     "case",
-    PULL_CASES + IMPORT_CASES + STORE_CASES + CHAT_CASES + BENCH_CASES + BUILD_CASES + EVAL_CASES,
+    PULL_CASES
+    + IMPORT_CASES
+    + STORE_CASES
+    + CHAT_CASES
+    + BENCH_CASES
+    + BUILD_CASES
+    + EVAL_CASES
+    + SERVE_CASES,
     ids=lambda c: c.id,
 )
 def test_every_command(
@@ -797,6 +827,7 @@ def test_case_count() -> None:
     rows = CONVERT_CASES + QUANTIZE_CASES + OTHER_CASES + BOUNDS_CASES + GGUF_CASES
     rows += PULL_CASES + IMPORT_CASES + STORE_CASES + CHAT_CASES + BENCH_CASES + BUILD_CASES
     rows += EVAL_CASES
+    rows += SERVE_CASES
     assert len(rows) >= 150
     assert len({c.id for c in rows}) == len(rows)
     from localmix.cli.app import app

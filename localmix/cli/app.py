@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "localmix.cli.imatrix",
     "localmix.cli.doctor",
     "localmix.cli.demo",
+    "localmix.cli.serve",
 )
 
 

@@ -1,0 +1,204 @@
+"""The ASGI app (Starlette) and what the OpenAI and Ollama routes share: reading a bounded JSON
+body, validating it, the status code of each error, holding a model and a job for one request,
+and noticing a client that left (its generation is cancelled and its KV cells freed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from localmix.errors import ContextTooLong, LocalmixError, ModelNotFound, UsageError
+from localmix.llama.records import Chunk, Stats
+from localmix.serve.scheduler import Busy, Job
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+
+    from localmix.llama.batch import Generation
+    from localmix.serve.models import Model, Registry, Unset
+
+T = TypeVar("T")
+Model_T = TypeVar("Model_T", bound="BaseModel")
+
+MAX_BODY = 16 * 1024 * 1024  # bytes: far above any prompt a context holds
+
+
+class TooLarge(LocalmixError):
+    """The request body is larger than the server reads."""
+
+
+class ClientGone(Exception):
+    """The client disconnected; nothing is left to answer."""
+
+
+# error class -> HTTP status, subclasses first
+STATUS: tuple[tuple[type[LocalmixError], int], ...] = (
+    (Busy, 503),
+    (TooLarge, 413),
+    (ModelNotFound, 404),
+    (ContextTooLong, 400),
+    (UsageError, 400),
+)
+
+
+def status_of(error: LocalmixError) -> int:
+    """The HTTP status for an error: 400 bad input, 404 unknown model, 413, 503 busy, else 500."""
+    return next((status for kind, status in STATUS if isinstance(error, kind)), 500)
+
+
+def dumps(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object: TooLarge past MAX_BODY, UsageError when it is not JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise TooLarge(f"the request body is {declared} bytes; the limit is {MAX_BODY}")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY:
+            raise TooLarge(f"the request body is over the limit of {MAX_BODY} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise UsageError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError("the body must be a JSON object")
+    return data
+
+
+def parse(kind: type[Model_T], data: dict[str, Any]) -> Model_T:
+    """data validated as `kind`; UsageError naming the first field that is wrong."""
+    from pydantic import ValidationError
+
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise UsageError(f"{where}: {first['msg']}") from None
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """Await work; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+@dataclass
+class Run:
+    """One generation in flight: the model held for it, its job, the prompt and its first event
+    (awaited before answering, so an error still gets its status code)."""
+
+    registry: Registry
+    model: Model
+    job: Job
+    prompt: list[int]
+    first: Chunk | Stats
+    _events: AsyncIterator[Chunk | Stats]
+    acquire_s: float = 0.0  # seconds spent getting the model (its load, if this request did it)
+    _held: bool = True
+
+    async def events(self) -> AsyncIterator[Chunk | Stats]:
+        """Every event, the first included; the model is released at the end (or on leaving)."""
+        try:
+            yield self.first
+            if self.job.stats is None:
+                async for item in self._events:
+                    yield item
+        finally:
+            self.close()
+
+    async def collect(self) -> tuple[list[Chunk], Stats]:
+        chunks: list[Chunk] = []
+        async for item in self.events():
+            if isinstance(item, Chunk):
+                chunks.append(item)
+        assert self.job.stats is not None
+        return chunks, self.job.stats
+
+    def close(self) -> None:
+        """Stop the job if it still runs, and let the model go (once)."""
+        self.job.cancel()
+        if self._held:
+            self._held = False
+            self.registry.release(self.model)
+
+
+async def start(
+    request: Request,
+    registry: Registry,
+    name: str,
+    keep_alive: float | Unset | None,
+    prompt_of: Callable[[Model], list[int]],
+    generation_of: Callable[[Model, list[int]], Generation],
+) -> Run:
+    """Hold the model (loading it if needed), build the prompt, queue the job and wait for its
+    first event; the client leaving at any point cancels what was started."""
+    started = time.perf_counter()
+    model = await unless_gone(request, registry.acquire(name, keep_alive))
+    acquire_s = time.perf_counter() - started
+    try:
+        prompt = prompt_of(model)
+        job = Job(generation_of(model, prompt))
+        model.scheduler.submit(job)
+        events = job.events()
+        first = await unless_gone(request, events.__anext__())
+    except BaseException:
+        registry.release(model)
+        raise
+    return Run(registry, model, job, prompt, first, events, acquire_s)
+
+
+def build_app(registry: Registry) -> Starlette:
+    """The app: OpenAI routes under /v1, Ollama's under /api, and / saying it runs."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from localmix.serve import ollama, openai
+
+    async def root(_: Request) -> PlainTextResponse:
+        return PlainTextResponse("localmix is running")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        try:
+            await registry.preload()
+            yield
+        finally:
+            await registry.close()
+
+    routes = [
+        Route("/", root, methods=["GET", "HEAD"]),
+        *openai.routes(registry),
+        *ollama.routes(registry),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,327 @@
+"""The models a server has loaded: loaded on first use through the one door (load.open_model),
+kept for a keep-alive time after their last request, unloaded when another needs the room.
+
+Every store name addresses a model, as do the names that pulled it (store.locate); a .gguf path
+only when it was named on the command line (an HTTP client never picks files to open). Two names
+of one file share one loaded copy. Room is counted, not measured: each model holds its file and
+its KV cache in bytes (mmap'd weights show up as page cache, so free memory would not say), and a
+load that would pass the memory budget or the model count first unloads the idle models used least
+recently. Loads and unloads run in worker threads; the asyncio loop never waits on llama.cpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from localmix.errors import ModelNotFound
+from localmix.serve.scheduler import Busy, Scheduler
+
+if TYPE_CHECKING:
+    from localmix.chat.template import ChatFormat
+    from localmix.llama.engine import Engine
+    from localmix.load import Loaded, LoadSettings
+    from localmix.store import Located
+
+
+class Unset(enum.Enum):
+    """A request that says nothing about keep-alive leaves the model's as it is."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the server runs its models: sequences per model, requests that may wait for one,
+    seconds a model stays loaded after its last request (None: forever), the most models at
+    once, and the memory they may hold in bytes (None: 90% of this machine's RAM)."""
+
+    parallel: int = 4
+    queue: int = 64
+    keep_alive: float | None = 300.0
+    max_models: int = 3
+    memory_budget: int | None = None
+
+
+@dataclass(eq=False)
+class Model:
+    """A loaded model and its batch loop. users: requests using it now."""
+
+    name: str
+    target: Located
+    loaded: Loaded
+    scheduler: Scheduler
+    format: ChatFormat
+    strip_space: bool  # drop the first reply piece's leading space (chat.session's rule)
+    memory: int  # bytes counted against the budget: file and KV cache
+    keep_alive: float | None
+    loaded_at: float
+    load_s: float
+    users: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    expires_at: float | None = None  # monotonic seconds; None: never
+
+    @property
+    def engine(self) -> Engine:
+        return self.loaded.engine
+
+    @property
+    def key(self) -> Path:
+        return self.target.path.resolve()
+
+
+class Registry:
+    """The loaded models of one server, by file; use() them from the asyncio loop."""
+
+    def __init__(
+        self,
+        settings: LoadSettings,
+        options: ServeOptions,
+        named: Sequence[tuple[str, Located]] = (),
+    ) -> None:
+        from dataclasses import replace
+
+        from localmix import load
+        from localmix import settings as app_settings
+
+        self.settings = replace(settings, parallel=options.parallel)
+        self.options = options
+        self.named = dict(named)  # names given on the command line (paths allowed)
+        # what would fail at the first load is said now: threads, context, KV cache memory
+        if self.settings.threads is not None:
+            app_settings.check_threads(self.settings.threads)
+        for target in self.named.values():
+            load.check(target, self.settings)
+        self._models: dict[Path, Model] = {}
+        self._loads: dict[Path, asyncio.Task[Model]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # unloads under way
+        self._room = asyncio.Lock()  # one load or eviction decision at a time
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    def locate(self, reference: str) -> Located:
+        """The model a request names; ModelNotFound for anything else (paths included)."""
+        from localmix import load
+
+        if not isinstance(reference, str) or not reference.strip():
+            raise ModelNotFound("no model named", hint="give the name of a model in the store")
+        reference = reference.strip()
+        for name in (reference, reference.removesuffix(":latest")):
+            if name in self.named:
+                return self.named[name]
+        if reference.endswith(".gguf") or Path(reference).expanduser().is_file():
+            raise ModelNotFound(
+                f"model {reference!r} is not served",
+                hint="name a model from the store; serve a file by naming it at start",
+            )
+        try:
+            return load.locate(reference)
+        except ModelNotFound:
+            if reference.endswith(":latest"):  # Ollama clients add it to bare names
+                return load.locate(reference.removesuffix(":latest"))
+            raise
+
+    def running(self) -> list[Model]:
+        """The loaded models, most recently used first."""
+        return sorted(self._models.values(), key=lambda m: -m.last_used)
+
+    def find_loaded(self, reference: str) -> Model | None:
+        try:
+            return self._models.get(self.locate(reference).path.resolve())
+        except ModelNotFound:
+            return None
+
+    # -- use -----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(
+        self, reference: str, keep_alive: float | Unset | None = UNSET
+    ) -> AsyncIterator[Model]:
+        """The model `reference` names, loaded (waiting for its load if needed), held for the
+        request; keep_alive (seconds, None: forever) replaces its time to stay loaded after."""
+        model = await self.acquire(reference, keep_alive)
+        try:
+            yield model
+        finally:
+            self.release(model)
+
+    async def acquire(self, reference: str, keep_alive: float | Unset | None = UNSET) -> Model:
+        """The model `reference` names, loaded if needed and held (release() it after)."""
+        target = self.locate(reference)
+        key = target.path.resolve()
+        while (model := self._models.get(key)) is None:
+            load = self._loads.get(key)
+            if load is None:
+                load = self._loads[key] = asyncio.get_running_loop().create_task(
+                    self._load(reference, target)
+                )
+                load.add_done_callback(partial(self._loaded, key))
+            # shielded: a client that leaves while its model loads does not stop the load
+            await asyncio.shield(load)
+        model.users += 1
+        model.expires_at = None
+        model.last_used = time.monotonic()
+        if not isinstance(keep_alive, Unset):
+            model.keep_alive = keep_alive
+        return model
+
+    def _loaded(self, key: Path, load: asyncio.Task[Model]) -> None:
+        self._loads.pop(key, None)
+        if not load.cancelled():
+            load.exception()  # retrieved here too: every waiter may have gone
+
+    def release(self, model: Model) -> None:
+        """The request is done with the model: start its keep-alive time (0: unload now).
+        Not a coroutine, so a cancelled request's cleanup cannot be cut short."""
+        model.users -= 1
+        model.last_used = time.monotonic()
+        if model.users > 0 or model.keep_alive is None:
+            return
+        if model.keep_alive <= 0:
+            self._unload_soon(model)
+        else:
+            model.expires_at = model.last_used + model.keep_alive
+
+    def _unload_soon(self, model: Model) -> None:
+        task = asyncio.get_running_loop().create_task(self._unload(model))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def unload(self, reference: str) -> bool:
+        """Unload the model now (once its requests finish); False if it was not loaded."""
+        model = self.find_loaded(reference)
+        if model is None:
+            return False
+        model.keep_alive = 0
+        if model.users == 0:
+            await self._unload(model)
+        return True
+
+    # -- loading and unloading -----------------------------------------------------------------
+
+    async def _load(self, reference: str, target: Located) -> Model:
+        async with self._room:
+            need = self._need(target)
+            await self._make_room(need)
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            model = await loop.run_in_executor(None, self._open, reference, target, need)
+            model.load_s = time.monotonic() - started
+            self._models[model.key] = model
+            self._start_reaper()
+            return model
+
+    def _need(self, target: Located) -> int:
+        from localmix import load
+
+        size = target.info.file_size
+        return size + load.kv_bytes(target, self.settings, self.settings.kv_cells(target))
+
+    def _budget(self) -> int:
+        if self.options.memory_budget is not None:
+            return self.options.memory_budget
+        from localmix.llama.hardware import ram
+
+        total, _ = ram()
+        return int(total * 0.9) if total else 1 << 62
+
+    async def _make_room(self, need: int) -> None:
+        """Unload idle models, least recently used first, until one more of `need` bytes fits
+        the budget and the model count; Busy when the ones in the way are all in use."""
+        budget = self._budget()
+        while self._models:
+            held = sum(m.memory for m in self._models.values())
+            if len(self._models) < self.options.max_models and held + need <= budget:
+                return
+            idle = [m for m in self._models.values() if m.users == 0]
+            if not idle:
+                raise Busy(
+                    "every loaded model is in use and another does not fit beside them",
+                    hint="retry when a request finishes, or serve with a larger --max-models",
+                )
+            await self._unload(min(idle, key=lambda m: m.last_used))
+
+    def _open(self, name: str, target: Located, need: int) -> Model:
+        """Load through the door and start the batch loop (in a worker thread)."""
+        from localmix import load
+        from localmix.chat.session import adds_space_prefix, resolve_format
+
+        loaded = load.open_model(target, self.settings)
+        try:
+            engine = loaded.engine
+            # resolved here, before the worker thread starts using the engine's piece buffer
+            fmt = resolve_format(engine, target.chat_format)
+            scheduler = Scheduler(
+                engine,
+                seq_ctx=engine.n_ctx // self.options.parallel,
+                queue_limit=self.options.queue,
+                name=target.name,
+            )
+        except BaseException:
+            loaded.close()
+            raise
+        keep = None if name in self.named else self.options.keep_alive
+        return Model(
+            name=name if name in self.named else target.name,
+            target=target,
+            loaded=loaded,
+            scheduler=scheduler,
+            format=fmt,
+            strip_space=adds_space_prefix(engine.metadata),
+            memory=need,
+            keep_alive=keep,
+            loaded_at=time.time(),
+            load_s=0.0,
+        )
+
+    async def _unload(self, model: Model) -> None:
+        if self._models.get(model.key) is not model:
+            return
+        del self._models[model.key]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _close, model)
+
+    async def preload(self) -> None:
+        """Load the models named on the command line (they stay until evicted or unloaded)."""
+        for name in self.named:
+            self.release(await self.acquire(name))
+
+    # -- keep-alive ----------------------------------------------------------------------------
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Unload models whose keep-alive ran out, checking twice a second while any is loaded."""
+        while self._models:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for model in list(self._models.values()):
+                if model.users == 0 and model.expires_at is not None and model.expires_at <= now:
+                    await self._unload(model)
+
+    async def close(self) -> None:
+        """Unload everything (server shutdown)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for task in list(self._tasks):
+            await task
+        for model in list(self._models.values()):
+            await self._unload(model)
+
+
+def _close(model: Model) -> None:
+    model.scheduler.close()
+    model.loaded.close()

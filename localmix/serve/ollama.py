@@ -1,0 +1,390 @@
+"""Ollama's API, as much as its own clients use: /api/chat and /api/generate (newline-delimited
+JSON when streamed, Ollama's default), /api/tags, /api/ps, /api/show, /api/version, and
+keep_alive (a duration: "5m", 300, 0 unloads, negative stays). A chat with no messages or a
+generate with no prompt loads the model (or, with keep_alive 0, unloads it), as `ollama run`
+and `ollama stop` use them. Errors are Ollama's {"error": "..."} with the status code."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from localmix import __version__
+from localmix.errors import LocalmixError, UsageError
+from localmix.llama.records import Chunk, Stats
+from localmix.serve import app, prompts
+from localmix.serve.models import UNSET, Unset
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from localmix.llama.batch import Generation
+    from localmix.serve.models import Model, Registry
+    from localmix.store import Located
+
+FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "interrupted": "stop"}
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+FOREVER_AT = "2318-01-01T00:00:00Z"  # what a model that never unloads shows as its expiry
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Options(_Body):
+    temperature: Union[float, None] = Field(None, ge=0)  # noqa: UP007 - pydantic on 3.10
+    top_p: Union[float, None] = Field(None, ge=0, le=1)  # noqa: UP007
+    top_k: Union[int, None] = Field(None, ge=0)  # noqa: UP007
+    min_p: Union[float, None] = Field(None, ge=0, le=1)  # noqa: UP007
+    repeat_penalty: Union[float, None] = Field(None, gt=0)  # noqa: UP007
+    repeat_last_n: Union[int, None] = Field(None, ge=-1)  # noqa: UP007
+    seed: Union[int, None] = None  # noqa: UP007
+    num_predict: Union[int, None] = Field(None, ge=-2)  # noqa: UP007
+    stop: Union[list[str], None] = None  # noqa: UP007
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str = ""
+    images: Union[list[Any], None] = None  # noqa: UP007
+
+
+class Base(_Body):
+    model: str
+    stream: bool = True
+    options: Union[Options, None] = None  # noqa: UP007
+    keep_alive: Union[str, float, None] = None  # noqa: UP007
+    format: Union[str, dict[str, Any], None] = None  # noqa: UP007
+
+
+class ChatRequest(Base):
+    messages: list[ChatMessage] = []
+
+
+class GenerateRequest(Base):
+    prompt: str = ""
+    system: Union[str, None] = None  # noqa: UP007
+    raw: bool = False
+    suffix: Union[str, None] = None  # noqa: UP007
+    images: Union[list[Any], None] = None  # noqa: UP007
+
+
+def keep_alive_seconds(value: str | float | None) -> float | Unset | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1");
+    negative is forever (None), absent leaves the model's own (UNSET)."""
+    if value is None:
+        return UNSET
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise UsageError(
+                    f"keep_alive {value!r} is not a duration", hint='use e.g. "5m", "30s", 0 or -1'
+                ) from None
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    return None if seconds < 0 else seconds
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _now() -> str:
+    return _iso(time.time())
+
+
+def _refuse_unsupported(req: Base) -> None:
+    if req.format:
+        raise UsageError("format (structured output) is not supported")
+    images = getattr(req, "images", None) or any(
+        m.images for m in getattr(req, "messages", []) if m.images
+    )
+    if images:
+        raise UsageError("images are not supported: localmix serves text models")
+    if getattr(req, "suffix", None):
+        raise UsageError("suffix (fill-in-the-middle) is not supported")
+
+
+def generation(req: Base, model: Model, prompt: list[int]) -> Generation:
+    from localmix.llama.batch import Generation
+    from localmix.llama.records import Sampling
+
+    opts = req.options or Options()
+    picked: dict[str, Any] = {
+        "temperature": opts.temperature, "top_p": opts.top_p or None, "top_k": opts.top_k,
+        "min_p": opts.min_p, "repeat_penalty": opts.repeat_penalty,
+        "repeat_last_n": opts.repeat_last_n,
+        "seed": opts.seed if opts.seed is None or opts.seed >= 0 else None,
+    }  # fmt: skip
+    if opts.top_p == 0:
+        picked["top_k"] = 1
+    sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
+    room = model.scheduler.batch.seq_ctx - len(prompt)
+    limit = opts.num_predict  # -1: no limit, -2: fill the context (both: the room left)
+    return Generation(
+        prompt, sampling, max_tokens=room if limit is None or limit < 0 else min(limit, room),
+        stop=tuple(s for s in opts.stop or () if s),
+    )  # fmt: skip
+
+
+def error_response(error: LocalmixError) -> Response:
+    from starlette.responses import JSONResponse
+
+    message = error.message + (f" ({error.hint})" if error.hint else "")
+    return JSONResponse({"error": message}, status_code=app.status_of(error))
+
+
+# -- /api/chat and /api/generate ---------------------------------------------------------------
+
+
+class Reply:
+    """Ollama's response objects for one chat or generate request."""
+
+    def __init__(self, req: Base, run: app.Run, chat: bool, started: float) -> None:
+        self.req, self.run, self.chat, self.started = req, run, chat, started
+        templated = chat or not getattr(req, "raw", False)
+        self.text = prompts.ReplyText(run.model.strip_space and templated)
+
+    def piece(self, text: str, done: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.req.model, "created_at": _now()}
+        if self.chat:
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["response"] = text
+        body["done"] = done
+        return body
+
+    def final(self, text: str, stats: Stats, tokens: list[int]) -> dict[str, Any]:
+        body = self.piece(text, done=True)
+        ns = 1e9
+        body.update(
+            done_reason=FINISH[stats.finish_reason],
+            total_duration=int((time.perf_counter() - self.started) * ns),
+            load_duration=int(self.run.acquire_s * ns),
+            prompt_eval_count=len(self.run.prompt),
+            prompt_eval_duration=int(stats.prompt_s * ns),
+            eval_count=stats.generated_tokens,
+            eval_duration=int((stats.gen_s + (stats.ttft_s - stats.prompt_s)) * ns),
+        )
+        if not self.chat:
+            body["context"] = self.run.prompt + tokens
+        return body
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        tokens: list[int] = []
+        try:
+            async for item in self.run.events():
+                if isinstance(item, Chunk):
+                    if item.token >= 0:
+                        tokens.append(item.token)
+                    text = self.text.feed(item.text)
+                    if text:
+                        yield app.dumps(self.piece(text, done=False)) + b"\n"
+                else:
+                    yield app.dumps(self.final("", item, tokens)) + b"\n"
+        except LocalmixError as error:
+            yield app.dumps({"error": error.message}) + b"\n"
+
+    def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
+        text = "".join(self.text.feed(c.text) for c in chunks)
+        return self.final(text, stats, [c.token for c in chunks if c.token >= 0])
+
+
+def routes(registry: Registry) -> list[Route]:
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> Response:
+        return await _answer(request, registry, ChatRequest, chat=True)
+
+    async def generate(request: Request) -> Response:
+        return await _answer(request, registry, GenerateRequest, chat=False)
+
+    async def tags(_: Request) -> Response:
+        return _json({"models": _tags(registry)})
+
+    async def ps(_: Request) -> Response:
+        return _json({"models": [_running(m) for m in registry.running()]})
+
+    async def show(request: Request) -> Response:
+        try:
+            data = await app.read_json(request)
+            name = data.get("model") or data.get("name")
+            if not isinstance(name, str):
+                raise UsageError("model: Field required")
+            return _json(_show(registry.locate(name)))
+        except LocalmixError as error:
+            return error_response(error)
+
+    async def version(_: Request) -> Response:
+        return _json({"version": __version__})
+
+    return [
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/version", version, methods=["GET"]),
+    ]
+
+
+def _json(data: Any) -> Response:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(data)
+
+
+def _prompt_of(req: Base, chat: bool) -> Callable[[Model], list[int]] | None:
+    """How to build the prompt, or None for a request that only loads or unloads."""
+    if isinstance(req, ChatRequest):
+        if not req.messages:
+            return None
+        messages = [prompts.message(m.role, m.content) for m in req.messages]
+        return lambda model: prompts.chat_tokens(model, messages)
+    assert isinstance(req, GenerateRequest)
+    if not req.prompt:
+        return None
+    if req.raw:
+        return lambda model: prompts.text_tokens(model, req.prompt)
+    head = [prompts.message("system", req.system)] if req.system else []
+    messages = [*head, prompts.message("user", req.prompt)]
+    return lambda model: prompts.chat_tokens(model, messages)
+
+
+async def _answer(
+    request: Request, registry: Registry, kind: type[Base], *, chat: bool
+) -> Response:
+    from starlette.responses import Response, StreamingResponse
+
+    started = time.perf_counter()
+    try:
+        req = app.parse(kind, await app.read_json(request))
+        _refuse_unsupported(req)
+        keep_alive = keep_alive_seconds(req.keep_alive)
+        prompt_of = _prompt_of(req, chat)
+        if prompt_of is None:
+            return await _load_only(request, registry, req, keep_alive, chat)
+        run = await app.start(
+            request, registry, req.model, keep_alive, prompt_of,
+            lambda model, prompt: generation(req, model, prompt),
+        )  # fmt: skip
+        reply = Reply(req, run, chat, started)
+        if req.stream:
+            return StreamingResponse(reply.stream(), media_type="application/x-ndjson")
+        chunks, stats = await app.unless_gone(request, run.collect())
+        return _json(reply.whole(chunks, stats))
+    except LocalmixError as error:
+        return error_response(error)
+    except app.ClientGone:
+        return Response(status_code=499)
+
+
+async def _load_only(
+    request: Request, registry: Registry, req: Base, keep_alive: float | Unset | None, chat: bool
+) -> Response:
+    """No prompt: load the model (done_reason "load"), or unload it with keep_alive 0."""
+    body: dict[str, Any] = {"model": req.model, "created_at": _now()}
+    body.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+    body["done"] = True
+    if keep_alive == 0:
+        registry.locate(req.model)  # 404 for a name that is nothing
+        await registry.unload(req.model)
+        body["done_reason"] = "unload"
+    else:
+        model = await app.unless_gone(request, registry.acquire(req.model, keep_alive))
+        registry.release(model)
+        body["done_reason"] = "load"
+    return _json(body)
+
+
+# -- model listings ----------------------------------------------------------------------------
+
+
+def _param_size(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _details(architecture: str, parameters: int, quant: str) -> dict[str, Any]:
+    return {
+        "parent_model": "", "format": "gguf", "family": architecture, "families": [architecture],
+        "parameter_size": _param_size(parameters), "quantization_level": quant,
+    }  # fmt: skip
+
+
+def _tag(name: str, modified: float, size: int, digest: str, details: dict[str, Any]) -> dict:
+    return {
+        "name": name, "model": name, "modified_at": _iso(modified), "size": size,
+        "digest": digest, "details": details,
+    }  # fmt: skip
+
+
+def _tags(registry: Registry) -> list[dict[str, Any]]:
+    from localmix import store
+
+    out = [
+        _tag(m.ref, m.created, m.size, m.sha256, _details(m.architecture, m.parameters, m.quant))
+        for m in store.list_models()
+    ]
+    for name, target in registry.named.items():
+        info = target.info
+        details = _details(info.architecture, info.n_params, _quant(target))
+        out.append(_tag(name, target.path.stat().st_mtime, info.file_size, "", details))
+    return out
+
+
+def _quant(target: Located) -> str:
+    return target.info.quant.upper()
+
+
+def _running(model: Model) -> dict[str, Any]:
+    info = model.target.info
+    plan = model.loaded.plan
+    vram = plan.total(plan.gpu_device) if plan is not None and plan.gpu_device else 0
+    if model.keep_alive is None:
+        expires = FOREVER_AT
+    else:
+        left = model.keep_alive if model.expires_at is None else model.expires_at - time.monotonic()
+        expires = _iso(time.time() + max(0.0, left))
+    scheduler = model.scheduler
+    return {
+        "name": model.name, "model": model.name, "size": model.memory, "digest": "",
+        "details": _details(info.architecture, info.n_params, _quant(model.target)),
+        "expires_at": expires, "size_vram": vram,
+        "context_length": scheduler.batch.seq_ctx,
+        # localmix's own: sequences decoded together, requests using the model now
+        "parallel": scheduler.batch.n_seq, "requests": model.users,
+    }  # fmt: skip
+
+
+def _show(target: Located) -> dict[str, Any]:
+    info = target.info
+    model_info = {
+        "general.architecture": info.architecture,
+        "general.parameter_count": info.n_params,
+        f"{info.architecture}.context_length": info.context_length,
+    }
+    return {
+        "modelfile": "", "parameters": "",
+        "template": target.chat_format or "", "details": _details(
+            info.architecture, info.n_params, _quant(target)),
+        "model_info": model_info, "capabilities": ["completion"],
+        "modified_at": _iso(target.path.stat().st_mtime),
+    }  # fmt: skip

@@ -1,0 +1,359 @@
+"""OpenAI's API: /v1/chat/completions, /v1/completions (each streamed over SSE or not) and
+/v1/models, with usage counts in every response and errors in OpenAI's error body.
+
+Fields OpenAI defines and localmix cannot honour (n > 1, logprobs, tools, a JSON response format)
+are refused with 400 rather than ignored; penalties of 0 (the clients' defaults) are accepted.
+Extensions that llama-server and vLLM accept too: top_k, min_p, repeat_penalty, ignore_eos, and
+return_token_ids (the prompt's token ids and the reply's in the response).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from localmix import __version__
+from localmix.errors import LocalmixError, UsageError
+from localmix.llama.records import Chunk, Stats
+from localmix.serve import app, prompts
+from localmix.serve.models import UNSET
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from localmix.llama.batch import Generation
+    from localmix.serve.models import Model, Registry
+
+FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "interrupted": "stop"}
+FINGERPRINT = f"localmix-{__version__}"
+MAX_STOPS = 16
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Union[str, list[TextPart], None] = None  # noqa: UP007 - pydantic on 3.10
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Sampled(_Body):
+    """The fields both completion routes share."""
+
+    model: str
+    stream: bool = False
+    stream_options: Union[StreamOptions, None] = None  # noqa: UP007
+    temperature: Union[float, None] = Field(None, ge=0, le=2)  # noqa: UP007
+    top_p: Union[float, None] = Field(None, ge=0, le=1)  # noqa: UP007
+    max_tokens: Union[int, None] = Field(None, ge=0)  # noqa: UP007
+    stop: Union[str, list[str], None] = None  # noqa: UP007
+    seed: Union[int, None] = None  # noqa: UP007
+    n: int = 1
+    logprobs: Union[bool, int, None] = None  # noqa: UP007
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # extensions (llama-server, vLLM)
+    top_k: Union[int, None] = Field(None, ge=0)  # noqa: UP007
+    min_p: Union[float, None] = Field(None, ge=0, le=1)  # noqa: UP007
+    repeat_penalty: Union[float, None] = Field(None, gt=0)  # noqa: UP007
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+
+
+class ChatRequest(Sampled):
+    messages: list[ChatMessage]
+    max_completion_tokens: Union[int, None] = Field(None, ge=0)  # noqa: UP007
+    tools: Union[list[Any], None] = None  # noqa: UP007
+    response_format: Union[dict[str, Any], None] = None  # noqa: UP007
+
+
+class CompletionRequest(Sampled):
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007
+    max_tokens: Union[int, None] = Field(16, ge=0)  # noqa: UP007 - OpenAI's default here
+    echo: bool = False
+    suffix: Union[str, None] = None  # noqa: UP007
+
+
+# -- request → generation --------------------------------------------------------------------
+
+
+def _refuse_unsupported(req: Sampled) -> None:
+    if req.n != 1:
+        raise UsageError("n must be 1: localmix generates one choice per request")
+    if req.logprobs:
+        raise UsageError("logprobs are not supported")
+    if isinstance(req, ChatRequest):
+        if req.tools:
+            raise UsageError("tools are not supported")
+        kind = (req.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise UsageError(f"response_format {kind!r} is not supported", hint="use text")
+    if isinstance(req, CompletionRequest) and (req.echo or req.suffix):
+        raise UsageError("echo and suffix are not supported")
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise UsageError(f"stop has {len(stops)} strings; at most {MAX_STOPS}")
+    return tuple(s for s in stops if s)
+
+
+def generation(req: Sampled, model: Model, prompt: list[int]) -> Generation:
+    """The request's sampling and limits as a Generation (unset fields: localmix's defaults)."""
+    from dataclasses import replace
+
+    from localmix.llama.batch import Generation
+    from localmix.llama.records import Sampling
+
+    picked: dict[str, Any] = {
+        "temperature": req.temperature, "top_p": req.top_p or None, "top_k": req.top_k,
+        "min_p": req.min_p, "repeat_penalty": req.repeat_penalty,
+        "seed": req.seed if req.seed is None or req.seed >= 0 else None,
+    }  # fmt: skip
+    sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
+    if req.top_p == 0:  # OpenAI allows 0: only the most likely token is left
+        sampling = replace(sampling, top_k=1)
+    limit = req.max_tokens
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        limit = req.max_completion_tokens
+    room = model.scheduler.batch.seq_ctx - len(prompt)
+    return Generation(
+        prompt, sampling, max_tokens=room if limit is None else min(limit, room),
+        stop=_stops(req.stop), ignore_eos=req.ignore_eos,
+    )  # fmt: skip
+
+
+def chat_messages(req: ChatRequest) -> list[prompts.Message]:
+    out = []
+    for m in req.messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        out.append(prompts.message(m.role, content or ""))
+    return out
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+def usage(prompt: Sequence[int], stats: Stats) -> dict[str, Any]:
+    return {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": len(prompt) + stats.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": stats.cached_tokens},
+    }
+
+
+def error_body(error: LocalmixError, status: int) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    codes = {404: "model_not_found", 413: "request_too_large", 503: "server_busy"}
+    code = "context_length_exceeded" if "context holds" in error.message else codes.get(status)
+    message = error.message + (f" ({error.hint})" if error.hint else "")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_response(error: LocalmixError) -> Response:
+    from starlette.responses import JSONResponse
+
+    status = app.status_of(error)
+    return JSONResponse(error_body(error, status), status_code=status)
+
+
+class Reply:
+    """The pieces of one response: its id, timestamps, and how a choice is written."""
+
+    def __init__(self, req: Sampled, run: app.Run, chat: bool) -> None:
+        self.req, self.run, self.chat = req, run, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.text = prompts.ReplyText(run.model.strip_space if chat else False)
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def head(self, chunk: bool) -> dict[str, Any]:
+        obj = self.object + (".chunk" if chunk and self.chat else "")
+        return {
+            "id": self.id, "object": obj, "created": self.created, "model": self.req.model,
+            "system_fingerprint": FINGERPRINT,
+        }  # fmt: skip
+
+    def choice(self, text: str | None, finish: str | None, *, delta: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if not self.chat:
+            choice["text"] = text or ""
+        elif delta:
+            choice["delta"] = {} if text is None else {"content": text}
+        else:
+            choice["message"] = {"role": "assistant", "content": text or ""}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish
+        return choice
+
+    def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
+        text = "".join(self.text.feed(c.text) for c in chunks)
+        body = self.head(chunk=False)
+        body["choices"] = [self.choice(text, FINISH[stats.finish_reason], delta=False)]
+        body["usage"] = usage(self.run.prompt, stats)
+        self._token_ids(body, [c.token for c in chunks if c.token >= 0])
+        return body
+
+    def _token_ids(self, body: dict[str, Any], tokens: list[int] | None) -> None:
+        if self.req.return_token_ids:
+            body["prompt_token_ids"] = self.run.prompt
+            if tokens is not None and body["choices"]:
+                body["choices"][0]["token_ids"] = tokens
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """SSE events: a role delta (chat), one per piece of text, the finish with usage (or,
+        with stream_options.include_usage, a usage chunk after it, as OpenAI sends), [DONE]."""
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        if self.chat:
+            first = self.head(chunk=True)
+            first["choices"] = [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}
+            ]  # fmt: skip
+            yield _event(first)
+        tokens: list[int] = []
+        try:
+            async for item in self.run.events():
+                if isinstance(item, Chunk):
+                    text = self.text.feed(item.text)
+                    if item.token >= 0:
+                        tokens.append(item.token)
+                    if text:
+                        yield self._piece(text)
+                    continue
+                last = self.head(chunk=True)
+                last["choices"] = [self.choice(None, FINISH[item.finish_reason], delta=True)]
+                self._token_ids(last, tokens)
+                if include_usage:
+                    yield _event(last)
+                    last = self.head(chunk=True)
+                    last["choices"] = []
+                last["usage"] = usage(self.run.prompt, item)
+                yield _event(last)
+        except LocalmixError as error:  # after the headers: the error goes in the stream
+            yield _event(error_body(error, app.status_of(error)))
+        yield b"data: [DONE]\n\n"
+
+    def _piece(self, text: str) -> bytes:
+        body = self.head(chunk=True)
+        body["choices"] = [self.choice(text, None, delta=True)]
+        return _event(body)
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return b"data: " + app.dumps(data) + b"\n\n"
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+
+def routes(registry: Registry) -> list[Route]:
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> Response:
+        return await _complete(request, registry, ChatRequest, _chat_prompt, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await _complete(request, registry, CompletionRequest, _text_prompt, chat=False)
+
+    async def models(_: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list", "data": _model_list(registry)})
+
+    async def model(request: Request) -> Response:
+        from starlette.responses import JSONResponse
+
+        name = request.path_params["name"]
+        found = [m for m in _model_list(registry) if m["id"] == name]
+        if not found:
+            try:
+                target = registry.locate(name)
+            except LocalmixError as error:
+                return error_response(error)
+            found = [_model_entry(name, target.path.stat().st_mtime)]
+        return JSONResponse(found[0])
+
+    return [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
+    ]
+
+
+def _chat_prompt(req: ChatRequest) -> Callable[[Model], list[int]]:
+    messages = chat_messages(req)
+    return lambda model: prompts.chat_tokens(model, messages)
+
+
+def _text_prompt(req: CompletionRequest) -> Callable[[Model], list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise UsageError("prompt lists must hold one prompt: localmix answers one at a time")
+        prompt = prompt[0]
+    return lambda model: prompts.text_tokens(model, prompt)  # type: ignore[arg-type]
+
+
+async def _complete(
+    request: Request,
+    registry: Registry,
+    kind: type[Sampled],
+    prompt_for: Callable[[Any], Callable[[Model], list[int]]],
+    *,
+    chat: bool,
+) -> Response:
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+
+    try:
+        req = app.parse(kind, await app.read_json(request))
+        _refuse_unsupported(req)
+        run = await app.start(
+            request, registry, req.model, UNSET, prompt_for(req),
+            lambda model, prompt: generation(req, model, prompt),
+        )  # fmt: skip
+        reply = Reply(req, run, chat)
+        if req.stream:
+            return StreamingResponse(
+                reply.stream(), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )  # fmt: skip
+        chunks, stats = await app.unless_gone(request, run.collect())
+        return JSONResponse(reply.whole(chunks, stats))
+    except LocalmixError as error:
+        return error_response(error)
+    except app.ClientGone:
+        return Response(status_code=499)  # nobody reads it; the generation stopped
+
+
+def _model_list(registry: Registry) -> list[dict[str, Any]]:
+    from localmix import store
+
+    entries = [_model_entry(m.ref, m.created) for m in store.list_models()]
+    entries += [_model_entry(name, 0) for name in registry.named]
+    return entries
+
+
+def _model_entry(name: str, created: float) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(created), "owned_by": "localmix"}
