@@ -116,7 +116,7 @@ def serve_command(
         out.print(
             f"warning: serving on {host}: anyone who can reach this machine can use these "
             "models; there is no authentication",
-            style="yellow", markup=False, highlight=False,
+            style="yellow", markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
     server = Server(settings, options, named=named, host=host, port=port)
 
@@ -125,7 +125,7 @@ def serve_command(
         out.print(
             f"localmix serve: listening on {server.url}{loaded}; OpenAI API at {server.url}/v1, "
             f"Ollama API at {server.url}/api",
-            markup=False, highlight=False,
+            markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
 
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn stopped, then passed the signal on
