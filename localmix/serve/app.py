@@ -190,8 +190,8 @@ def build_app(registry: Registry) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        registry.start()
         try:
-            await registry.preload()
             yield
         finally:
             await registry.close()

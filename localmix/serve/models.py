@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmix.errors import ModelNotFound
+from localmix.errors import ModelNotFound, UsageError
 from localmix.serve.scheduler import Busy, Scheduler
 
 if TYPE_CHECKING:
@@ -102,6 +102,12 @@ class Registry:
             app_settings.check_threads(self.settings.threads)
         for target in self.named.values():
             load.check(target, self.settings)
+        if len({t.path.resolve() for t in self.named.values()}) > options.max_models:
+            raise UsageError(
+                f"{len(self.named)} models are named to load at start; at most "
+                f"{options.max_models} are loaded at once",
+                hint="name fewer, or serve with a larger --max-models",
+            )
         self._models: dict[Path, Model] = {}
         self._loads: dict[Path, asyncio.Task[Model]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # unloads under way
@@ -219,7 +225,6 @@ class Registry:
             model = await loop.run_in_executor(None, self._open, reference, target, need)
             model.load_s = time.monotonic() - started
             self._models[model.key] = model
-            self._start_reaper()
             return model
 
     def _need(self, target: Located) -> int:
@@ -292,20 +297,27 @@ class Registry:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, _close, model)
 
-    async def preload(self) -> None:
-        """Load the models named on the command line (they stay until evicted or unloaded)."""
-        for name in self.named:
-            self.release(await self.acquire(name))
+    def preload(self) -> None:
+        """Load the models named on the command line, in this thread, before serving (they
+        stay until evicted or unloaded)."""
+        for name, target in self.named.items():
+            key = target.path.resolve()
+            if key not in self._models:
+                started = time.monotonic()
+                model = self._open(name, target, self._need(target))
+                model.load_s = time.monotonic() - started
+                self._models[key] = model
 
     # -- keep-alive ----------------------------------------------------------------------------
 
-    def _start_reaper(self) -> None:
-        if self._reaper is None or self._reaper.done():
+    def start(self) -> None:
+        """Begin unloading models whose keep-alive runs out (call from the serving loop)."""
+        if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
     async def _reap(self) -> None:
-        """Unload models whose keep-alive ran out, checking twice a second while any is loaded."""
-        while self._models:
+        """Unload models whose keep-alive ran out, checking twice a second."""
+        while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for model in list(self._models.values()):
@@ -316,10 +328,18 @@ class Registry:
         """Unload everything (server shutdown)."""
         if self._reaper is not None:
             self._reaper.cancel()
+            self._reaper = None
         for task in list(self._tasks):
             await task
         for model in list(self._models.values()):
             await self._unload(model)
+
+    def close_now(self) -> None:
+        """Unload whatever is still loaded, from this thread (after the loop has stopped, or
+        when it never started)."""
+        for model in list(self._models.values()):
+            del self._models[model.key]
+            _close(model)
 
 
 def _close(model: Model) -> None:

@@ -1,14 +1,15 @@
 """The server: a socket bound first (so a busy port is said before any model loads), the models
-named at start loaded, then uvicorn serving the app on that socket, in this thread (the CLI) or
-in a background thread (tests, benchmarks: port 0 picks a free port)."""
+named at start loaded, then uvicorn (with uvloop and httptools where installed) serving the app on
+that socket, in this thread (the CLI) or in a background thread (tests: port 0 picks a free
+port)."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ def url_of(host: str, port: int) -> str:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket on host:port (0: a free port); a clear error when taken."""
+    """A listening TCP socket on host:port (0: a free port); a clear error when taken."""
     if not 0 <= port <= 65535:
         raise UsageError(f"port {port} is not between 0 and 65535")
     try:
@@ -56,6 +57,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # from now on connections wait for uvicorn instead of being refused
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
@@ -88,59 +90,46 @@ class Server:
         self._uvicorn: object | None = None
         self._thread: threading.Thread | None = None
         self._failed: BaseException | None = None
-        self._ready = threading.Event()
 
-    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Load the named models, then serve until stopped (SIGINT/SIGTERM or stop())."""
+    def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Load the named models, then serve in this thread until SIGINT/SIGTERM (or stop());
+        the models are unloaded before it returns."""
         import uvicorn
 
         from localmix.serve.app import build_app
 
         try:
-            await self.registry.preload()
-        except BaseException:
-            await self.registry.close()
-            self.sock.close()
-            raise
-        config = uvicorn.Config(
-            build_app(self.registry), log_level="warning", access_log=False, lifespan="on",
-            timeout_graceful_shutdown=GRACE_S, ws="none",
-        )  # fmt: skip
-        server = self._uvicorn = uvicorn.Server(config)
-        watch = asyncio.get_running_loop().create_task(self._announce(server, on_ready))
-        try:
-            await server.serve(sockets=[self.sock])
+            self.registry.preload()
+            config = uvicorn.Config(
+                build_app(self.registry), log_level="warning", access_log=False,
+                lifespan="on", timeout_graceful_shutdown=GRACE_S, ws="none",
+            )  # fmt: skip
+            self._uvicorn = server = uvicorn.Server(config)
+            if on_ready is not None:
+                on_ready()  # the socket listens: a request now waits until uvicorn takes it
+            server.run(sockets=[self.sock])
         finally:
-            watch.cancel()
+            self.registry.close_now()
             self.sock.close()
-
-    async def _announce(self, server: object, on_ready: Callable[[], None] | None) -> None:
-        while not getattr(server, "started", False):
-            await asyncio.sleep(0.01)
-        self._ready.set()
-        if on_ready is not None:
-            on_ready()
-
-    def run(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Serve in this thread until interrupted."""
-        asyncio.run(self.serve(on_ready))
 
     def start(self, timeout: float = 60.0) -> Server:
         """Serve from a background thread; returns once requests are answered."""
 
         def main() -> None:
             try:
-                asyncio.run(self.serve())
+                self.run()
             except BaseException as e:  # handed to start() or stop()
                 self._failed = e
-                self._ready.set()
 
         self._thread = threading.Thread(target=main, name="localmix-serve", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout):
-            raise LocalmixError(f"the server did not start within {timeout:.0f} s")
-        if self._failed is not None:
-            raise self._failed
+        deadline = time.monotonic() + timeout
+        while not getattr(self._uvicorn, "started", False):
+            if self._failed is not None:
+                raise self._failed
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise LocalmixError(f"the server did not start within {timeout:.0f} s")
+            time.sleep(0.01)
         return self
 
     def stop(self) -> None:
@@ -149,8 +138,6 @@ class Server:
             self._uvicorn.should_exit = True  # type: ignore[attr-defined]
         if self._thread is not None:
             self._thread.join()
-        if self._failed is not None and not isinstance(self._failed, Exception):
-            raise self._failed
 
     def __enter__(self) -> Server:
         return self.start()
