@@ -152,7 +152,9 @@ async def one(client: object, url: str, model: str, prompt: str, tokens: int) ->
 async def level(url: str, model: str, clients: int, requests: int, tokens: int, tag: int) -> Level:
     import httpx
 
-    limits = httpx.Limits(max_connections=clients + 1)
+    # A new connection per request, for both: llama-server (cpp-httplib) drops a kept-alive
+    # connection now and then (measured: "Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
 
         async def user(c: int) -> list[tuple[float, int]]:
@@ -192,7 +194,11 @@ async def measure(args: argparse.Namespace, model: Path) -> Results:
                 pids = {"ours": ours.pid, "ref": ref.pid}
                 for who, url in pair if (r + clients) % 2 == 0 else pair[::-1]:
                     before = cpu_seconds(pids[who])
-                    got = await level(url, name, clients, args.requests, args.tokens, tag=r)
+                    try:
+                        got = await level(url, name, clients, args.requests, args.tokens, tag=r)
+                    except Exception as e:
+                        alive = {k: p.poll() is None for k, p in (("ours", ours), ("ref", ref))}
+                        raise RuntimeError(f"{who} ({url}), servers alive: {alive}: {e!r}") from e
                     got.cpu = (cpu_seconds(pids[who]) - before) / max(1, got.tokens)
                     if got.tokens != clients * args.requests * args.tokens:
                         raise RuntimeError(f"{who}: {got.tokens} tokens generated")

@@ -142,6 +142,20 @@ def test_a_continued_conversation_reuses_its_sequences_cache(batch: Batch, singl
     assert more[0] == alone(single, follow, GREEDY, 5)
 
 
+def test_starting_a_generation_frees_the_other_idle_caches(batch: Batch) -> None:
+    """llama.cpp attends over every cell up to the highest in use: idle caches would slow every
+    decode, so only the one the new request continues is kept."""
+    batch.clear_idle()
+    seqs = {batch.start(Generation(PROMPTS[i], GREEDY, max_tokens=4)): i for i in range(3)}
+    drain(batch, seqs)
+    assert all(batch.cells(seq) > 0 for seq in seqs)
+    first = next(seq for seq, i in seqs.items() if i == 0)
+    follow = [*batch.kv_tokens(first), 13]
+    assert batch.start(Generation(follow, GREEDY, max_tokens=1)) == first
+    assert [batch.cells(seq) for seq in seqs if seq != first] == [0, 0]
+    drain(batch, {first: 0})
+
+
 def test_seeded_sampling_is_reproducible_within_a_batch(batch: Batch) -> None:
     sampled = Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=7)
     seqs = {batch.start(Generation(PROMPTS[0], sampled, max_tokens=16)): i for i in range(2)}

@@ -8,8 +8,8 @@ sequence keeps its own sampler, stop strings and counters, with the single-seque
 Engine.stream(): the same Chunks, the same finish reasons, the same Stats.
 
 A finished sequence keeps its tokens in the KV cache, so a request that continues it (the next
-chat turn) is given that slot and decodes only what is new; a cancelled one frees its cells at
-once. llama.cpp contexts are not thread-safe: one thread drives a Batch (and its Engine).
+chat turn) is given that slot and decodes only what is new, until another generation starts (the
+other idle sequences' cells are freed then); a cancelled one frees its cells at once. llama.cpp contexts are not thread-safe: one thread drives a Batch (and its Engine).
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ class Batch:
         prompt = self._checked(gen)
         slot, keep = self._choose(prompt)
         self._truncate(slot, keep)
+        self._clear_idle(but=slot)
         slot.gen = gen
         slot.pending = prompt[len(slot.kv) :]
         slot.cached = len(slot.kv)
@@ -196,9 +197,14 @@ class Batch:
 
     def clear_idle(self) -> int:
         """Free the KV cells that idle sequences keep for prefix reuse; returns how many."""
+        return self._clear_idle(but=None)
+
+    def _clear_idle(self, but: _Slot | None) -> int:
+        # llama.cpp attends over every cell up to the highest one in use, masked or not: cells
+        # that idle sequences keep would slow down every decode (llama-server clears them too)
         freed = 0
         for slot in self._slots:
-            if not slot.busy and slot.kv:
+            if not slot.busy and slot.kv and slot is not but:
                 self._c.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
                 freed += len(slot.kv)
                 slot.kv.clear()

@@ -166,7 +166,12 @@ class Registry:
         """The model `reference` names, loaded if needed and held (release() it after)."""
         target = self.locate(reference)
         key = target.path.resolve()
-        while (model := self._models.get(key)) is None:
+        while (model := self._models.get(key)) is None or model.scheduler.broken is not None:
+            if model is not None:  # its batch loop died of a bug: load it afresh once it is free
+                if model.users:
+                    raise model.scheduler.broken  # type: ignore[misc]
+                await self._unload(model)
+                continue
             load = self._loads.get(key)
             if load is None:
                 load = self._loads[key] = asyncio.get_running_loop().create_task(

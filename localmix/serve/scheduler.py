@@ -75,6 +75,7 @@ class Scheduler:
         self._running: dict[int, Job] = {}  # sequence id -> job; touched by the worker only
         self._cond = threading.Condition()
         self._closing = False
+        self.broken: LocalmixError | None = None  # set if the loop died of a bug
         self.finished: Counter[str] = Counter()  # finish reasons (and "error") so far
         self._thread = threading.Thread(target=self._run, name=f"localmix-{name}", daemon=True)
         self._thread.start()
@@ -88,6 +89,8 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         """Queue a job; Busy when queue_limit jobs already wait for a sequence."""
         with self._cond:
+            if self.broken is not None:
+                raise self.broken
             if self._closing:
                 raise Busy("the model is being unloaded", hint="send the request again")
             # running jobs are read without the worker's lock: a bound, not an exact count
@@ -118,33 +121,49 @@ class Scheduler:
     # -- the worker thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        batch = self.batch
-        while True:
+        try:
+            while self._turn():
+                pass
+        except Exception as error:  # a bug: every job gets an error instead of waiting forever
+            from localmix.errors import EngineError
+
+            self.broken = EngineError(f"the model's batch loop stopped: {error!r}")
             with self._cond:
-                while not (self._closing or self._waiting or self._cancels or self._running):
-                    self._cond.wait()
-                if self._closing:
-                    break
-                cancels, self._cancels = self._cancels, []
-                admitted = []
-                while self._waiting and batch.free > len(admitted):
-                    admitted.append(self._waiting.popleft())
-            out: list[tuple[Job, Chunk | Stats | BaseException]] = []
-            for job in cancels:
-                if job.seq is not None and self._running.get(job.seq) is job:
-                    out.append((job, batch.cancel(job.seq)))
-                    self._done(job)
-                    self.finished["interrupted"] += 1
-            for job in admitted:
-                try:
-                    job.seq = batch.start(job.gen)
-                    self._running[job.seq] = job
-                except LocalmixError as error:
-                    out.append((job, error))
-            if self._running:
-                self._step(out)
-            self._deliver(out)
+                self._closing = True
+            jobs = [*self._running.values(), *self._waiting]
+            self._running.clear()
+            self._deliver([(job, self.broken) for job in jobs])
+            return
         self._shut()
+
+    def _turn(self) -> bool:
+        """Admit, cancel and step once; False when the scheduler is closing."""
+        batch = self.batch
+        with self._cond:
+            while not (self._closing or self._waiting or self._cancels or self._running):
+                self._cond.wait()
+            if self._closing:
+                return False
+            cancels, self._cancels = self._cancels, []
+            admitted = []
+            while self._waiting and batch.free > len(admitted):
+                admitted.append(self._waiting.popleft())
+        out: list[tuple[Job, Chunk | Stats | BaseException]] = []
+        for job in cancels:
+            if job.seq is not None and self._running.get(job.seq) is job:
+                out.append((job, batch.cancel(job.seq)))
+                self._done(job)
+                self.finished["interrupted"] += 1
+        for job in admitted:
+            try:
+                job.seq = batch.start(job.gen)
+                self._running[job.seq] = job
+            except LocalmixError as error:
+                out.append((job, error))
+        if self._running:
+            self._step(out)
+        self._deliver(out)
+        return True
 
     def _step(self, out: list[tuple[Job, Chunk | Stats | BaseException]]) -> None:
         try:
