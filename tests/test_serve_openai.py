@@ -213,7 +213,7 @@ BAD = [
     ({"model": "tiny", "messages": []}, 400, None, "empty"),
     ({"model": "tiny", "messages": HI, "stop": ["a"] * 17}, 400, None, "stop"),
     ({"model": "nope", "messages": HI}, 404, "model_not_found", "nope"),
-    ({"model": "/etc/passwd", "messages": HI}, 404, "model_not_found", "not served"),
+    ({"model": "/etc/passwd", "messages": HI}, 404, "model_not_found", "not in the store"),
     (
         {"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]},
         400, "context_length_exceeded", "context holds",
@@ -234,6 +234,13 @@ def test_bad_requests_get_openais_error_body(
     error = response.json()["error"]
     assert text in error["message"] and error["code"] == code
     assert error["type"] == "invalid_request_error"
+
+
+def test_a_client_cannot_open_files_by_path(client: Any, tiny_mistral_gguf_f16: Path) -> None:
+    """Only names from the store or given at start: never a file an HTTP client points at."""
+    for name in (str(tiny_mistral_gguf_f16), "model.F16.gguf"):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=name, messages=HI, max_tokens=1)
 
 
 def test_the_openai_client_raises_its_own_errors(client: Any) -> None:

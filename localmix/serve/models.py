@@ -12,10 +12,9 @@ recently. Loads and unloads run in worker threads; the asyncio loop never waits 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -81,7 +80,7 @@ class Model:
 
 
 class Registry:
-    """The loaded models of one server, by file; use() them from the asyncio loop."""
+    """The loaded models of one server, by file; acquire() and release() them from the loop."""
 
     def __init__(
         self,
@@ -117,26 +116,32 @@ class Registry:
     # -- lookup --------------------------------------------------------------------------------
 
     def locate(self, reference: str) -> Located:
-        """The model a request names; ModelNotFound for anything else (paths included)."""
-        from localmix import load
+        """The model a request names: a name given at start, else a store name (or the name
+        that pulled it), never a path; ModelNotFound otherwise."""
+        from localmix import store
 
         if not isinstance(reference, str) or not reference.strip():
             raise ModelNotFound("no model named", hint="give the name of a model in the store")
         reference = reference.strip()
-        for name in (reference, reference.removesuffix(":latest")):
+        names = [reference]
+        if reference.endswith(":latest"):  # Ollama clients add it to bare names
+            names.append(reference.removesuffix(":latest"))
+        for name in names:
             if name in self.named:
                 return self.named[name]
-        if reference.endswith(".gguf") or Path(reference).expanduser().is_file():
-            raise ModelNotFound(
-                f"model {reference!r} is not served",
-                hint="name a model from the store; serve a file by naming it at start",
-            )
-        try:
-            return load.locate(reference)
-        except ModelNotFound:
-            if reference.endswith(":latest"):  # Ollama clients add it to bare names
-                return load.locate(reference.removesuffix(":latest"))
-            raise
+        for name in names:
+            found = store.find(name) if name.strip() else []
+            if found:
+                manifest = store.get(name)  # the preferred quant when several are installed
+                return store.Located(
+                    manifest.file, manifest.ref, manifest.chat_format, manifest.context_length
+                )
+        installed = sorted({m.name for m in store.list_models()})
+        raise ModelNotFound(
+            f"model {reference!r} is not in the store",
+            hint=f"pull it with `localmix pull {reference}`"
+            + (f"; installed: {', '.join(installed)}" if installed else ""),
+        )
 
     def running(self) -> list[Model]:
         """The loaded models, most recently used first."""
@@ -149,18 +154,6 @@ class Registry:
             return None
 
     # -- use -----------------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def use(
-        self, reference: str, keep_alive: float | Unset | None = UNSET
-    ) -> AsyncIterator[Model]:
-        """The model `reference` names, loaded (waiting for its load if needed), held for the
-        request; keep_alive (seconds, None: forever) replaces its time to stay loaded after."""
-        model = await self.acquire(reference, keep_alive)
-        try:
-            yield model
-        finally:
-            self.release(model)
 
     async def acquire(self, reference: str, keep_alive: float | Unset | None = UNSET) -> Model:
         """The model `reference` names, loaded if needed and held (release() it after)."""
