@@ -208,6 +208,7 @@ BAD = [
     ({"model": "tiny", "messages": HI, "max_tokens": -1}, 400, None, "max_tokens"),
     ({"model": "tiny", "messages": HI, "n": 2}, 400, None, "n must be 1"),
     ({"model": "tiny", "messages": HI, "logprobs": True}, 400, None, "logprobs"),
+    ({"model": "tiny", "messages": HI, "presence_penalty": 0.5}, 400, None, "presence_penalty"),
     ({"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, 400, None, "tools"),
     ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, None, "role"),
     ({"model": "tiny", "messages": []}, 400, None, "empty"),

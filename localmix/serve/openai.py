@@ -1,8 +1,9 @@
 """OpenAI's API: /v1/chat/completions, /v1/completions (each streamed over SSE or not) and
 /v1/models, with usage counts in every response and errors in OpenAI's error body.
 
-Fields OpenAI defines and localmix cannot honour (n > 1, logprobs, tools, a JSON response format)
-are refused with 400 rather than ignored; penalties of 0 (the clients' defaults) are accepted.
+Fields OpenAI defines and localmix cannot honour (n > 1, logprobs, tools, a JSON response format,
+presence and frequency penalties other than the clients' default 0) are refused with 400 rather
+than ignored.
 Extensions that llama-server and vLLM accept too: top_k, min_p, repeat_penalty, ignore_eos, and
 return_token_ids (the prompt's token ids and the reply's in the response).
 """
@@ -98,6 +99,11 @@ def _refuse_unsupported(req: Sampled) -> None:
         raise UsageError("n must be 1: localmix generates one choice per request")
     if req.logprobs:
         raise UsageError("logprobs are not supported")
+    if req.presence_penalty or req.frequency_penalty:
+        raise UsageError(
+            "presence_penalty and frequency_penalty are not supported",
+            hint="use repeat_penalty (llama.cpp's), e.g. 1.1",
+        )
     if isinstance(req, ChatRequest):
         if req.tools:
             raise UsageError("tools are not supported")
