@@ -31,10 +31,16 @@ def v1_tokenizer_path() -> Path:
 
 
 def write_scripted_gguf(
-    path: Path, successors: dict[int, int], *, n_ctx: int = 512, tekken: Path | None = None
+    path: Path,
+    successors: dict[int, int],
+    *,
+    n_ctx: int = 512,
+    tekken: Path | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write the model; successors maps token -> the token greedy decoding emits after it.
-    tekken: a tekken.json whose vocabulary replaces Mistral's v1 sentencepiece one."""
+    tekken: a tekken.json whose vocabulary replaces Mistral's v1 sentencepiece one.
+    chat_template: a jinja template to store as tokenizer.chat_template."""
     import gguf
     import numpy as np
 
@@ -72,6 +78,8 @@ def write_scripted_gguf(
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
 
     zeros = np.zeros
     writer.add_tensor("token_embd.weight", embd)

@@ -16,6 +16,7 @@ from localmix.serve.client import running
 from localmix.serve.ollama import keep_alive_seconds
 from localmix.serve.server import Server
 
+from .scripted_gguf import write_scripted_gguf
 from .served import BOS, eventually, make_store, scripted_chat_gguf, serving
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -140,6 +141,30 @@ def test_show_and_tags(client: ollama.Client) -> None:
     assert shown.modelinfo["llama.context_length"] == 2048 and shown.template == "v1"
     tags = {m.model for m in client.list().models}
     assert {"tiny:F16", "tiny-mixtral:F16", "scripted:F32"} <= tags
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_another_familys_model_gets_its_own_gguf_template(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Only Mistral formats are localmix's own: a GGUF with a ChatML template is prompted with it."""
+    path = tmp_path_factory.mktemp("chatml") / "chatml.gguf"
+    write_scripted_gguf(path, {BOS: 22557}, chat_template=CHATML)
+    with serving(tmp_path_factory.mktemp("chatml-home"), named={"chatml": path}) as started:
+        reply = httpx.post(
+            started.url + "/v1/chat/completions", timeout=30,
+            json={"model": "chatml", "messages": HI, "max_tokens": 1, "return_token_ids": True},
+        )  # fmt: skip
+        model = started.registry.find_loaded("chatml")
+        prompt = reply.json()["prompt_token_ids"]
+        text = model.engine.detokenize(prompt)
+    assert model.format.name == "gguf-template" and prompt[0] == BOS
+    assert text.strip() == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant"
 
 
 def test_ollama_names_with_latest_resolve(client: ollama.Client) -> None:

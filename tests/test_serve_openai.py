@@ -26,7 +26,9 @@ GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0
 def home(tmp_path_factory: pytest.TempPathFactory, tiny_mistral_gguf_f16: Path) -> Path:
     scripted = scripted_chat_gguf(tmp_path_factory.mktemp("scripted") / "scripted.gguf")
     store = tmp_path_factory.mktemp("serve-home")
-    return make_store(store, {"tiny": tiny_mistral_gguf_f16, "scripted": scripted})
+    # the tiny model also under the name `localmix pull mistral` gives the catalog's model
+    models = {"tiny": tiny_mistral_gguf_f16, "mistral:v0.3": tiny_mistral_gguf_f16}
+    return make_store(store, {**models, "scripted": scripted})
 
 
 @pytest.fixture(autouse=True)
@@ -189,6 +191,17 @@ def test_a_client_that_leaves_stops_its_generation_and_frees_its_cells(
     for seq in range(batch.n_seq):
         assert batch.kv_tokens(seq)[: len(prompt)] != tuple(prompt)  # nobody holds it
         assert batch.cells(seq) == len(batch.kv_tokens(seq))  # llama.cpp agrees
+
+
+def test_the_names_that_pulled_a_model_address_it(
+    client: Any, server: Server, tiny_mistral_gguf_f16: Path
+) -> None:
+    expected, _ = chat_text(client, "tiny", max_tokens=4, **GREEDY)
+    for name in ("mistral", "mistral:latest", "mistral:v0.3", "mistral:v0.3:F16"):
+        assert chat_text(client, name, max_tokens=4, **GREEDY)[0] == expected, name
+    # two names of one file: one loaded copy
+    loaded = [m for m in server.registry.running() if m.key == tiny_mistral_gguf_f16.resolve()]
+    assert len(loaded) == 1
 
 
 def test_models_lists_the_store(client: Any) -> None:
