@@ -91,6 +91,19 @@ def test_a_port_in_use_is_said_with_a_hint(capsys: pytest.CaptureFixture[str]) -
     assert lines[1].startswith("hint: ") and "--port" in lines[1]
 
 
+@pytest.mark.slow
+def test_another_host_is_served_only_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    """--host 0.0.0.0 warns before it binds (here the port is taken, so nothing is served)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(capsys, "serve", "--host", "0.0.0.0", "--port", str(port))
+    warning, error, hint = result.err.strip().splitlines()
+    assert warning.startswith("warning: serving on 0.0.0.0") and "no authentication" in warning
+    assert error.startswith("error: ") and "in use" in error and hint.startswith("hint: ")
+
+
 def test_loopback_addresses() -> None:
     from localmix.serve.server import is_loopback, url_of
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from starlette.applications import Starlette
     from starlette.requests import Request
+    from starlette.responses import Response
 
     from localmix.llama.batch import Generation
     from localmix.serve.models import Model, Registry, Unset
@@ -143,6 +144,21 @@ class Run:
                 chunks.append(item)
         assert self.job.stats is not None
         return chunks, self.job.stats
+
+    def response(
+        self, body: AsyncIterator[bytes], media_type: str, headers: dict[str, str] | None = None
+    ) -> Response:
+        """A streamed response of body that closes the run however it ends: a client that
+        leaves before the first piece never starts body, so body's own cleanup cannot be it."""
+        from starlette.background import BackgroundTask
+        from starlette.responses import StreamingResponse
+
+        async def close() -> None:
+            self.close()
+
+        return StreamingResponse(
+            body, media_type=media_type, headers=headers, background=BackgroundTask(close)
+        )
 
     def close(self) -> None:
         """Stop the job if it still runs, and let the model go (once)."""

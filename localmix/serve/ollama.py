@@ -269,7 +269,7 @@ def _prompt_of(req: Base, chat: bool) -> Callable[[Model], list[int]] | None:
 async def _answer(
     request: Request, registry: Registry, kind: type[Base], *, chat: bool
 ) -> Response:
-    from starlette.responses import Response, StreamingResponse
+    from starlette.responses import Response
 
     started = time.perf_counter()
     try:
@@ -285,7 +285,7 @@ async def _answer(
         )  # fmt: skip
         reply = Reply(req, run, chat, started)
         if req.stream:
-            return StreamingResponse(reply.stream(), media_type="application/x-ndjson")
+            return run.response(reply.stream(), "application/x-ndjson")
         chunks, stats = await app.unless_gone(request, run.collect())
         return _json(reply.whole(chunks, stats))
     except LocalmixError as error:

@@ -330,7 +330,7 @@ async def _complete(
     *,
     chat: bool,
 ) -> Response:
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import JSONResponse, Response
 
     try:
         req = app.parse(kind, await app.read_json(request))
@@ -341,10 +341,8 @@ async def _complete(
         )  # fmt: skip
         reply = Reply(req, run, chat)
         if req.stream:
-            return StreamingResponse(
-                reply.stream(), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )  # fmt: skip
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return run.response(reply.stream(), "text/event-stream", headers)
         chunks, stats = await app.unless_gone(request, run.collect())
         return JSONResponse(reply.whole(chunks, stats))
     except LocalmixError as error:
