@@ -248,6 +248,8 @@ def test_bad_requests_get_openais_error_body(
     error = response.json()["error"]
     assert text in error["message"] and error["code"] == code
     assert error["type"] == "invalid_request_error"
+    if isinstance(body, dict) and text in body and text != "messages":
+        assert error["param"] == text  # the field the client got wrong
 
 
 def test_a_client_cannot_open_files_by_path(client: Any, tiny_mistral_gguf_f16: Path) -> None:

@@ -35,6 +35,14 @@ class TooLarge(LocalmixError):
     """The request body is larger than the server reads."""
 
 
+class BadField(UsageError):
+    """A request field that is missing or wrong; param names it (OpenAI's error "param")."""
+
+    def __init__(self, param: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.param = param
+
+
 class ClientGone(Exception):
     """The client disconnected; nothing is left to answer."""
 
@@ -86,7 +94,7 @@ def parse(kind: type[Model_T], data: dict[str, Any]) -> Model_T:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise UsageError(f"{where}: {first['msg']}") from None
+        raise BadField(where, f"{where}: {first['msg']}") from None
 
 
 async def _disconnected(request: Request) -> None:

@@ -95,29 +95,30 @@ class CompletionRequest(Sampled):
 
 
 def _refuse_unsupported(req: Sampled) -> None:
+    bad = app.BadField
     if req.n != 1:
-        raise UsageError("n must be 1: localmix generates one choice per request")
+        raise bad("n", "n must be 1: localmix generates one choice per request")
     if req.logprobs:
-        raise UsageError("logprobs are not supported")
-    if req.presence_penalty or req.frequency_penalty:
-        raise UsageError(
-            "presence_penalty and frequency_penalty are not supported",
-            hint="use repeat_penalty (llama.cpp's), e.g. 1.1",
-        )
+        raise bad("logprobs", "logprobs are not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise bad(name, f"{name} is not supported", hint="use repeat_penalty, e.g. 1.1")
     if isinstance(req, ChatRequest):
         if req.tools:
-            raise UsageError("tools are not supported")
+            raise bad("tools", "tools are not supported")
         kind = (req.response_format or {}).get("type", "text")
         if kind != "text":
-            raise UsageError(f"response_format {kind!r} is not supported", hint="use text")
-    if isinstance(req, CompletionRequest) and (req.echo or req.suffix):
-        raise UsageError("echo and suffix are not supported")
+            raise bad("response_format", f"response_format {kind!r} is not supported")
+    if isinstance(req, CompletionRequest):
+        for name in ("echo", "suffix"):
+            if getattr(req, name):
+                raise bad(name, f"{name} is not supported")
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOPS:
-        raise UsageError(f"stop has {len(stops)} strings; at most {MAX_STOPS}")
+        raise app.BadField("stop", f"stop has {len(stops)} strings; at most {MAX_STOPS}")
     return tuple(s for s in stops if s)
 
 
@@ -173,7 +174,8 @@ def error_body(error: LocalmixError, status: int) -> dict[str, Any]:
     codes = {404: "model_not_found", 413: "request_too_large", 503: "server_busy"}
     code = "context_length_exceeded" if "context holds" in error.message else codes.get(status)
     message = error.message + (f" ({error.hint})" if error.hint else "")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    param = getattr(error, "param", None)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(error: LocalmixError) -> Response:
