@@ -20,6 +20,8 @@ from localmix.serve.server import Server
 from .served import serving
 from .test_chat_template import conversations
 
+pytestmark = pytest.mark.slow  # three tiny models converted from the real tokenizer files
+
 # served name -> (synth tokenizer, mistral-common's tokenizer file)
 TOKENIZERS = {
     "v1": ("v1", "tokenizer.model.v1"),
