@@ -62,6 +62,8 @@ class Model:
     scheduler: Scheduler
     format: ChatFormat
     strip_space: bool  # drop the first reply piece's leading space (chat.session's rule)
+    think_mode: str | None  # a reasoning model's switch: "prompt", "effort" or None
+    think_ids: tuple[int, int] | None  # its [THINK] and [/THINK] ids
     memory: int  # bytes counted against the budget: file and KV cache
     keep_alive: float | None
     loaded_at: float
@@ -258,6 +260,7 @@ class Registry:
     def _open(self, name: str, target: Located, need: int) -> Model:
         """Load through the door and start the batch loop (in a worker thread)."""
         from localmix import load
+        from localmix.chat import reasoning
         from localmix.chat.session import adds_space_prefix, resolve_format
 
         loaded = load.open_model(target, self.settings)
@@ -265,6 +268,8 @@ class Registry:
             engine = loaded.engine
             # resolved here, before the worker thread starts using the engine's piece buffer
             fmt = resolve_format(engine, target.chat_format)
+            think_mode = reasoning.mode(fmt, engine.tokenize)
+            think_ids = reasoning.markers(fmt, engine.tokenize)
             scheduler = Scheduler(
                 engine,
                 seq_ctx=engine.n_ctx // self.options.parallel,
@@ -282,6 +287,8 @@ class Registry:
             scheduler=scheduler,
             format=fmt,
             strip_space=adds_space_prefix(engine.metadata),
+            think_mode=think_mode,
+            think_ids=think_ids,
             memory=need,
             keep_alive=keep,
             loaded_at=time.time(),

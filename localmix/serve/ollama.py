@@ -59,6 +59,7 @@ class ChatMessage(_Body):
 
 class Base(_Body):
     model: str
+    think: Union[bool, str, None] = None  # noqa: UP007 - a reasoning model's switch
     stream: bool = True
     options: Union[Options, None] = None  # noqa: UP007
     keep_alive: Union[str, float, None] = None  # noqa: UP007
@@ -153,24 +154,28 @@ def error_response(error: LocalmixError) -> Response:
 
 
 class Reply:
-    """Ollama's response objects for one chat or generate request."""
+    """Ollama's response objects for one chat or generate request; a reasoning model's thinking
+    goes in Ollama's own field ("thinking"), apart from the answer."""
 
     def __init__(self, req: Base, run: app.Run, chat: bool, started: float) -> None:
         self.req, self.run, self.chat, self.started = req, run, chat, started
-        templated = chat or not getattr(req, "raw", False)
-        self.text = prompts.ReplyText(run.model.strip_space and templated)
+        self.reply = prompts.Reply(run.model, chat or not getattr(req, "raw", False))
 
-    def piece(self, text: str, done: bool) -> dict[str, Any]:
+    def piece(self, text: str, done: bool, thinking: str = "") -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.req.model, "created_at": _now()}
         if self.chat:
             body["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                body["message"]["thinking"] = thinking
         else:
             body["response"] = text
+            if thinking:
+                body["thinking"] = thinking
         body["done"] = done
         return body
 
-    def final(self, text: str, stats: Stats, tokens: list[int]) -> dict[str, Any]:
-        body = self.piece(text, done=True)
+    def final(self, text: str, thinking: str, stats: Stats, tokens: list[int]) -> dict[str, Any]:
+        body = self.piece(text, done=True, thinking=thinking)
         ns = 1e9
         body.update(
             done_reason=FINISH[stats.finish_reason],
@@ -192,17 +197,18 @@ class Reply:
                 if isinstance(item, Chunk):
                     if item.token >= 0:
                         tokens.append(item.token)
-                    text = self.text.feed(item.text)
-                    if text:
-                        yield app.dumps(self.piece(text, done=False)) + b"\n"
+                    text, thinking = self.reply.feed(item)
+                    if text or thinking:
+                        yield app.dumps(self.piece(text, False, thinking)) + b"\n"
                 else:
-                    yield app.dumps(self.final("", item, tokens)) + b"\n"
+                    yield app.dumps(self.final("", "", item, tokens)) + b"\n"
         except LocalmixError as error:
             yield app.dumps({"error": error.message}) + b"\n"
 
     def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
-        text = "".join(self.text.feed(c.text) for c in chunks)
-        return self.final(text, stats, [c.token for c in chunks if c.token >= 0])
+        parts = [self.reply.feed(c) for c in chunks]
+        text, thinking = "".join(a for a, _ in parts), "".join(t for _, t in parts)
+        return self.final(text, thinking, stats, [c.token for c in chunks if c.token >= 0])
 
 
 def routes(registry: Registry) -> list[Route]:
@@ -251,11 +257,13 @@ def _json(data: Any) -> Response:
 
 def _prompt_of(req: Base, chat: bool) -> Callable[[Model], list[int]] | None:
     """How to build the prompt, or None for a request that only loads or unloads."""
+    # Ollama's think: true/false, or an effort ("low", "medium", "high") that means on
+    think = None if req.think is None else req.think not in (False, "none", "false")
     if isinstance(req, ChatRequest):
         if not req.messages:
             return None
         messages = [prompts.message(m.role, m.content) for m in req.messages]
-        return lambda model: prompts.chat_tokens(model, messages)
+        return lambda model: prompts.chat_tokens(model, messages, think)
     assert isinstance(req, GenerateRequest)
     if not req.prompt:
         return None
@@ -263,7 +271,7 @@ def _prompt_of(req: Base, chat: bool) -> Callable[[Model], list[int]] | None:
         return lambda model: prompts.text_tokens(model, req.prompt)
     head = [prompts.message("system", req.system)] if req.system else []
     messages = [*head, prompts.message("user", req.prompt)]
-    return lambda model: prompts.chat_tokens(model, messages)
+    return lambda model: prompts.chat_tokens(model, messages, think)
 
 
 async def _answer(

@@ -79,6 +79,8 @@ class Sampled(_Body):
 
 class ChatRequest(Sampled):
     messages: list[ChatMessage]
+    # a reasoning model's switch: "none" turns thinking off, any other effort on (v15: "high")
+    reasoning_effort: Union[str, None] = None  # noqa: UP007
     max_completion_tokens: Union[int, None] = Field(None, ge=0)  # noqa: UP007
     tools: Union[list[Any], None] = None  # noqa: UP007
     response_format: Union[dict[str, Any], None] = None  # noqa: UP007
@@ -186,13 +188,15 @@ def error_response(error: LocalmixError) -> Response:
 
 
 class Reply:
-    """The pieces of one response: its id, timestamps, and how a choice is written."""
+    """The pieces of one response: its id, timestamps, and how a choice is written. A reasoning
+    model's thinking goes in reasoning_content (llama-server's and DeepSeek's field), apart from
+    the answer's content."""
 
     def __init__(self, req: Sampled, run: app.Run, chat: bool) -> None:
         self.req, self.run, self.chat = req, run, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.text = prompts.ReplyText(run.model.strip_space if chat else False)
+        self.reply = prompts.Reply(run.model, chat)
         self.object = "chat.completion" if chat else "text_completion"
 
     def head(self, chunk: bool) -> dict[str, Any]:
@@ -202,23 +206,37 @@ class Reply:
             "system_fingerprint": FINGERPRINT,
         }  # fmt: skip
 
-    def choice(self, text: str | None, finish: str | None, *, delta: bool) -> dict[str, Any]:
+    def choice(
+        self, text: str | None, finish: str | None, *, delta: bool, thinking: str = ""
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0}
         if not self.chat:
             choice["text"] = text or ""
         elif delta:
             choice["delta"] = {} if text is None else {"content": text}
+            if thinking:
+                choice["delta"] = {"reasoning_content": thinking}
         else:
             choice["message"] = {"role": "assistant", "content": text or ""}
+            if thinking:
+                choice["message"]["reasoning_content"] = thinking
         choice["logprobs"] = None
         choice["finish_reason"] = finish
         return choice
 
+    def usage(self, stats: Stats) -> dict[str, Any]:
+        counts = usage(self.run.prompt, stats)
+        if self.reply.thought_tokens:
+            counts["completion_tokens_details"] = {"reasoning_tokens": self.reply.thought_tokens}
+        return counts
+
     def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
-        text = "".join(self.text.feed(c.text) for c in chunks)
+        parts = [self.reply.feed(c) for c in chunks]
+        text, thinking = "".join(a for a, _ in parts), "".join(t for _, t in parts)
         body = self.head(chunk=False)
-        body["choices"] = [self.choice(text, FINISH[stats.finish_reason], delta=False)]
-        body["usage"] = usage(self.run.prompt, stats)
+        finish = FINISH[stats.finish_reason]
+        body["choices"] = [self.choice(text, finish, delta=False, thinking=thinking)]
+        body["usage"] = self.usage(stats)
         self._token_ids(body, [c.token for c in chunks if c.token >= 0])
         return body
 
@@ -243,11 +261,11 @@ class Reply:
         try:
             async for item in self.run.events():
                 if isinstance(item, Chunk):
-                    text = self.text.feed(item.text)
+                    text, thinking = self.reply.feed(item)
                     if item.token >= 0:
                         tokens.append(item.token)
-                    if text:
-                        yield self._piece(text)
+                    if text or thinking:
+                        yield self._piece(text, thinking)
                     continue
                 last = self.head(chunk=True)
                 last["choices"] = [self.choice(None, FINISH[item.finish_reason], delta=True)]
@@ -256,15 +274,15 @@ class Reply:
                     yield _event(last)
                     last = self.head(chunk=True)
                     last["choices"] = []
-                last["usage"] = usage(self.run.prompt, item)
+                last["usage"] = self.usage(item)
                 yield _event(last)
         except LocalmixError as error:  # after the headers: the error goes in the stream
             yield _event(error_body(error, app.status_of(error)))
         yield b"data: [DONE]\n\n"
 
-    def _piece(self, text: str) -> bytes:
+    def _piece(self, text: str, thinking: str) -> bytes:
         body = self.head(chunk=True)
-        body["choices"] = [self.choice(text, None, delta=True)]
+        body["choices"] = [self.choice(text, None, delta=True, thinking=thinking)]
         return _event(body)
 
 
@@ -312,7 +330,8 @@ def routes(registry: Registry) -> list[Route]:
 
 def _chat_prompt(req: ChatRequest) -> Callable[[Model], list[int]]:
     messages = chat_messages(req)
-    return lambda model: prompts.chat_tokens(model, messages)
+    think = None if req.reasoning_effort is None else req.reasoning_effort != "none"
+    return lambda model: prompts.chat_tokens(model, messages, think)
 
 
 def _text_prompt(req: CompletionRequest) -> Callable[[Model], list[int]]:

@@ -1,6 +1,8 @@
 """Requests → prompt token ids, with the code the REPL uses: Mistral formats through
-chat/template.py (the GGUF's jinja template only for other families), plain text through the
-engine's tokenizer; and the reply text as chat/session.py hands it out."""
+chat/template.py (the GGUF's jinja template only for other families), a reasoning model's thinking
+switch as chat/session.py sets it (chat/reasoning.py), plain text through the engine's tokenizer;
+and the reply as the REPL shows it: thinking apart from the answer, without the first piece's
+SentencePiece space."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING
 from localmix.chat import template
 from localmix.chat.template import Message
 from localmix.errors import ContextTooLong, UsageError
+from localmix.llama.records import Chunk
 
 if TYPE_CHECKING:
     from localmix.serve.models import Model
@@ -29,11 +32,27 @@ def message(role: str, content: str) -> Message:
     return Message(role, content)
 
 
-def chat_tokens(model: Model, messages: Sequence[Message]) -> list[int]:
-    """The exact prompt for a conversation, ready for the assistant's reply."""
+def chat_tokens(model: Model, messages: Sequence[Message], think: bool | None = None) -> list[int]:
+    """The exact prompt for a conversation, ready for the assistant's reply. think switches a
+    reasoning model's thinking on or off (None: the model's default, as `localmix chat`)."""
+    from localmix.chat import reasoning
+
     if not messages:
         raise UsageError("messages is empty", hint="send at least one user message")
-    tokens = template.encode(model.format, messages, model.engine.tokenize)
+    if think is None:
+        think = reasoning.thinks_by_default(model.target.name, model.think_mode)
+    if think and model.think_mode is None:
+        raise UsageError(
+            f"this model has no thinking switch (chat format {model.format.name})",
+            hint="ask without think / reasoning_effort",
+        )
+    head = []
+    if think and model.think_mode == "prompt":  # v13: the reasoning system prompt goes first
+        head.append(Message("system", reasoning.REASONING_PROMPT))
+    effort = ("high" if think else "none") if model.think_mode == "effort" else None
+    tokens = template.encode(
+        model.format, [*head, *messages], model.engine.tokenize, reasoning_effort=effort
+    )
     return fits(model, tokens)
 
 
@@ -61,15 +80,28 @@ def fits(model: Model, tokens: list[int]) -> list[int]:
     return tokens
 
 
-class ReplyText:
-    """Generated text as a chat reply: without the first piece's SentencePiece space, as
-    chat/session.py shows it (a raw completion keeps it)."""
+class Reply:
+    """A chat reply as it streams, split the way the REPL shows it: feed() each Chunk and get
+    (answer text, thinking text). A raw completion (chat=False) is all answer, as generated."""
 
-    def __init__(self, strip_space: bool) -> None:
-        self._strip = strip_space
+    def __init__(self, model: Model, chat: bool) -> None:
+        from localmix.chat.reasoning import Splitter
 
-    def feed(self, text: str) -> str:
-        if self._strip and text:
+        self._strip = model.strip_space and chat
+        self._split = Splitter(model.think_ids if chat else None)
+
+    @property
+    def thought_tokens(self) -> int:
+        return self._split.thought_tokens
+
+    def feed(self, chunk: Chunk) -> tuple[str, str]:
+        if self._strip and chunk.text:
             self._strip = False
-            return text[1:] if text.startswith(" ") else text
-        return text
+            if chunk.text.startswith(" "):
+                chunk = Chunk(chunk.text[1:], chunk.token)
+        from localmix.chat.reasoning import Thought
+
+        shown = self._split.feed(chunk)
+        if shown is None:
+            return "", ""
+        return ("", shown.text) if isinstance(shown, Thought) else (shown.text, "")
