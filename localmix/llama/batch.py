@@ -14,7 +14,6 @@ other idle sequences' cells are freed then); a cancelled one frees its cells at 
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -214,25 +213,10 @@ class Batch:
 
     def _logits_views(self) -> Callable[[int], numpy.ndarray]:
         """Batch index -> its logits as a numpy view over llama.cpp's buffer (valid until the
-        next decode); views are made once per address."""
-        import numpy as np
+        next decode)."""
+        from localmix.llama.engine import logits_rows
 
-        from localmix.llama.lib import logits_address
-
-        address_of, ctx, n_vocab = logits_address(), self._ctx, self.engine.n_vocab
-        views: dict[int, numpy.ndarray] = {}
-
-        def view(index: int) -> numpy.ndarray:
-            address = address_of(ctx, index)
-            found = views.get(address)
-            if found is None:
-                if not address:
-                    raise EngineError("llama.cpp returned no logits")
-                buffer = (ctypes.c_float * n_vocab).from_address(address)
-                found = views[address] = np.frombuffer(buffer, dtype=np.float32)
-            return found
-
-        return view
+        return logits_rows(self._ctx, self.engine.n_vocab)
 
     def _picker(self, sampling: Sampling, prompt: list[int]) -> tuple[Callable[[int], int], Any]:
         """How this sequence picks a token from the logits at a batch index, and the sampler

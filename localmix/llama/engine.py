@@ -48,6 +48,29 @@ def _int32_array(values: Sequence[int]) -> Any:
     return (ctypes.c_int32 * len(values))(*values)
 
 
+def logits_rows(ctx: Any, n_vocab: int) -> Callable[[int], numpy.ndarray]:
+    """Batch index (-1: the last) -> its logits as a numpy array over llama.cpp's own buffer,
+    valid until the next decode. A view is made once per buffer address, not once per token."""
+    import numpy as np
+
+    from localmix.llama.lib import logits_address
+
+    address_of = logits_address()
+    views: dict[int, numpy.ndarray] = {}
+
+    def view(index: int) -> numpy.ndarray:
+        address = address_of(ctx, index)
+        found = views.get(address)
+        if found is None:
+            if not address:
+                raise EngineError("llama.cpp returned no logits")
+            buffer = (ctypes.c_float * n_vocab).from_address(address)
+            found = views[address] = np.frombuffer(buffer, dtype=np.float32)
+        return found
+
+    return view
+
+
 class Engine:
     """A loaded GGUF and its context (seq 0). Use as a context manager; close() is idempotent."""
 
@@ -503,25 +526,9 @@ class Engine:
 
     def _logits_view(self) -> Callable[[], numpy.ndarray]:
         """The last logits as a numpy array over llama.cpp's own buffer (valid until the next
-        decode). The view is made once per buffer address, not once per token."""
-        import numpy as np
-
-        from localmix.llama.lib import logits_address
-
-        address_of, ctx, n_vocab = logits_address(), self._ctx, self.n_vocab
-        views: dict[int, numpy.ndarray] = {}
-
-        def view() -> numpy.ndarray:
-            address = address_of(ctx, -1)
-            found = views.get(address)
-            if found is None:
-                if not address:
-                    raise EngineError("llama.cpp returned no logits")
-                buffer = (ctypes.c_float * n_vocab).from_address(address)
-                found = views[address] = np.frombuffer(buffer, dtype=np.float32)
-            return found
-
-        return view
+        decode)."""
+        rows = logits_rows(self._ctx, self.n_vocab)
+        return lambda: rows(-1)
 
     def _argmax_picker(self) -> Callable[[], int]:
         """Greedy picks from the last logits: the token llama.cpp's greedy sampler would choose
