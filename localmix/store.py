@@ -470,6 +470,11 @@ def du() -> Usage:
             owned += size
         else:
             referenced += size
+    for name in sorted({m.name for m in list_models()}):  # `localmix imatrix` output: ours too
+        matrix = imatrix_path(name)
+        if matrix.is_file():
+            rows.append((f"{name} imatrix", matrix.stat().st_size, True))
+            owned += matrix.stat().st_size
     home = settings.home()
     free = shutil.disk_usage(
         home if home.exists() else home.parent if home.parent.exists() else Path.home()

@@ -270,3 +270,14 @@ def test_two_names_that_share_a_folder_never_overwrite_each_other(tmp_path: Path
     with pytest.raises(UsageError, match="'a-b' would share its store folder with 'a/b'"):
         store.add(_manifest("a-b", "Q4_K_M", first))
     assert sorted(m.ref for m in store.list_models()) == ["a/b:Q4_K_M", "a/b:Q8_0"]
+
+
+def test_du_counts_a_models_importance_matrix_as_owned(tmp_path: Path) -> None:
+    src = tmp_path / "x.gguf"
+    src.write_bytes(b"GGUF" + b"\0" * 100)
+    store.add(_manifest("m", "Q4_K_M", src), src=src)
+    before = store.du().owned_bytes
+    store.imatrix_path("m").write_bytes(b"\0" * 1000)
+    usage = store.du()
+    assert ("m imatrix", 1000, True) in usage.models
+    assert usage.owned_bytes == before + 1000
