@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 # Output types convert writes directly (no quantize step).
 _CONVERT_TYPES = ("F16", "BF16", "F32")
+AUTO_IMATRIX = "auto"  # --imatrix auto: the model's own, computed from the converted checkpoint
 
 
 @dataclass(frozen=True)
@@ -168,15 +169,18 @@ def pull(
     from_source: bool = False,
     keep_source: bool = False,
     offline: bool = False,
-    imatrix: Path | None = None,
+    imatrix: Path | str | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
     """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store.
-    imatrix, an importance-matrix file, guides the quantization of a converted checkpoint."""
+    imatrix, an importance-matrix file, guides the quantization of a converted checkpoint;
+    "auto" computes the model's own from the converted file first (`localmix imatrix`)."""
     emit = progress or (lambda _event: None)
     store.clean_tmp()  # leftovers of a pull, convert or quantize that was killed
-    matrix = None
-    if imatrix is not None:
+    matrix: Imatrix | str | None = None
+    if imatrix == AUTO_IMATRIX:
+        matrix = AUTO_IMATRIX
+    elif imatrix is not None:
         from localmix import imatrix as importance
 
         matrix = importance.load(imatrix)  # a bad file fails before any download
@@ -210,6 +214,11 @@ def pull(
         if from_source:
             repofiles.checkpoint_files(listing.names)  # raises: a GGUF repo holds no checkpoint
         plan = dataclasses.replace(plan, convert=False)  # ORG/REPO named a GGUF repo
+    if matrix is not None and not plan.convert:
+        raise UsageError(
+            f"--imatrix guides a quant made here, but {plan.repo} is pulled as a ready GGUF",
+            hint="add --from-source to convert the original checkpoint and quantize it here",
+        )
     # "Already there?" and the registration under one lock: a second pull of the model waits and
     # finds the first one's result; an `rm` of it waits for this pull to finish.
     waiting = f"another localmix process is working on {plan.name}"
@@ -282,7 +291,11 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
 
 
 def _pull_checkpoint(
-    plan: _Plan, listing: hub.Listing, keep_source: bool, emit: Progress, imatrix: Imatrix | None
+    plan: _Plan,
+    listing: hub.Listing,
+    keep_source: bool,
+    emit: Progress,
+    imatrix: Imatrix | str | None,
 ) -> Manifest:
     from localmix import quantize
 
@@ -344,7 +357,7 @@ def _convert_and_quantize(
     download: hub.Download,
     keep_source: bool,
     emit: Progress,
-    imatrix: Imatrix | None = None,
+    imatrix: Imatrix | str | None = None,
 ) -> Manifest:
     from localmix import quantize
     from localmix.convert import convert
@@ -357,6 +370,8 @@ def _convert_and_quantize(
         convert(download.snapshot, f16, outtype=outtype.lower(), progress=emit)
         if quant in _CONVERT_TYPES:
             return _register_owned(plan, quant, f16, source, hub_files, emit)
+        if imatrix == AUTO_IMATRIX:
+            imatrix = _calibrate(plan, f16, emit)
         with store.tmp_file(".gguf") as out:
             emit(Stage("quantize", quant))
             quantize.quantize(f16, out, quant, progress=emit, imatrix=imatrix)
@@ -364,6 +379,20 @@ def _convert_and_quantize(
         if keep_source:  # the f16 stays as NAME:F16, the best input for `localmix quantize`
             _register_owned(plan, "F16", f16, source, hub_files, emit)
     return manifest
+
+
+def _calibrate(plan: _Plan, f16: Path, emit: Progress) -> Imatrix:
+    """--imatrix auto: the model's importance matrix from the converted file, kept in the
+    model's folder (where `localmix imatrix` and `quantize --imatrix auto` look for it)."""
+    from localmix import calibration
+    from localmix import imatrix as importance
+
+    out = store.imatrix_path(plan.name)
+    if not out.is_file():
+        emit(Stage("calibrate", plan.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        calibration.compute(f16, out=out, progress=emit)
+    return importance.load(out)
 
 
 def _register_owned(

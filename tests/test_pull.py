@@ -338,6 +338,27 @@ def test_pull_checkpoint_to_a_low_bit_type_takes_an_imatrix(
     one_chat_turn(model)
 
 
+@pytest.mark.slow
+def test_pull_checkpoint_with_imatrix_auto_calibrates_then_quantizes(
+    env: Env, tiny_checkpoint: Path, tiny_gguf_repo: Path
+) -> None:
+    from localmix import imatrix as importance
+
+    env.hub.add_repo("org/tiny-mistral", tiny_checkpoint)
+    result = env.cli("pull", "org/tiny-mistral:IQ2_XS", "--imatrix", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "calibrating" in result.stderr and "quantizing" in result.stderr
+    (model,) = env.listed()
+    assert (model["name"], model["quant"]) == ("org--tiny-mistral", "IQ2_XS")
+    matrix = importance.load(env.home / "models" / "org--tiny-mistral" / "imatrix.gguf")
+    assert matrix.chunks > 100 and len(matrix.values) == 14  # the whole default text, 7 per layer
+    # a ready GGUF is not quantized here: an importance matrix has nothing to guide
+    env.hub.add_repo("org/tiny-mistral-GGUF", tiny_gguf_repo)
+    refused = env.cli("pull", "hf.co/org/tiny-mistral-GGUF:Q8_0", "--imatrix", "auto")
+    assert refused.returncode == 2 and "--from-source" in refused.stderr
+    assert not [r for r in env.hub.requests if (r.file or "").endswith(".gguf")]
+
+
 # --- the journeys, through the CLI --------------------------------------------------------------
 
 

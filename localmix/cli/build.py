@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from localmix.cli.options import OutputOpt, QuantizeImatrixOpt, QuantOpt, ThreadsOpt
+from localmix.cli.options import ImatrixOpt, OutputOpt, QuantOpt, ThreadsOpt
 from localmix.errors import UsageError
 
 _NAME_HINT = "give a .gguf path or a name from `localmix list`"
@@ -54,7 +54,7 @@ def quantize_command(
             help="Quantize an already-quantized file or store model (quality is lost twice).",
         ),
     ] = False,
-    imatrix: QuantizeImatrixOpt = None,
+    imatrix: ImatrixOpt = None,
 ) -> None:
     """Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default."""
     from localmix import quantize as q

@@ -52,14 +52,6 @@ QuantOpt = Annotated[
     typer.Option("--type", "--quant", "-q", help="Quantization type, e.g. Q4_K_M, Q5_K_M, Q8_0."),
 ]
 ImatrixOpt = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.10
-    typer.Option(
-        "--imatrix",
-        help="Importance matrix (llama-imatrix's GGUF or .dat) to quantize with; "
-        "needed by IQ1/IQ2/IQ3_XXS/Q2_K_S.",
-    ),
-]
-QuantizeImatrixOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
         "--imatrix",

@@ -103,12 +103,14 @@ class _PullView:
         """Convert and quantize events: (index, total, tensor name) by whatever names they use."""
         total = getattr(event, "total", None)
         index = next(
-            (getattr(event, a) for a in ("index", "done", "current") if hasattr(event, a)), None
+            (getattr(event, a) for a in ("index", "done", "current", "chunk") if hasattr(event, a)),
+            None,
         )
         if total is None or index is None:
             return
-        stage = "quantize" if type(event).__name__.lower().startswith("quant") else "convert"
-        label = {"quantize": "quantizing", "convert": "converting"}[stage]
+        kind = type(event).__name__.lower()
+        stage = next((s for s in ("quant", "imatrix") if kind.startswith(s)), "convert")
+        label = {"quant": "quantizing", "imatrix": "calibrating", "convert": "converting"}[stage]
         task = self._task("steps", stage, label, total)
         names = [a for a in ("tensor", "tensor_name", "name") if hasattr(event, a)]
         detail = str(getattr(event, names[0])) if names else ""
