@@ -1,6 +1,7 @@
 """`localmix demo`: the whole product offline on a model localmix builds itself.
 
-synth -> convert -> quantize Q4_K_M -> store -> a short bench -> one chat turn, with progress.
+synth -> convert -> quantize Q4_K_M -> store -> a short bench -> what the quant costs against the
+F16 file (localmix eval) -> one chat turn, with progress.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ def demo_command(
     err.print(f"[green]✓[/] {manifest.ref} in the store ({render.human_size(manifest.size)})")
 
     results = _bench(manifest, threads)
-    reply, stats = _chat(manifest, threads, max_tokens)
-    _summary(manifest, timings, results, reply, stats, time.perf_counter() - started)
+    cost = _quant_cost(manifest, threads)
+    _, stats = _chat(manifest, threads, max_tokens)
+    _summary(manifest, timings, results, cost, stats, time.perf_counter() - started)
 
 
 def _bench(manifest: object, threads: int | None) -> list[object]:
@@ -112,6 +114,39 @@ def _bench(manifest: object, threads: int | None) -> list[object]:
         results = run([manifest.file], params, progress=show)  # type: ignore[attr-defined]
     render.console().print(report.table(results))
     return list(results)
+
+
+def _quant_cost(manifest: object, threads: int | None) -> str:
+    """`localmix eval` in miniature: the Q4_K_M file against the model's F16 file (built here
+    too) over 4 chunks of the shipped text; one line of llama-perplexity's numbers."""
+    from localmix import builtin
+    from localmix.cli import render
+    from localmix.quality.evaluate import EvalSettings, evaluate
+
+    name = manifest.name  # type: ignore[attr-defined]
+    with render.steps(transient=True) as bar:
+        task = bar.add_task("what Q4_K_M costs", total=None, detail="")
+
+        def show(event: object) -> None:
+            total = getattr(event, "total", None)
+            done = getattr(event, "done", None)
+            done = getattr(event, "index", 0) if done is None else done
+            bar.update(task, completed=done, total=total or None)
+
+        builtin.build(name, "F16", threads=threads, on_progress=show)
+        result = evaluate(
+            manifest.file,  # type: ignore[attr-defined]
+            f"{name}:F16",
+            settings=EvalSettings(max_chunks=4, threads=threads),
+            progress=show,
+        )
+    s = result.scores
+    line = (
+        f"PPL ratio {s.ppl_ratio:.4f} · mean KLD {s.kld_mean:.4f} · "
+        f"same top token {100 * s.same_top:.1f}% ({s.n_tokens} tokens)"
+    )
+    render.console().print(f"\n[bold]Q4_K_M against F16:[/] {line}")
+    return line
 
 
 def _chat(manifest: object, threads: int | None, max_tokens: int) -> tuple[str, object]:
@@ -148,7 +183,7 @@ def _summary(
     manifest: object,
     timings: dict[str, float],
     results: list[object],
-    reply: str,
+    cost: str,
     stats: object,
     total_s: float,
 ) -> None:
@@ -168,12 +203,14 @@ def _summary(
             result.test,  # type: ignore[attr-defined]
             f"{result.avg_ts:.1f} ± {result.stddev_ts:.1f} t/s",  # type: ignore[attr-defined]
         )
+    table.add_row("vs F16", cost)
     if stats is not None:
         table.add_row("chat", render.stats_line(stats))
     table.add_row("total", f"{total_s:.1f} s")
     table.add_row(
         "next",
-        f"localmix chat {manifest.name}  ·  localmix bench {manifest.name}  ·  localmix show {manifest.name}",  # type: ignore[attr-defined]
+        f"localmix chat {manifest.name}  ·  localmix bench {manifest.name}  ·  "  # type: ignore[attr-defined]
+        f"localmix eval {manifest.name}  ·  localmix serve {manifest.name}",  # type: ignore[attr-defined]
     )
     render.console().print()
     render.console().print(table)
