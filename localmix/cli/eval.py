@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt
+from localmix.cli.plan import NglOpt
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -51,10 +52,6 @@ QuantsOpt = Annotated[
         help="Comma list (Q4_K_M,Q5_K_M,Q8_0): a table over these quants of MODEL; "
         "missing ones are made from its full-precision file.",
     ),
-]
-NglOpt = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option("-ngl", "--n-gpu-layers", min=-1, help="Layers on the GPU (-1: all)."),
 ]
 
 

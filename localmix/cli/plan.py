@@ -26,7 +26,9 @@ VramBudgetOpt = Annotated[
 ]
 NglOpt = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option("--ngl", "--n-gpu-layers", help="Layers on the GPU (-1: all); skips the plan."),
+    typer.Option(
+        "-ngl", "--n-gpu-layers", min=-1, help="Layers on the GPU (-1: all; default: planned)."
+    ),
 ]
 CpuMoeOpt = Annotated[
     bool, typer.Option("--cpu-moe", "-cmoe", help="Keep all the experts (MoE weights) on the CPU.")
