@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -748,6 +749,105 @@ def stage_cpu_chat(check: Check, model: Path, rounds: int, chat_n: int) -> None:
             check.save()
 
 
+COMPARE_IMATRIX = """
+import json, sys
+import numpy as np
+from localmix.imatrix import load
+a, b = load(sys.argv[1]), load(sys.argv[2])
+worst = 0.0
+for name, x in a.values.items():
+    y = b.values[name]
+    worst = max(worst, float(np.max(np.abs(x - y) / np.maximum(np.abs(y), 1e-30))))
+print(json.dumps({"tensors": len(a.values), "same_tensors": sorted(a.values) == sorted(b.values),
+                  "max_rel_diff": worst, "chunks": [a.chunks, b.chunks]}))
+"""
+
+
+def stage_features(check: Check, model: Path) -> None:
+    """What sessions without a GPU could not run: `localmix imatrix` reading activations from
+    device memory (its tap), and `localmix eval` with both models on the GPU, each against the
+    same command on the CPU (-ngl 0) on the same file; plus `localmix serve` answering on the GPU."""
+    with check.stage("features") as record:
+        folder = check.work / "features"
+        folder.mkdir(parents=True, exist_ok=True)
+        matrices = {}
+        for where, ngl in (("gpu", "99"), ("cpu", "0")):
+            out = folder / f"{where}.imatrix.gguf"
+            done = check.run(f"imatrix_{where}", check.localmix(
+                "imatrix", str(model), "--chunks", "4", "-ngl", ngl, "-o", str(out), "--json"),
+                timeout=180)  # fmt: skip
+            record[f"imatrix_{where}"] = done.json()
+            matrices[where] = out
+        same = check.run("imatrix_compare", [check.python, "-c", COMPARE_IMATRIX,
+                         str(matrices["gpu"]), str(matrices["cpu"])], vram=False)  # fmt: skip
+        record["imatrix_compare"] = same.json()
+        reference = folder / "reference.Q8_0.gguf"
+        check.run("reference_q8", check.localmix(
+            "quantize", str(model), "-q", "Q8_0", "--allow-requantize", "-o", str(reference)),
+            timeout=120, vram=False)  # fmt: skip
+        for where, ngl in (("gpu", "99"), ("cpu", "0")):
+            done = check.run(f"eval_{where}", check.localmix(
+                "eval", str(model), "--against", str(reference), "--chunks", "4", "-ngl", ngl,
+                "--json"), timeout=180)  # fmt: skip
+            scores = (done.json() or {}).get("scores") or {}
+            record[f"eval_{where}"] = {
+                k: scores.get(k) for k in ("ppl", "ppl_ref", "kld_mean", "same_top", "n_tokens")
+            }
+        record["serve"] = serve_smoke(check, model)
+
+
+SERVE_CLIENTS = """
+import json, sys, threading, time, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+body = json.dumps({"model": sys.argv[3], "prompt": "Once upon a time", "max_tokens": 64,
+                   "temperature": 0, "stream": False}).encode()
+got = []
+def one():
+    req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        got.append(json.load(r)["usage"]["completion_tokens"])
+start = time.monotonic()
+threads = [threading.Thread(target=one) for _ in range(n)]
+[t.start() for t in threads]; [t.join() for t in threads]
+seconds = time.monotonic() - start
+print(json.dumps({"clients": n, "answered": len(got), "tokens": sum(got),
+                  "aggregate_tps": sum(got) / seconds}))
+"""
+
+
+def serve_smoke(check: Check, model: Path) -> dict[str, Any]:
+    """`localmix serve` with the model on the GPU, 1 and 8 concurrent clients (64 tokens each)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (check.raw / "serve.log").open("w")
+    server = subprocess.Popen(
+        check.localmix("serve", str(model), "--port", str(port), "-ngl", "99"),
+        env=check.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    url, result = f"http://127.0.0.1:{port}", {}
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.5)
+        for n in (1, 8):
+            done = check.run(f"serve_{n}", [check.python, "-c", SERVE_CLIENTS, url, str(n),
+                             str(model)], timeout=150)  # fmt: skip
+            result[f"clients_{n}"] = done.json()
+    finally:
+        server.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(20)
+        if server.poll() is None:
+            server.kill()
+        log.close()
+    return result
+
+
 # ---- the plan, as JSON (runs in the venv, where localmix is installed) ------------------------
 
 
@@ -897,6 +997,7 @@ def summary(results: dict[str, Any]) -> str:
                 f"| **auto plan tg vs the best placement that fits ({best[1]})** | {_num(lm_tg)} "
                 f"| {_num(best[0])} | **{_ratio(lm_tg, best[0])}** |"
             )
+    rows.extend(_feature_rows(stages.get("features", {})))
     cpu = stages.get("cpu_chat", {})
     cpu_rounds = [v for k, v in cpu.items() if re.fullmatch(r"r\d+", k)]
     if cpu_rounds:
@@ -910,6 +1011,32 @@ def summary(results: dict[str, Any]) -> str:
                 f"{made} tokens, vs {chat_tg} | {_num(ours)} | {_num(ref)} | {_ratio(ours, ref)} |"
             )
     return "\n".join([*lines, "", *rows, ""])
+
+
+def _feature_rows(features: dict[str, Any]) -> list[str]:
+    """imatrix and eval on the GPU against the same command on the CPU; serve on the GPU."""
+    rows = []
+    same = features.get("imatrix_compare") or {}
+    if same:
+        rows.append(
+            f"| 125M `localmix imatrix -ngl 99` vs `-ngl 0`: {same.get('tensors')} tensors, same "
+            f"names {same.get('same_tensors')} | max relative difference "
+            f"{same.get('max_rel_diff', float('nan')):.2e} | | |"
+        )
+    gpu, cpu = features.get("eval_gpu") or {}, features.get("eval_cpu") or {}
+    for key in ("ppl", "kld_mean", "same_top"):
+        if gpu.get(key) is not None:
+            rows.append(
+                f"| 125M `localmix eval` {key}, GPU vs CPU | {_num(gpu.get(key), 6)} | "
+                f"{_num(cpu.get(key), 6)} | {_ratio(gpu.get(key), cpu.get(key))} |"
+            )
+    for _, got in sorted((features.get("serve") or {}).items()):
+        if got:
+            rows.append(
+                f"| 125M `localmix serve -ngl 99`, {got.get('clients')} clients: answered "
+                f"{got.get('answered')}, aggregate t/s | {_num(got.get('aggregate_tps'))} | | |"
+            )
+    return rows
 
 
 def _budget_mib(text: Any) -> float | None:
@@ -989,6 +1116,7 @@ def run_check(args: argparse.Namespace) -> int:
     )
     stage_mixtral(check, models["mixtral"], budget, p, n, reps=1 if rehearse else 2,
                   configs_max=2 if rehearse else 6)  # fmt: skip
+    stage_features(check, models["125m"])
     stage_cpu_chat(
         check, models["125m"], rounds=1 if rehearse else 3, chat_n=16 if rehearse else 256
     )

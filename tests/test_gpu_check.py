@@ -34,7 +34,7 @@ def test_the_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     stages = results["stages"]
-    assert list(stages) == ["env", "models", "check", "7b", "mixtral", "cpu_chat"]
+    assert list(stages) == ["env", "models", "check", "7b", "mixtral", "features", "cpu_chat"]
     assert all(stage["ok"] for stage in stages.values()), stages
     failed = {name: run["rc"] for name, run in results["runs"].items() if run["rc"] != 0}
     assert failed == {}

@@ -444,7 +444,7 @@ def plan(
         full = shape.n_layer + 1
         layers = full if ngl is None or ngl < 0 else min(ngl, full)
         if gpu is None and layers:
-            notes.append("no GPU: --ngl and --cpu-moe have nothing to offload to")
+            notes.append("no GPU: -ngl and --cpu-moe have nothing to offload to")
             layers = 0
         choices: Iterable[tuple[str, _Placement]] = [
             ("manual", _Placement(layers, max(0, min(cpu_moe or 0, shape.n_layer))))
