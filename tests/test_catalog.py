@@ -209,3 +209,30 @@ def test_quant_files_name_the_tag_a_repo_uses(localmix_home: Path) -> None:
     spec = catalog.load().get("x")
     assert (spec.gguf_file("Q6_K"), spec.gguf_file("Q4_K_M")) == ("r-Q6.gguf", "r-Q4_K_M.gguf")
     assert spec.size_q4_k_m == 1.0 and isinstance(spec.size_q4_k_m, float) and spec.reasoning
+
+
+@pytest.mark.parametrize("columns", ["200", "100"])
+def test_list_available_shows_every_entry_in_gib_with_whole_repo_ids(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: str
+) -> None:
+    from localmix.cli import render
+    from tests.cli_run import run_cli
+
+    monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr(render, "_consoles", {})  # consoles take the width when first made
+    result = run_cli(capsys, "list", "--available")
+    assert result.code == 0
+    text = result.out
+    specs = catalog.load().models.values()
+    # folded on a narrow terminal, a repo id is still all there once the columns are joined up
+    lines = text.splitlines()
+    at = lines[0].index("FROM")
+    cells = "".join(line[at:].strip() for line in lines[1:])
+    for spec in specs:
+        assert spec.name in text
+        if not spec.synthetic:
+            assert (spec.gguf_repo or spec.source) in (text if columns == "200" else cells)
+    import re
+
+    assert not re.search(r"\d\.\d GB", text) and "4.1 GiB" in text  # 7B's 4.37 GB file, in GiB
+    assert "gated (accept its license on the Hub)" in " ".join(text.split())

@@ -241,14 +241,17 @@ def catalog_table(specs: list[Any]) -> Any:
     for column in ("PARAMS", "Q4_K_M", "CONTEXT"):
         table.add_column(column, no_wrap=True, justify="right", min_width=len(column))
     table.add_column("FORMAT", no_wrap=True, min_width=9)
-    table.add_column("FOR", overflow="fold", ratio=3, min_width=16)
-    table.add_column("GATED", no_wrap=True, min_width=5)
-    table.add_column("FROM", overflow="fold", ratio=4, min_width=16)
+    table.add_column("FOR", min_width=12, max_width=44)
+    # A repo id is copied whole: FOR wraps at words first; FROM folds only on narrow terminals.
+    table.add_column("FROM", overflow="fold", min_width=16)
     for s in sorted(specs, key=lambda s: s.name):
-        size = f"{s.size_q4_k_m:.1f} GB" if s.size_q4_k_m else "-"
+        # the catalog keeps published GB (10^9 bytes); shown in GiB like every size localmix prints
+        size = human_size(s.size_q4_k_m * 1e9) if s.size_q4_k_m else "-"
         purpose = s.purpose or s.description
         if s.reasoning:
             purpose += " (thinks)"
+        if s.gated:
+            purpose += " · gated (accept its license on the Hub)"
         table.add_row(
             s.name,
             s.parameters,
@@ -256,7 +259,6 @@ def catalog_table(specs: list[Any]) -> Any:
             f"{s.context_length // 1024}k",
             s.chat_format,
             purpose,
-            "yes" if s.gated else "",
             "built here" if s.synthetic else s.gguf_repo or s.source,
         )
     return table
