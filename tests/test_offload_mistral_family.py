@@ -80,6 +80,20 @@ def test_tables_have_the_published_sizes() -> None:
     assert SMALL_4.file_size / GIB == pytest.approx(67.2, abs=0.05)
 
 
+def test_the_catalog_sizes_agree_with_the_tables() -> None:
+    # models.toml keeps GB (10^9 bytes), shown as GiB by `list --available`
+    from localmix import catalog
+
+    models = catalog.load().models
+    assert models["mistral-small:3.2"].size_q4_k_m == pytest.approx(
+        SMALL_3_2.file_size / 1e9, abs=0.05
+    )
+    assert models["mistral-small:4"].size_q4_k_m == pytest.approx(SMALL_4.file_size / 1e9, abs=0.05)
+    for size, table in zip(("3b", "8b", "14b"), MINISTRAL.values(), strict=True):
+        for name in (f"ministral-3:{size}", f"ministral-3:{size}-reasoning"):
+            assert models[name].size_q4_k_m == pytest.approx(table.file_size / 1e9, abs=0.05)
+
+
 @pytest.mark.parametrize("gib", BUDGETS_GIB)
 def test_ministral_3_fits_whole_from_12_gib_at_4k(gib: int) -> None:
     for name, model in MINISTRAL.items():
