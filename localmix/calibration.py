@@ -256,7 +256,7 @@ def _target(model: str | Path) -> tuple[Located, str | None]:
     """The file to run and the store name (None for a path): a store model without a quant
     runs its most precise file, as llama-imatrix is best given the unquantized model."""
     from localmix import store
-    from localmix.quantize import SOURCE_PREFERENCE
+    from localmix.quantize import most_precise
 
     text = str(model)
     candidate = Path(text).expanduser()
@@ -266,8 +266,7 @@ def _target(model: str | Path) -> tuple[Located, str | None]:
         raise UsageError("no model given: the name or path is empty")
     base, quant = store.split_ref(text)
     if quant is None:
-        have = {m.quant: m for m in store.find(base)}
-        best = next((have[q] for q in SOURCE_PREFERENCE if q in have), None)
+        best = most_precise(store.find(base))
         if best is not None:
             text = best.ref
     manifest = store.get(text)

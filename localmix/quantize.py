@@ -7,7 +7,7 @@ import contextlib
 import glob
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -267,6 +267,14 @@ def remove_stale_partials(out: Path) -> int:
 
 # Sources to quantize a store model from, best first: requantizing a quantized file loses quality.
 SOURCE_PREFERENCE = ("F32", "BF16", "F16", "Q8_0")
+
+
+def most_precise(manifests: Iterable[Manifest]) -> Manifest | None:
+    """The most precise of a model's files (SOURCE_PREFERENCE order), None when all are lower."""
+    by_quant = {m.quant: m for m in manifests}
+    return next((by_quant[q] for q in SOURCE_PREFERENCE if q in by_quant), None)
+
+
 AUTO = "auto"  # imatrix="auto": the model's own importance matrix, computed when missing
 
 
@@ -302,7 +310,7 @@ def quantize_model(
             return by_quant[kind.name]
         if not by_quant:  # removed while this waited
             store.get(reference)
-        source = next((by_quant[q] for q in SOURCE_PREFERENCE if q in by_quant), None)
+        source = most_precise(by_quant.values())
         if source is None:
             if not allow_requantize:
                 raise UsageError(

@@ -222,7 +222,7 @@ class Batch:
         """How this sequence picks a token from the logits at a batch index, and the sampler
         chain to free afterwards (None for the greedy picks that need none)."""
         view = self._views
-        if sampling.is_greedy and (sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0):
+        if sampling.is_plain_greedy:
             return (lambda i: int(view(i).argmax())), None
         if sampling.is_greedy:
             penalized = PenalizedGreedy(self.engine.n_ctx, sampling, prompt)

@@ -39,11 +39,6 @@ _LOAD_MODE_NONE, _LOAD_MODE_AUTO = 0, -1  # enum llama_load_mode
 _DECODE_ERRORS = {1: "no free KV cache slot", 2: "aborted", -1: "invalid batch"}
 
 
-def _plain_greedy(sampling: Sampling) -> bool:
-    """Temperature 0 and nothing that changes logits: the choice is the argmax."""
-    return sampling.is_greedy and (sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0)
-
-
 def _int32_array(values: Sequence[int]) -> Any:
     return (ctypes.c_int32 * len(values))(*values)
 
@@ -566,7 +561,7 @@ class Engine:
             self._decode(prompt[cached:])
             c.llama_synchronize(self._ctx)
             t_prompt = clock()
-            if _plain_greedy(sampling):
+            if sampling.is_plain_greedy:
                 pick = self._argmax_picker()
             elif sampling.is_greedy:
                 pick = self._penalized_greedy_picker(sampling, prompt)

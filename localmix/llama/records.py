@@ -151,6 +151,11 @@ class Sampling:
     def is_greedy(self) -> bool:
         return self.temperature <= 0
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Temperature 0 and nothing that changes logits: the choice is the argmax."""
+        return self.is_greedy and (self.repeat_penalty == 1.0 or self.repeat_last_n == 0)
+
 
 @dataclass(frozen=True)
 class Chunk:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localmix.errors import ReferenceNotFound, TextTooShort, UsageError, VocabularyMismatch
+from localmix.quantize import SOURCE_PREFERENCE
 
 if TYPE_CHECKING:
     from localmix.corpus import Text
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
 
 DEFAULT_CTX = 512  # llama-perplexity's default -c
 # References a store model is compared with, best first: full precision, else Q8_0 (its loss is
-# about a tenth of Q4_K_M's, so it still ranks the smaller quants).
-REFERENCE_QUANTS = ("F32", "BF16", "F16", "Q8_0")
+# about a tenth of Q4_K_M's, so it still ranks the smaller quants): quantize's own preference.
+REFERENCE_QUANTS = SOURCE_PREFERENCE
 _RANK = {"F32": 0, "BF16": 1, "F16": 1, "Q8_0": 2}
 
 
