@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmix.errors import EngineError, ModelNotFound, OutputError, UsageError
+from localmix.errors import EngineError, ModelNotFound, UsageError
 
 if TYPE_CHECKING:
     import numpy
@@ -183,6 +183,7 @@ def compute(
     limits how many chunks of chunk_size tokens are run (default: all the text holds)."""
     from localmix import corpus, load, store
     from localmix.imatrix import save
+    from localmix.quantize import writable_dir
 
     if chunk_size < MIN_CHUNK:
         raise UsageError(f"a chunk must be at least {MIN_CHUNK} tokens, not {chunk_size}")
@@ -191,7 +192,7 @@ def compute(
     target, name = _target(model)
     out = Path(out) if out is not None else default_path(target, name)
     in_store = name is not None and out == store.imatrix_path(name)
-    _check_output(out, target.path, in_store)
+    writable_dir(out, target.path, src_is="model", made_later=in_store)
     source = corpus.read(text)
     collector = Collector()
     settings = replace(
@@ -281,26 +282,6 @@ def default_path(target: Located, name: str | None) -> Path:
     if name is not None:
         return store.imatrix_path(name)
     return target.path.with_name(f"{target.path.stem}.imatrix.gguf")
-
-
-def _check_output(out: Path, model: Path, in_store: bool) -> None:
-    """Refuse, before the long run, an output that cannot be written or would replace the model."""
-    import os
-
-    if not out.name or out.name in (".", ".."):
-        raise UsageError(f"{str(out)!r} is not an output file name", hint="give -o FILE.gguf")
-    if out.is_dir():
-        raise OutputError(f"{out}: is a directory", hint=f"give a file name, e.g. {out}/x.gguf")
-    if out.exists() and out.resolve() == model.resolve():
-        raise UsageError(f"{out}: the output would replace the model", hint="choose another -o")
-    folder = out.parent
-    if in_store:  # the store makes a model's folder when it writes there
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-    elif not folder.is_dir():
-        raise OutputError(f"{folder}: no such directory", hint="create it, or choose another -o")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{out.parent}: not writable", hint="choose another output with -o")
 
 
 def ensure(

@@ -132,7 +132,7 @@ def quantize(
     n_threads = settings.check_threads(threads) if threads else settings.default_threads()
     info = gguffile.inspect(src)  # a truncated or non-GGUF input fails here, not in C
     _check_requantize(src, info.quant, allow_requantize)
-    out_dir = _writable_dir(out, src)
+    out_dir = writable_dir(out, src)
     if imatrix == AUTO:
         from localmix import calibration
 
@@ -210,21 +210,27 @@ def _check_requantize(src: Path, quant: str, allow: bool) -> None:
         )
 
 
-def _writable_dir(out: Path, src: Path) -> Path:
-    """The output's folder, writable; an output that is a folder or the input itself is refused
-    (the rename at the end would replace the input)."""
+def writable_dir(out: Path, src: Path, *, src_is: str = "input", made_later: bool = False) -> Path:
+    """The output's folder, writable; an output that is a folder or `src` itself is refused
+    (the rename at the end would replace it). made_later: the folder may not exist yet (the store
+    makes a model's folder when it writes there); then its nearest existing parent must be
+    writable."""
     if not str(out).strip() or out.name in ("", ".", ".."):
         raise UsageError(f"{str(out)!r} is not an output file name", hint="give -o FILE.gguf")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory", hint=f"give a file name, e.g. -o {out}/x.gguf")
     if out.exists() and out.resolve() == src.resolve():
         raise UsageError(
-            f"{out}: the output would replace the input", hint="choose another output with -o"
+            f"{out}: the output would replace the {src_is}", hint="choose another output with -o"
         )
     out_dir = out.parent if str(out.parent) else Path(".")
-    if not out_dir.is_dir():
+    folder = out_dir
+    if made_later:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    elif not out_dir.is_dir():
         raise OutputError(f"{out_dir}: no such directory", hint="create it, or choose another -o")
-    if not os.access(out_dir, os.W_OK):
+    if not os.access(folder, os.W_OK):
         raise OutputError(f"{out_dir}: not writable", hint="choose another output with -o")
     return out_dir
 
