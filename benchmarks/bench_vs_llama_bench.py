@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_vs_llama_bench import make_model
-from llamacpp_tools import pinned_version, tool
+from llamacpp_tools import bench_repack_args, pinned_version, tool
 from pairing import mean_std, paired
 
 from localmix import settings
@@ -33,10 +33,14 @@ TESTS = ("pp512", "tg128")
 TARGET = 0.03
 
 
-def llama_bench(model: Path, threads: int, reps: int) -> dict[str, list[float]]:
+def llama_bench(
+    model: Path, threads: int, reps: int, repack: bool | None = None
+) -> dict[str, list[float]]:
+    """llama-bench's samples; repack None: localmix's setting (its CPU rule)."""
+    flags = bench_repack_args() if repack is None else ["--repack", str(int(repack))]
     cmd = [
         str(tool("llama-bench")), "-m", str(model), "-p", "512", "-n", "128",
-        "-t", str(threads), "-r", str(reps), "-o", "json",
+        "-t", str(threads), "-r", str(reps), "-o", "json", *flags,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return {
@@ -44,8 +48,13 @@ def llama_bench(model: Path, threads: int, reps: int) -> dict[str, list[float]]:
     }
 
 
-def localmix_bench(model: Path, threads: int, reps: int) -> dict[str, list[float]]:
-    params = BenchParams(n_prompt=(512,), n_gen=(128,), n_threads=(threads,), repetitions=reps)
+def localmix_bench(
+    model: Path, threads: int, reps: int, repack: bool | None = None
+) -> dict[str, list[float]]:
+    params = BenchParams(
+        n_prompt=(512,), n_gen=(128,), n_threads=(threads,), repetitions=reps,
+        repack=() if repack is None else (repack,),
+    )  # fmt: skip
     return {_test(r.n_prompt, r.n_gen): list(r.samples_ts) for r in run([model], params)}
 
 
@@ -56,14 +65,16 @@ def _test(n_prompt: int, n_gen: int) -> str:
 Samples = dict[str, dict[str, list[list[float]]]]  # tool -> test -> one list of t/s per round
 
 
-def measure(model: Path, threads: int, rounds: int, reps: int) -> Samples:
+def measure(
+    model: Path, threads: int, rounds: int, reps: int, repack: bool | None = None
+) -> Samples:
     """Samples of both tools, alternating them round by round (and which one goes first)."""
     tools = {"llama-bench": llama_bench, "localmix": localmix_bench}
     samples: Samples = {name: {t: [] for t in TESTS} for name in tools}
     for index in range(rounds):
         order = list(tools) if index % 2 == 0 else list(reversed(tools))
         for name in order:
-            for test, values in tools[name](model, threads, reps).items():
+            for test, values in tools[name](model, threads, reps, repack).items():
                 samples[name][test].append(values)
         means = "  ".join(
             f"{test} {statistics.mean(samples[name][test][-1]):.2f}"

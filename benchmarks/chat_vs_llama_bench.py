@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's localmix
 
 from engine_vs_llama_bench import make_model
-from llamacpp_tools import REPO, pinned_version, tool
+from llamacpp_tools import REPO, bench_repack_args, pinned_version, tool
 from pairing import mean_std, paired
 
 PROMPT = "Write a long story."
@@ -98,7 +98,7 @@ def run_llama_bench(model: Path, threads: int, depth: int = 0) -> tuple[float, f
     """One llama-bench process, tg256 after `depth` tokens: (its t/s, its wall seconds)."""
     cmd = [
         str(tool("llama-bench")), "-m", str(model), "-p", "0", "-n", str(N_GEN), "-r", "1",
-        "-t", str(threads), "-d", str(depth), "-o", "json",
+        "-t", str(threads), "-d", str(depth), "-o", "json", *bench_repack_args(),
     ]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)

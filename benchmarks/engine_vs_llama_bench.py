@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamacpp_tools import pinned_version, tool
+from llamacpp_tools import bench_repack_args, pinned_version, tool
 from pairing import mean_std, paired
 
 from localmix import settings
@@ -82,7 +82,7 @@ def make_model(name: str) -> Path:
 def run_llama_bench(model: Path, threads: int) -> dict[str, list[float]]:
     cmd = [
         str(tool("llama-bench")), "-m", str(model), "-p", str(N_PROMPT), "-n", str(N_GEN),
-        "-t", str(threads), "-r", str(REPS), "-o", "json",
+        "-t", str(threads), "-r", str(REPS), "-o", "json", *bench_repack_args(),
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     out: dict[str, list[float]] = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamacpp_tools import tool
+from llamacpp_tools import repack_args, tool
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO / "localmix" / "data" / "langref.txt"
@@ -110,6 +110,7 @@ def llama_kld(
     binary = str(tool("llama-perplexity"))
     base = work / f"{reference.stem}.kld"
     common = ["-f", str(text), "-c", str(N_CTX), "--chunks", str(chunks), "-t", str(threads)]
+    common += repack_args()  # localmix's CPU rule, so both run the same kernels
     first = measured([binary, "-m", str(reference), "--kl-divergence-base", str(base), *common])
     size = base.stat().st_size
     second = measured(

@@ -215,6 +215,7 @@ class Check:
         self.python = sys.executable
         self.llama_bench: list[str] = []
         self.threads = physical_cores()
+        self.repack: bool | None = None  # localmix's CPU rule here (stage_cpu_rule asks it)
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -288,7 +289,9 @@ class Check:
     def llama_bench_cmd(self, model: Path, *flags: str) -> list[str]:
         """llama-bench on model; in a rehearsal without one, `localmix bench` (same JSON)."""
         if self.llama_bench:
-            return [*self.llama_bench, "-m", str(model), *flags]
+            # the weight-repacking setting localmix uses on this host, so both run one kernel
+            repack = [] if self.repack is None else ["--repack", str(int(self.repack))]
+            return [*self.llama_bench, "-m", str(model), *flags, *repack]
         renamed = ["--n-cpu-moe" if f == "-ncmoe" else f for f in flags]
         return self.localmix("bench", str(model), "--no-save", *renamed)
 
@@ -749,6 +752,25 @@ def stage_cpu_chat(check: Check, model: Path, rounds: int, chat_n: int) -> None:
             check.save()
 
 
+def stage_cpu_rule(check: Check, model: Path) -> None:
+    """The AMX rule on this host (GPU machines are often Sapphire Rapids Xeons): what doctor says
+    of AMX and repacking, a Q4_K_M decode on the CPU with localmix's setting (must live) and one
+    with --repack forced (whether this host's AMX kernels crash: the evidence for the rule)."""
+    with check.stage("cpu_rule") as record:
+        doctor = check.run("cpu_rule_doctor", check.localmix("doctor", "--json"), vram=False)
+        facts = doctor.json() or {}
+        record["amx"], record["repack"] = facts.get("amx"), facts.get("repack")
+        check.repack = (facts.get("repack") or {}).get("on")
+        for name, flags in (("default", []), ("forced_repack", ["--repack"])):
+            chat = check.run(f"cpu_rule_chat_{name}", check.localmix(
+                "chat", str(model), "Hello", "--json", "-n", "16", "-t", "2", "-ngl", "0",
+                "--temperature", "0", "--ctx", "512", *flags), vram=False)  # fmt: skip
+            stats = (chat.json() or {}).get("stats") or {}
+            record[name] = {"rc": chat.rc, "signal": -chat.rc if chat.rc < 0 else None,
+                            "generated_tokens": stats.get("generated_tokens")}  # fmt: skip
+        check.save()
+
+
 COMPARE_IMATRIX = """
 import json, sys
 import numpy as np
@@ -937,6 +959,14 @@ def summary(results: dict[str, Any]) -> str:
             f"codecvt/locale: {exports.get('codecvt_or_locale', '-')}); GPU seen: "
             f"{check.get('gpu_seen')}"
         )
+    rule = stages.get("cpu_rule", {})
+    if rule:
+        forced = rule.get("forced_repack") or {}
+        lines.append(
+            f"- CPU rule: AMX {rule.get('amx')}; repacking {(rule.get('repack') or {}).get('on')}; "
+            f"Q4_K_M CPU decode with localmix's setting rc {(rule.get('default') or {}).get('rc')}, "
+            f"with --repack forced rc {forced.get('rc')} (signal {forced.get('signal')})"
+        )
     rows = ["| check | localmix | llama.cpp | localmix / llama.cpp |", "|---|---|---|---|"]
     seven = stages.get("7b", {})
     rounds = [v for k, v in seven.items() if re.fullmatch(r"r\d+", k)]
@@ -1061,7 +1091,7 @@ def rehearsal_llama_bench(check: Check, given: str | None) -> list[str]:
     if given:
         return [given]
     with contextlib.suppress(Exception):  # no platformdirs, no cache: the stand-in below
-        built = cache_dir() / "build" / "bin" / "llama-bench"
+        built = cache_dir() / "tools" / "bin" / "llama-bench"
         if built.is_file():
             return [str(built)]
     check.results["llama_bench_stand_in"] = "localmix bench (llama-bench not built here)"
@@ -1108,6 +1138,7 @@ def run_check(args: argparse.Namespace) -> int:
             return 1
     rehearse = args.rehearse or args.cpu_build
     p, n, reps = (32, 8, 1) if rehearse else (512, 128, 3)
+    stage_cpu_rule(check, models["125m"])
     stage_check(check, models["7b"])
     stage_7b(check, models["7b"], p, n, reps, rounds=1 if rehearse else 2,
              chat_n=16 if rehearse else 256)  # fmt: skip

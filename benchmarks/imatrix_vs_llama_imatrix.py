@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from llamacpp_tools import tool
+from llamacpp_tools import repack_args, tool
 
 
 def read(path: Path) -> tuple[list[tuple[str, tuple[int, ...]]], dict, dict]:
@@ -105,7 +105,7 @@ def main() -> int:
             ours_cmd = [sys.executable, "-m", "localmix", "imatrix", f"{arch}.gguf"]
             ours_cmd += [*common, "-o", "ours.gguf"]
             theirs_cmd = [str(llama_imatrix), "-m", f"{arch}.gguf", *common, "-o", "theirs.gguf"]
-            theirs_cmd += ["--no-ppl"]
+            theirs_cmd += ["--no-ppl", *repack_args()]
             ratios, ours_s, theirs_s = [], [], []
             for round_ in range(args.rounds):
                 first_ours = round_ % 2 == 0

@@ -145,17 +145,54 @@ def _build(name: str, targets: tuple[str, ...], flags: tuple[str, ...], jobs: in
     return bin_dir
 
 
+# A native build on an AMX CPU compiles ggml's AMX kernels, which fault on some such hosts (the
+# rule in localmix.load.weight_repack). The tools are built without them everywhere, so they run
+# on any host and are the "build without AMX kernels" that localmix's tokens are compared with;
+# on a CPU without AMX these flags change nothing. GCC and clang let an explicit -mno-* win over
+# -march=native wherever it stands on the command line.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+_NO_AMX_FLAGS = (f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}")
+
+
 def build(jobs: int | None = None, tools: tuple[str, ...] = TOOLS) -> Path:
-    """Build the tools that are not built yet; returns the directory that holds them."""
-    return _build("build", tools, (), jobs)
+    """Build the tools that are not built yet; returns the directory that holds them (and the
+    libllama / libggml they link, for LLAMA_CPP_LIB_PATH)."""
+    return _build("tools", tools, _NO_AMX_FLAGS, jobs)
+
+
+def repack_args() -> list[str]:
+    """The weight-repacking flag that puts a tool (llama-bench, -server, -perplexity, -imatrix)
+    on localmix's setting (localmix.load.weight_repack), so every ratio compares like with like."""
+    from localmix import load
+
+    return ["--repack"] if load.weight_repack() else ["--no-repack"]
+
+
+def bench_repack_args() -> list[str]:
+    """llama-bench's spelling of repack_args."""
+    from localmix import load
+
+    return ["--repack", "1" if load.weight_repack() else "0"]
 
 
 def libraries_without_openmp(jobs: int | None = None) -> Path:
     """libllama and libggml built with GGML_OPENMP=OFF, as macOS builds are: ggml's own thread
     pool then does all the threading. For LLAMA_CPP_LIB_PATH; returns their directory."""
     return _build(
-        "build-no-openmp", ("llama",), ("-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TOOLS=OFF"), jobs
+        "build-no-openmp",
+        ("llama",),
+        ("-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_TOOLS=OFF", *_NO_AMX_FLAGS),
+        jobs,
     )
+
+
+def source() -> Path:
+    """The vendored llama.cpp source of the pinned sdist, downloaded and unpacked once."""
+    version = pinned_version()
+    root = cache_dir(version)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        return _source(root, version, root / "source.log")
 
 
 def tool(name: str) -> Path:

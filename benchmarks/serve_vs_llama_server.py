@@ -14,7 +14,8 @@ POST /v1/completions, streamed, greedy (temperature 0, repeat penalty 1), ignore
 number of tokens, a different prompt per request. At each level, C clients each send --requests
 requests one after another; aggregate t/s is all generated tokens over the level's wall time,
 TTFT the mean time from sending a request to its first streamed text, and each server process's
-CPU seconds per generated token are reported beside (from /proc). Each round runs every level
+CPU seconds per generated token are reported beside (from /proc; localmix's with its model
+worker process). Each round runs every level
 on both servers back to back (which goes first alternates); the verdict per level is the median
 of the per-round ratios with a 95% bootstrap interval (pairing.py). Everything is bounded: the
 requests, each request's timeout, and --max-seconds for the whole run.
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # this checkout's localmix
 
 from engine_vs_llama_bench import make_model
-from llamacpp_tools import REPO, pinned_version, tool
+from llamacpp_tools import REPO, pinned_version, repack_args, tool
 from pairing import mean_std, paired
 
 LEVELS = (1, 4, 8)
@@ -70,12 +71,24 @@ class Results:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its threads so far (0 where /proc is not)."""
+    """User + system CPU seconds so far of a process, its threads and its live children (serve's
+    model workers), 0 where /proc is not."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def free_port() -> int:
@@ -97,7 +110,7 @@ def start_llama_server(model: Path, threads: int, port: int) -> subprocess.Popen
     cmd = [
         str(tool("llama-server")), "-m", str(model), "--host", HOST, "--port", str(port),
         "-t", str(threads), "-tb", str(threads), "-c", str(CTX_PER_SEQUENCE * PARALLEL),
-        "-np", str(PARALLEL), "-kvu", "--no-webui", "--log-disable",
+        "-np", str(PARALLEL), "-kvu", "--no-webui", "--log-disable", *repack_args(),
     ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

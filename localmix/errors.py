@@ -32,6 +32,17 @@ class LocalmixError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # whole across a process boundary (serve's model workers), whatever the subclass's
+        # __init__ takes: the message, the hint and any field it adds (a BadField's param)
+        return (_restore, (type(self), self.message), dict(self.__dict__))
+
+
+def _restore(kind: type[LocalmixError], message: str) -> LocalmixError:
+    error = kind.__new__(kind)
+    LocalmixError.__init__(error, message)
+    return error
+
 
 class UsageError(LocalmixError):
     exit_code = 2

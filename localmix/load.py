@@ -1,7 +1,8 @@
 """The one door that opens a model: a name or path and the user's settings in, the loaded Engine
 with its offload plan out. chat, bench, demo, the REPL's /model (and next, serve) all come
-through here, so the plan rule, the context default and the C++-runtime fix for CUDA builds
-(llama.backend, reached through Engine) are written once.
+through here, so the plan rule, the CPU rule (weight repacking, kept off AMX kernels), the
+context default and the C++-runtime fix for CUDA builds (llama.backend, reached through Engine)
+are written once.
 
     with load.open_model("mistral", LoadSettings(ctx=8192)) as loaded:
         for item in loaded.engine.stream(tokens): ...
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from localmix.llama.engine import Engine
-    from localmix.llama.hardware import Hardware
+    from localmix.llama.hardware import Amx, Hardware
     from localmix.llama.offload import Plan
     from localmix.llama.records import EngineConfig, MatMulTap
     from localmix.store import Located
@@ -53,6 +54,9 @@ class LoadSettings:
     type_v: str = "f16"
     tensor_overrides: tuple[tuple[str, str], ...] = ()
     verbose: bool = False
+    # Weights repacked into the CPU's extra buffer types (llama.cpp's --repack / --no-repack);
+    # None: LOCALMIX_REPACK, else the CPU rule (weight_repack).
+    repack: bool | None = None
     # Sequences decoded together (serve): each gets a context of n_ctx() tokens, drawn from one
     # KV cache of parallel * n_ctx() cells.
     parallel: int = 1
@@ -222,6 +226,51 @@ def kv_bytes(target: Located, settings: LoadSettings, n_ctx: int) -> int:
     return int(per_token * n_ctx)
 
 
+@dataclass(frozen=True)
+class RepackChoice:
+    """The CPU rule's answer: whether weights may be repacked, and why (doctor says it)."""
+
+    on: bool
+    why: str
+
+
+def repack_choice(asked: bool | None = None, amx: Amx | None = None) -> RepackChoice:
+    """The CPU rule: whether llama.cpp may put weights in the CPU's extra buffer types
+    (model_params.use_extra_bufts; llama.cpp's --repack, on by default there).
+
+    What the user asked (--repack / --no-repack, else LOCALMIX_REPACK) wins. Otherwise repacking
+    is on, except where llama.cpp would hand weights to its AMX buffer type: ggml's AMX kernels
+    (compiled into a native build on Sapphire Rapids and later Xeons) fault at the first decode of
+    a quantized model on some of those hosts, a crash of the whole process that localmix cannot
+    catch, and llama.cpp has no switch for AMX alone, so repacking goes with it there.
+    Off costs little: on a 2-core AMX VM, a build without those kernels repacked to -18% pp512
+    and +10% tg128 (llama-bench, 125M Q4_K_M), and the plain kernels give the tokens of a build
+    without AMX. Nothing changes on machines without AMX."""
+    from localmix import settings as app_settings
+
+    if asked is not None:
+        return RepackChoice(asked, "asked with --repack" if asked else "asked with --no-repack")
+    chosen = app_settings.repack()
+    if chosen is not None:
+        return RepackChoice(chosen, f"LOCALMIX_REPACK={int(chosen)}")
+    if amx is None:
+        from localmix.llama.hardware import amx as probe_amx
+
+        amx = probe_amx()
+    if amx.buffer:
+        return RepackChoice(
+            False,
+            "this build's AMX kernels crash on some AMX hosts, so weights stay out of them "
+            "(--repack or LOCALMIX_REPACK=1 opts in)",
+        )
+    return RepackChoice(True, "llama.cpp's default (--no-repack or LOCALMIX_REPACK=0 turns it off)")
+
+
+def weight_repack(asked: bool | None = None, amx: Amx | None = None) -> bool:
+    """repack_choice's answer alone: what EngineConfig.repack is set to."""
+    return repack_choice(asked, amx).on
+
+
 def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Plan | None]:
     """The engine configuration for target under settings, and the plan that placed it (if any).
     Raises UsageError, ContextTooLong, DoesNotFit or InvalidGGUF for what would not load."""
@@ -240,6 +289,7 @@ def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Pl
         type_k=settings.type_k,
         type_v=settings.type_v,
         tensor_overrides=settings.tensor_overrides,
+        repack=weight_repack(settings.repack),
         verbose=settings.verbose,
         n_seq_max=settings.parallel,
     )

@@ -11,6 +11,12 @@ ENVIRONMENT = {
     "(default: the platform's user data directory)",
     "LOCALMIX_THREADS": "threads for generation (default: physical cores)",
     "LOCALMIX_DEBUG": "set to 1 to show tracebacks",
+    "LOCALMIX_REPACK": "1 or 0: let llama.cpp repack weights for the CPU, or not (default: yes, "
+    "except on builds with AMX kernels; `localmix doctor` says which)",
+    "LOCALMIX_API_KEY": "serve: the keys a request must carry, comma-separated "
+    "(Authorization: Bearer KEY)",
+    "LOCALMIX_ORIGINS": "serve: more web origins that may call it, comma-separated (* for any)",
+    "LOCALMIX_HOSTS": "serve: more Host names it answers to, comma-separated (*.example.com)",
     "HF_HOME": "the shared Hugging Face cache, where downloads stay",
     "HF_TOKEN": "Hugging Face token for gated repositories",
     "HF_HUB_OFFLINE": "set to 1 to never touch the network",
@@ -143,6 +149,22 @@ def default_threads() -> int:
     return max(1, count // 2) if count >= 8 else count
 
 
+def repack() -> bool | None:
+    """LOCALMIX_REPACK as a choice (1/0, true/false, yes/no, on/off); None when unset."""
+    value = os.environ.get("LOCALMIX_REPACK", "").strip().lower()
+    if not value:
+        return None
+    for choice, words in ((True, ("1", "true", "yes", "on")), (False, ("0", "false", "no", "off"))):
+        if value in words:
+            return choice
+    from localmix.errors import UsageError
+
+    raise UsageError(
+        f"LOCALMIX_REPACK={value[:20]!r} is neither 1 nor 0",
+        hint="set it to 1 (repack weights) or 0 (never), or unset it for localmix's rule",
+    )
+
+
 def hf_endpoint() -> str:
     """The Hub's address: HF_ENDPOINT, else https://huggingface.co (huggingface_hub's rule)."""
     value = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
@@ -178,3 +200,8 @@ def hf_cache_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         hf_home = str(Path(xdg) / "huggingface")
     return Path(os.path.expandvars(hf_home)).expanduser() / "hub"
+
+
+def listed(name: str) -> tuple[str, ...]:
+    """A comma-separated environment variable's items, stripped, empty ones dropped."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())

@@ -84,3 +84,19 @@ def tiny_mixtral_gguf_f16(
     tmp_path_factory: pytest.TempPathFactory, tiny_mixtral_ckpt: Path
 ) -> Path:
     return _tiny_gguf(tmp_path_factory, tiny_mixtral_ckpt, "f16")
+
+
+@pytest.fixture(scope="session")
+def small_mistral_q4_k_m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 256-wide Mistral in Q4_K_M: wide enough for real K-quant blocks (tiny's 64 is not), so
+    its quantized matrix products round the way a real model's do."""
+    from localmix.quantize import quantize
+
+    f16 = _tiny_gguf(tmp_path_factory, _small_ckpt(tmp_path_factory), "f16")
+    return quantize(f16, f16.with_name("model.Q4_K_M.gguf"), "Q4_K_M")
+
+
+def _small_ckpt(factory: pytest.TempPathFactory) -> Path:
+    from localmix import synth
+
+    return synth.checkpoint(factory.mktemp("small-mistral") / "ckpt", size="small", seed=0)

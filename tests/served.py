@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from localmix.load import LoadSettings
+from localmix.serve.guard import Policy
 from localmix.serve.models import ServeOptions
 from localmix.serve.server import Server
 
@@ -44,7 +45,12 @@ def make_store(home: Path, models: dict[str, Path]) -> Path:
 
 @contextlib.contextmanager
 def serving(
-    home: Path, *, ctx: int = 512, named: dict[str, Path] | None = None, **options: object
+    home: Path,
+    *,
+    ctx: int = 512,
+    named: dict[str, Path] | None = None,
+    policy: Policy | None = None,
+    **options: object,
 ) -> Iterator[Server]:
     """A started server over the store at home (one thread: the machine running tests is
     small); stopped, with its models unloaded, on leaving."""
@@ -58,6 +64,7 @@ def serving(
             ServeOptions(**options),  # type: ignore[arg-type]
             named=named_models,
             port=0,
+            policy=policy,
         ).start()
     try:
         yield server

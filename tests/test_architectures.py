@@ -15,22 +15,15 @@ from tests.cli_run import run_cli
 
 def _llama_arch_cpp() -> Path:
     """llama-arch.cpp of the llama.cpp that the pinned llama-cpp-python vendors: under
-    LLAMA_CPP_SOURCE if set, else where the benchmarks unpack the pinned sdist (the user cache);
-    the test skips where neither is."""
+    LLAMA_CPP_SOURCE if set, else the pinned sdist's, unpacked on first use (the user cache)."""
     given = os.environ.get("LLAMA_CPP_SOURCE")
     if given:
         return Path(given) / "src" / "llama-arch.cpp"
-    import sys
+    from tests import llamacpp_reference
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        from llamacpp_tools import cache_dir
-    finally:
-        sys.path.pop(0)
-    return cache_dir() / "src" / "src" / "llama-arch.cpp"
+    return llamacpp_reference.source() / "src" / "llama-arch.cpp"
 
 
-LLAMA_ARCH_CPP = _llama_arch_cpp()
 # In LLM_ARCH_NAMES but not loadable models: llama-quantize's placeholder and the fallback name.
 NOT_MODELS = {"clip", "(unknown)"}
 
@@ -41,9 +34,8 @@ def _vendored_names(source: str) -> set[str]:
     return set(re.findall(r'\{\s*LLM_ARCH_\w+,\s*"([^"]+)"\s*\}', block))
 
 
-@pytest.mark.skipif(not LLAMA_ARCH_CPP.is_file(), reason="llama.cpp's source is not unpacked here")
 def test_list_matches_the_vendored_llama_cpp() -> None:
-    vendored = _vendored_names(LLAMA_ARCH_CPP.read_text(encoding="utf-8"))
+    vendored = _vendored_names(_llama_arch_cpp().read_text(encoding="utf-8"))
     assert "llama" in vendored
     assert vendored - NOT_MODELS == KNOWN
 

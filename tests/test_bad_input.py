@@ -493,6 +493,17 @@ CHAT_CASES = [
         "2",
     ),
     _c(
+        "LOCALMIX_REPACK word",
+        2,
+        "LOCALMIX_REPACK",
+        "chat",
+        "GGUF",
+        "hi",
+        env={"LOCALMIX_REPACK": "sometimes"},
+    ),
+    _c("bench --repack 2", 2, "--repack", "bench", "GGUF", "--repack", "2"),
+    _c("bench --repack word", 2, "--repack", "bench", "GGUF", "--repack", "yes"),
+    _c(
         "LOCALMIX_THREADS word",
         2,
         "LOCALMIX_THREADS",

@@ -85,9 +85,11 @@ def test_a_request_joins_between_decode_steps(batch: Batch, single: Engine) -> N
         for _, item in batch.step():
             got[0].append(item.token)  # type: ignore[union-attr]
     seq_b = batch.start(Generation(b, GREEDY, max_tokens=10))
-    shared = batch.step()  # one decode: A's next token and B's whole prompt
+    reading = batch.step()  # one decode: A's next token and B's prompt but its last token
+    assert [seq for seq, _ in reading] == [seq_a]
+    shared = batch.step()  # A's next token and B's last prompt token, which picks B's first
     assert {seq for seq, _ in shared} == {seq_a, seq_b}
-    for seq, item in shared:
+    for seq, item in [*reading, *shared]:
         got[0 if seq == seq_a else 1].append(item.token)  # type: ignore[union-attr]
     tokens, _ = drain(batch, {seq_a: 0, seq_b: 1})
     assert got[0] + tokens[0] == alone(single, a, GREEDY, 30)
@@ -97,7 +99,8 @@ def test_a_request_joins_between_decode_steps(batch: Batch, single: Engine) -> N
 def test_long_prompts_are_read_in_chunks_while_others_generate(
     batch: Batch, single: Engine
 ) -> None:
-    """n_batch is 64: a 200-token prompt takes four steps, and the generating sequence gets a
+    """n_batch is 64: a 200-token prompt takes four steps (63 tokens beside the generating
+    sequence's one, then 10) and its last token a fifth of its own; the generating sequence gets a
     token in each of them."""
     long_prompt = [BOS, *itertools.islice(itertools.cycle(PROMPTS[3][1:]), 199)]
     batch.clear_idle()  # nothing of it cached: all 200 tokens are read
@@ -111,7 +114,7 @@ def test_long_prompts_are_read_in_chunks_while_others_generate(
             break
         assert [seq for seq, _ in out] == [seq_a]
         steps_of_a += 1
-    assert steps_of_a == 3
+    assert steps_of_a == 4
     tokens, stats = drain(batch, {seq_a: 0, seq_b: 1})
     assert stats[1].prompt_tokens + stats[1].cached_tokens == 200
     assert alone(single, long_prompt, GREEDY, 4)[1:] == tokens[1]
@@ -119,7 +122,7 @@ def test_long_prompts_are_read_in_chunks_while_others_generate(
 
 def test_cancel_frees_the_sequences_kv_cells(batch: Batch) -> None:
     seq = batch.start(Generation(PROMPTS[1], GREEDY, max_tokens=100))
-    for _ in range(3):
+    for _ in range(4):  # the prompt but its last token, then that token alone: two steps
         batch.step()
     assert batch.cells(seq) == len(PROMPTS[1]) + 2  # the third token is sampled, not decoded
     stats = batch.cancel(seq)
@@ -218,3 +221,32 @@ def test_single_sequence_engines_are_unchanged(single: Engine) -> None:
     assert single._c.llama_n_seq_max(single._ctx) == 1
     with pytest.raises(UsageError):
         EngineConfig(Path("x.gguf"), n_seq_max=0)
+
+
+def test_a_seeded_reply_is_the_same_with_its_prompt_cached_or_not(
+    small_mistral_q4_k_m: Path,
+) -> None:
+    """A quantized matmul rounds differently for one row than for many: the last prompt token is
+    decoded alone either way, so a repeated request (its prompt cached) samples what it did."""
+    import random
+
+    sampling = Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=11)
+    rng = random.Random(0)
+    prompts = [[BOS, *(rng.randrange(3, 32000) for _ in range(rng.randrange(8, 60)))]
+               for _ in range(12)]  # fmt: skip
+    config = EngineConfig(small_mistral_q4_k_m, n_ctx=1024, n_threads=2, n_seq_max=2)
+    with Engine(config) as engine:
+        engine_config = EngineConfig(small_mistral_q4_k_m, n_ctx=512, n_threads=2)
+        with Engine(engine_config) as single:
+            for prompt in prompts:
+                single.clear()
+                fresh = alone(single, prompt, sampling, 6)
+                assert alone(single, prompt, sampling, 6) == fresh  # the whole prompt cached
+        batch = Batch(engine)
+        for prompt in prompts:
+            batch.clear_idle()
+            runs = []
+            for _ in range(2):
+                seq = batch.start(Generation(prompt, sampling, max_tokens=6))
+                runs.append(drain(batch, {seq: 0})[0][0])
+            assert runs[0] == runs[1], prompt

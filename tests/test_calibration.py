@@ -18,6 +18,7 @@ from localmix.llama.engine import Engine, EngineConfig
 from localmix.llama.records import MatMul
 from localmix.load import LoadSettings
 from localmix.quantize import quantize
+from tests import llamacpp_reference
 from tests import reference_forward as ref
 
 from .cli_run import run_cli
@@ -110,32 +111,17 @@ def test_values_equal_the_numpy_forward_pass(
     assert "general.architecture" not in meta  # llama-imatrix's files name none
 
 
-def _llama_imatrix() -> Path | None:
-    """llama.cpp's llama-imatrix, where benchmarks/llamacpp_tools.py has built it."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        from llamacpp_tools import cache_dir
-    finally:
-        sys.path.pop(0)
-    tool = cache_dir() / "build" / "bin" / "llama-imatrix"
-    return tool if (cache_dir() / "build" / ".built-llama-imatrix").is_file() else None
-
-
-LLAMA_IMATRIX = _llama_imatrix()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(LLAMA_IMATRIX is None, reason="llama-imatrix is not built here")
 @pytest.mark.parametrize("arch", ["mistral", "mixtral"])
 def test_the_file_equals_llama_imatrix_output(
     arch: str, text: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     model: Path = request.getfixturevalue(f"tiny_{arch}_gguf_f16")
     theirs = tmp_path / "theirs.gguf"
-    command = [str(LLAMA_IMATRIX), "-m", str(model), "-f", str(text), "-o", str(theirs)]
+    llama_imatrix = llamacpp_reference.tool("llama-imatrix")  # built here on a fresh machine
+    command = [str(llama_imatrix), "-m", str(model), "-f", str(text), "-o", str(theirs)]
     command += ["-c", str(CHUNK), "--chunks", str(CHUNKS), "-t", "2", "--no-ppl"]
+    command += llamacpp_reference.repack_args()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     ours = calibration.compute(

@@ -21,6 +21,7 @@ from localmix.corpus import Text
 from localmix.errors import ReferenceNotFound, TextTooShort, UsageError, VocabularyMismatch
 from localmix.quality.evaluate import EvalSettings, chunks, evaluate
 from localmix.quality.stats import KLD_FLOOR, Tally
+from tests import llamacpp_reference
 from tests.cli_run import run_cli
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -166,21 +167,7 @@ def test_reference_perplexity_is_that_of_the_scored_half(
     assert result.n_chunks == 3 and result.n_ctx == 256 and result.n_vocab == 32000
 
 
-def _suite_tool() -> Path | None:
-    """llama-perplexity, when the benchmarks have built it already (never built from a test)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from llamacpp_tools import TOOLS, cache_dir
-    finally:
-        sys.path.pop(0)
-    build = cache_dir() / "build"
-    assert "llama-perplexity" in TOOLS
-    built = (build / ".built-llama-perplexity").is_file()
-    return build / "bin" / "llama-perplexity" if built else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_suite_tool() is None, reason="llama-perplexity is not built here")
 def test_equal_to_llama_perplexity(tiny_mixtral_gguf_f16: Path, tmp_path: Path) -> None:
     """The real tool on a tiny Mixtral, Q4_K_M against F16, 2 chunks: PPL to 4 significant
     digits, mean KLD and same top within 1% (the full comparison: the benchmark script)."""
@@ -192,6 +179,7 @@ def test_equal_to_llama_perplexity(tiny_mixtral_gguf_f16: Path, tmp_path: Path) 
     finally:
         sys.path.pop(0)
     q4 = quantize(tiny_mixtral_gguf_f16, tmp_path / "q4.gguf", "Q4_K_M")
+    llamacpp_reference.tool("llama-perplexity")  # built here on a fresh machine
     theirs = bench.llama_kld(tiny_mixtral_gguf_f16, q4, tmp_path, chunks=2, threads=1)
     ours = evaluate(q4, tiny_mixtral_gguf_f16, settings=QUICK).scores
     assert ours.ppl == pytest.approx(theirs.values["ppl"], rel=1e-4)

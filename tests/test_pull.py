@@ -237,12 +237,15 @@ def tiny_gguf_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Pa
 
 def one_chat_turn(model: dict) -> str:
     """One demo chat turn on a pulled model: the reply's text (greedy, a few tokens)."""
+    from localmix import load
     from localmix.chat.session import Session
-    from localmix.llama.engine import Engine, EngineConfig, Sampling, Stats
+    from localmix.llama.engine import Sampling, Stats
 
-    config = EngineConfig(model_path=Path(model["path"]), n_ctx=256, n_threads=2)
-    with Engine(config) as engine:
-        session = Session(engine, model["chat_format"], sampling=Sampling.greedy(), max_tokens=8)
+    settings = load.LoadSettings(ctx=256, threads=2)  # through the door: its CPU rule too
+    with load.open_model(Path(model["path"]), settings) as loaded:
+        session = Session(
+            loaded.engine, model["chat_format"], sampling=Sampling.greedy(), max_tokens=8
+        )
         events = list(session.send("Hello!"))
     stats = events[-1]
     assert isinstance(stats, Stats) and stats.generated_tokens > 0

@@ -69,7 +69,8 @@ def test_every_readme_command_runs_as_written(env: Env, tmp_path: Path) -> None:
     # the file a user brings for the 1-3 bit types (llama-imatrix's output)
     write_gguf_imatrix(tmp_path / "repos" / "mistral.f16.gguf", cwd / "imatrix.gguf")
     for words in readme_lines():
-        interactive = words[1] == "chat" and len(words) == 3
+        # the REPL lines (`chat NAME`, flags aside) read a piped message
+        interactive = words[1] == "chat" and len([w for w in words if w[0] != "-"]) == 3
         result = subprocess.run(
             [sys.executable, "-m", "localmix", *words[1:]],
             # One llama.cpp thread: on a 2-core machine shared with other work, spinning threads

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -149,9 +151,9 @@ def test_save_and_load_round_trip(session: Session, tmp_path: Path) -> None:
 
 
 def test_save_without_a_name_goes_to_the_home_and_load_finds_it(session: Session) -> None:
-    drive(session, "Hi\r/save\r/clear\r")
-    saves = list((settings.home() / "chats").glob("*.json"))
-    assert len(saves) == 1
+    repl, _ = drive(session, "Hi\r/save\r/clear\r")
+    saves = set((settings.home() / "chats").glob("*.json"))
+    assert len(saves) == 2 and repl.autosave is None  # the turn's own file and the /save
     drive(session, "/load\r")
     assert session.messages == [Message("user", "Hi"), Message("assistant", REPLY)]
 
@@ -162,6 +164,40 @@ def test_load_without_a_file_reads_the_last_save_file(session: Session, tmp_path
     _, out = drive(session, f"/clear\rHi\r/retry\r/save {file}\r/clear\r/load\r")
     assert f"loaded {file}" in out
     assert session.messages == [Message("user", "Hi"), Message("assistant", REPLY)]
+
+
+def _chat_files() -> list[Path]:
+    return sorted((settings.home() / "chats").glob("*.json"))
+
+
+def _saved_roles(path: Path) -> list[str]:
+    return [m["role"] for m in json.loads(path.read_text())["messages"]]
+
+
+def test_every_turn_is_saved_in_the_chats_folder(session: Session) -> None:
+    repl, _ = drive(session, "Hi\r")
+    [first] = _chat_files()
+    assert repl.autosave == first and _saved_roles(first) == ["user", "assistant"]
+    drive_on = Repl(session, console=repl.console, input=None, output=DummyOutput())
+    drive_on.autosave = first
+    drive_on.send("And then?")
+    assert _saved_roles(first) == ["user", "assistant"] * 2  # the same file, a turn longer
+    assert not list(first.parent.glob(".*.tmp"))  # written whole, then renamed
+    _, _ = drive(session, "/undo\r")  # a new REPL: its own file, one exchange shorter
+    assert len(_chat_files()) == 2
+    repl, _ = drive(session, "/clear\rHi\r")
+    assert repl.autosave not in (None, first) and len(_chat_files()) == 3
+
+
+def test_load_without_a_file_brings_back_what_a_dead_repl_left(session: Session) -> None:
+    drive(session, "/system Be brief.\rHi\r")  # then the process died: nothing typed /save
+    left = [*session.messages]
+    session.clear()
+    session.set_system(None)
+    repl, out = drive(session, "/load\r")
+    assert session.messages == left and session.system == "Be brief."
+    assert "loaded" in out and "2 messages" in out
+    assert repl.autosave == _chat_files()[0]  # and goes on saving into it
 
 
 def test_stats_after_clear_or_undo_shows_no_old_reply(session: Session) -> None:
@@ -445,6 +481,54 @@ def test_repl_end_to_end_in_a_terminal(looping: str, tmp_path: Path) -> None:
     assert messages[0]["content"] == "Hi"
     assert messages[1]["content"].startswith("Hello there, world. Hello")  # the partial reply
     assert messages[3]["content"] == "Hello there, world. Hello there,"  # 8 tokens
+
+
+@pytest.mark.slow
+def test_a_repl_killed_between_turns_is_resumed(looping: str) -> None:
+    """SIGKILL after a turn (no /save, no exit): `chat MODEL --resume` has the conversation,
+    as a REPL and as a one-shot that adds its turn to the same file."""
+    import pexpect
+
+    args = ("-n", "8", "--temperature", "0", "-t", "1")
+    child: pexpect.spawn = _spawn(looping, *args)  # type: ignore[assignment]
+    child.sendline("Remember the word teal")
+    child.expect(r"8 tok [\d.]+ t/s")
+    child.expect(">>> ")
+    child.kill(signal.SIGKILL)
+    child.close()
+    assert child.signalstatus == signal.SIGKILL
+    [saved] = (settings.home() / "chats").glob("*.json")
+    child = _spawn(looping, *args, "--resume")  # type: ignore[assignment]
+    shown = child.before
+    assert "resumed" in shown and "2 messages" in shown  # said before the first prompt
+    child.sendline("Which word?")
+    child.expect(r"8 tok [\d.]+ t/s")
+    child.expect(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    assert len(json.loads(saved.read_text())["messages"]) == 4  # the same file goes on
+    done = subprocess.run(
+        [sys.executable, "-m", "localmix", "chat", looping, "And the word?", *args, "--resume"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"]][::2] == [
+        "Remember the word teal", "Which word?", "And the word?",
+    ]  # fmt: skip
+
+
+def test_resume_with_nothing_saved_starts_the_chat_the_next_resume_continues(looping: str) -> None:
+    def one_shot(text: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "localmix", "chat", looping, text, "-n", "4", "--resume"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    first = one_shot("Hi")
+    assert first.returncode == 0 and "no saved chat with looping" in first.stderr
+    assert one_shot("Again").returncode == 0
+    [saved] = (settings.home() / "chats").glob("*.json")
+    assert [m["content"] for m in json.loads(saved.read_text())["messages"]][::2] == ["Hi", "Again"]
 
 
 @pytest.mark.slow

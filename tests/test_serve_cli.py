@@ -92,16 +92,31 @@ def test_a_port_in_use_is_said_with_a_hint(capsys: pytest.CaptureFixture[str]) -
 
 
 @pytest.mark.slow
-def test_another_host_is_served_only_with_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
-    """--host 0.0.0.0 warns before it binds (here the port is taken, so nothing is served)."""
+def test_another_host_needs_a_key_or_says_it_is_unsafe(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--host 0.0.0.0 without a key is refused before it binds; --unsafe-no-auth serves with a
+    warning, a key without one (here the port is taken, so nothing is served)."""
+    monkeypatch.delenv("LOCALMIX_API_KEY", raising=False)
+    refused = run_cli(capsys, "serve", "--host", "0.0.0.0", "--port", "0")
+    assert refused.code == 2
+    error, hint = refused.err.strip().splitlines()
+    assert error.startswith("error: ") and "API key" in error
+    assert "LOCALMIX_API_KEY" in hint and "--unsafe-no-auth" in hint
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+        taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli(capsys, "serve", "--host", "0.0.0.0", "--port", str(port))
-    warning, error, hint = result.err.strip().splitlines()
-    assert warning.startswith("warning: serving on 0.0.0.0") and "no authentication" in warning
-    assert error.startswith("error: ") and "in use" in error and hint.startswith("hint: ")
+        result = run_cli(
+            capsys, "serve", "--host", "0.0.0.0", "--port", str(port), "--unsafe-no-auth"
+        )
+        warning, error, hint = result.err.strip().splitlines()
+        assert warning.startswith("warning: serving on 0.0.0.0") and "no API key" in warning
+        assert error.startswith("error: ") and "in use" in error and hint.startswith("hint: ")
+        keyed = run_cli(capsys, "serve", "--host", "0.0.0.0", "--port", str(port),
+                        "--api-key", "k" * 24)  # fmt: skip
+        assert "warning" not in keyed.err and "in use" in keyed.err
+        assert "k" * 24 not in keyed.err + keyed.out  # a key is never echoed
 
 
 def test_loopback_addresses() -> None:

@@ -4,6 +4,7 @@ once, eviction by model count and by memory, /api/ps, /api/show, /api/tags and e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,14 +188,30 @@ BAD = [
     ("/api/generate", {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/api/generate", {"prompt": "x"}, 400, "model"),
     ("/api/show", {}, 400, "model"),
+    ("/api/chat", {"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, 400,
+     "tools"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "context": [1, 2]}, 400, "context"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}, 400,
+     "template"),
+    ("/api/chat", {"model": "tiny", "messages": HI, "options": {"mirostat": 2}}, 400,
+     "mirostat"),
+    ("/api/chat", {"model": "tiny", "messages": HI, "options": {"typical_p": 0.5}}, 400,
+     "typical_p"),
+    # valid JSON, a lone surrogate: no text
+    ("/api/chat", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     400, "messages.0.content"),
+    ("/api/generate", b'{"model": "tiny", "prompt": "\\udfff"}', 400, "prompt"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("route", "body", "status", "text"), BAD)
 def test_bad_requests_get_ollamas_error_body(
-    server: Server, route: str, body: dict[str, Any], status: int, text: str
+    server: Server, route: str, body: dict[str, Any] | bytes, status: int, text: str
 ) -> None:
-    response = httpx.post(server.url + route, json=body, timeout=30)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        server.url + route, content=raw, headers={"content-type": "application/json"}, timeout=30
+    )
     assert response.status_code == status
     assert text in response.json()["error"]
 

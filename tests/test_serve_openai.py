@@ -166,8 +166,8 @@ def test_a_new_request_joins_one_that_is_generating(client: Any, server: Server)
         if seen == 3:
             short, _ = chat_text(client, "scripted", **GREEDY)  # answered while long goes on
             assert short == "Hello world!"
-            scheduler = server.registry.find_loaded("scripted").scheduler
-            assert scheduler.batch.active == 1  # the long one, still generating
+            worker = server.registry.find_loaded("scripted").worker
+            assert worker.state().active == 1  # the long one, still generating
     assert seen >= 400
 
 
@@ -176,8 +176,8 @@ def test_a_client_that_leaves_stops_its_generation_and_frees_its_cells(
 ) -> None:
     prompt = [BOS, LOOP[0], LOOP[1], LOOP[0], LOOP[1], LOOP[0]]
     chat_text(client, "scripted", max_tokens=1)  # loaded
-    scheduler = server.registry.find_loaded("scripted").scheduler
-    before = scheduler.finished["interrupted"]
+    worker = server.registry.find_loaded("scripted").worker
+    before = worker.finished["interrupted"]
     stream = client.completions.create(
         model="scripted", prompt=prompt, max_tokens=500, stream=True, **GREEDY
     )
@@ -185,12 +185,12 @@ def test_a_client_that_leaves_stops_its_generation_and_frees_its_cells(
         if i == 2:
             break
     stream.close()
-    assert eventually(lambda: scheduler.finished["interrupted"] == before + 1)
-    batch = scheduler.batch
-    assert eventually(lambda: batch.active == 0)
-    for seq in range(batch.n_seq):
-        assert batch.kv_tokens(seq)[: len(prompt)] != tuple(prompt)  # nobody holds it
-        assert batch.cells(seq) == len(batch.kv_tokens(seq))  # llama.cpp agrees
+    assert eventually(lambda: worker.finished["interrupted"] == before + 1)
+    assert eventually(lambda: worker.state().active == 0)
+    state = worker.state()
+    for kv, cells in zip(state.kv, state.cells, strict=True):
+        assert kv[: len(prompt)] != tuple(prompt)  # nobody holds it
+        assert cells == len(kv)  # llama.cpp agrees
 
 
 def test_the_names_that_pulled_a_model_address_it(
@@ -226,6 +226,17 @@ BAD = [
     ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, None, "role"),
     ({"model": "tiny", "messages": []}, 400, None, "empty"),
     ({"model": "tiny", "messages": HI, "stop": ["a"] * 17}, 400, None, "stop"),
+    ({"model": "tiny", "messages": HI, "max_tokens": 0}, 400, None, "max_tokens"),
+    ({"model": "tiny", "messages": HI, "max_completion_tokens": 0}, 400, None,
+     "max_completion_tokens"),
+    ({"model": "tiny", "messages": HI, "logit_bias": {"22557": -100}}, 400, None, "logit_bias"),
+    ({"model": "tiny", "messages": HI, "top_logprobs": 2}, 400, None, "top_logprobs"),
+    ({"model": "tiny", "messages": HI, "tool_choice": "auto"}, 400, None, "tool_choice"),
+    ({"model": "tiny", "messages": HI, "functions": [{"name": "f"}]}, 400, None, "functions"),
+    ({"model": "tiny", "messages": HI, "function_call": "auto"}, 400, None, "function_call"),
+    ({"model": "tiny", "messages": HI, "mirostat": 2}, 400, None, "mirostat"),
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, None,
+     "messages.0.content"),
     ({"model": "nope", "messages": HI}, 404, "model_not_found", "nope"),
     ({"model": "/etc/passwd", "messages": HI}, 404, "model_not_found", "not in the store"),
     (
@@ -298,25 +309,25 @@ def test_a_full_queue_is_503_and_a_queued_client_that_leaves_frees_its_place(
         model="long", prompt=[BOS, LOOP[0]], max_tokens=16000, stream=True, **GREEDY
     )
     next(iter(running))
-    scheduler = busy.registry.find_loaded("long").scheduler
+    worker = busy.registry.find_loaded("long").worker
     # a second request waits for the one sequence; the client gives up before it gets it
     with pytest.raises(openai.APITimeoutError):
         client.with_options(timeout=1.0).completions.create(
             model="long", prompt=[BOS, LOOP[0]], max_tokens=5, **GREEDY
         )
-    assert eventually(lambda: scheduler.load == 1)  # its place in the queue is free again
+    assert eventually(lambda: worker.load == 1)  # its place in the queue is free again
     waiting = threading.Thread(
         target=lambda: client.with_options(timeout=30).completions.create(
             model="long", prompt=[BOS], max_tokens=1
         )
     )
     waiting.start()
-    assert eventually(lambda: scheduler.load == 2)
+    assert eventually(lambda: worker.load == 2)
     with pytest.raises(openai.InternalServerError) as refused:
         client.completions.create(model="long", prompt=[BOS], max_tokens=1)
     assert refused.value.status_code == 503
     assert refused.value.body["code"] == "server_busy"
     running.close()  # the long one stops; the waiting one gets the sequence
     waiting.join()
-    assert scheduler.finished["interrupted"] >= 1
-    assert eventually(lambda: scheduler.load == 0)
+    assert worker.finished["interrupted"] >= 1
+    assert eventually(lambda: worker.load == 0)

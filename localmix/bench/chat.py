@@ -97,6 +97,7 @@ def run_chat(
         n_gpu_layers=params.n_gpu_layers, n_batch=params.n_batch[:1],
         n_ubatch=params.n_ubatch[:1], type_k=params.type_k[:1], type_v=params.type_v[:1],
         flash_attn=params.flash_attn[:1], tensor_overrides=params.tensor_overrides,
+        repack=params.repack,
     )  # fmt: skip
     results = []
     for case in cases(models, sweep):

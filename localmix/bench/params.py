@@ -47,6 +47,9 @@ class BenchParams:
     n_threads: tuple[int, ...] = ()  # empty: settings.default_threads()
     n_gpu_layers: tuple[int, ...] = (-1,)  # -1: every layer that the backend can take
     flash_attn: tuple[str, ...] = ("auto",)
+    # llama-bench's --repack 0|1 (weights in the CPU's extra buffer types); empty: the door's
+    # CPU rule (load.weight_repack), which llama-bench's default of 1 is not on AMX builds.
+    repack: tuple[bool, ...] = ()
     repetitions: int = 5
     warmup: bool = True
     seed: int = 1  # random tokens are drawn from this seed, like llama-bench's unseeded rand()
@@ -73,7 +76,7 @@ class BenchParams:
             )
         for f in fields(self):
             value = getattr(self, f.name)
-            optional = f.name in ("n_threads", "n_pg", "tensor_overrides")
+            optional = f.name in ("n_threads", "n_pg", "tensor_overrides", "repack")
             if isinstance(value, tuple) and not optional and not value:
                 raise UsageError(
                     f"{f.name}: give at least one value",
@@ -118,6 +121,7 @@ class BenchCase:
     n_gpu_layers: int
     flash_attn: str
     tensor_overrides: tuple[tuple[str, str], ...] = ()
+    repack: bool = True
 
     @property
     def test(self) -> str:
@@ -142,6 +146,7 @@ class BenchCase:
             self.n_gpu_layers,
             self.flash_attn,
             self.tensor_overrides,
+            self.repack,
         )
 
 
@@ -157,12 +162,13 @@ def test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
 
 def cases(models: Sequence[Path], params: BenchParams) -> list[BenchCase]:
     """Expand a sweep into test cases, in llama-bench's order."""
-    from localmix import settings
+    from localmix import load, settings
 
     threads = params.n_threads or (settings.default_threads(),)
+    repacks = params.repack or (load.weight_repack(),)
     out: list[BenchCase] = []
     for model in models:
-        for ngl in params.n_gpu_layers:
+        for ngl, repack in ((n, r) for n in params.n_gpu_layers for r in repacks):
             for nb in params.n_batch:
                 for nub in params.n_ubatch:
                     for tk in params.type_k:
@@ -172,7 +178,7 @@ def cases(models: Sequence[Path], params: BenchParams) -> list[BenchCase]:
                                     for nd in params.n_depth:
                                         base = BenchCase(
                                             Path(model), 0, 0, nd, nb, nub, tk, tv, nt, ngl, fa,
-                                            params.tensor_overrides,
+                                            params.tensor_overrides, repack,
                                         )  # fmt: skip
                                         out.extend(_tests(base, params))
     return out
@@ -243,3 +249,13 @@ def parse_words(values: Sequence[str], *, name: str) -> tuple[str, ...]:
             raise UsageError(f"-fa: unknown value {unknown[0]!r}", hint="use on, off or auto")
         return tuple(_FLASH_ATTN[w] for w in words)
     return words
+
+
+def parse_switches(values: Sequence[str], *, name: str) -> tuple[bool, ...]:
+    """'0,1' (repeatable) to (False, True): llama-bench's boolean sweeps (--repack)."""
+    out = []
+    for word in parse_words(values, name=name):
+        if word not in ("0", "1"):
+            raise UsageError(f"{name}: {word!r} is not 0 or 1", hint=f"use {name} 0,1")
+        out.append(word == "1")
+    return tuple(out)

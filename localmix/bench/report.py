@@ -102,6 +102,7 @@ _OPTIONAL = (
     ("type_v", "type_v", 6, "f16"),
     ("flash_attn", "fa", 3, "auto"),
     ("tensor_buft_overrides", "ot", -21, "none"),
+    ("repack", "rpk", 3, True),
 )
 
 

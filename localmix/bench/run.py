@@ -119,6 +119,7 @@ def load_settings(case: BenchCase, n_ctx: int) -> LoadSettings:
         type_k=case.type_k,
         type_v=case.type_v,
         tensor_overrides=case.tensor_overrides,
+        repack=case.repack,
     )
 
 
@@ -257,6 +258,7 @@ def _row(
         cpu_info=machine.cpu_info,
         gpu_info=machine.gpu_info,
         tensor_buft_overrides=";".join(f"{p}={b}" for p, b in case.tensor_overrides) or "none",
+        repack=case.repack,
         **model,
     )
 

@@ -220,7 +220,10 @@ class Session:
         }
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            with tmp.open("w", encoding="utf-8") as out:
+                out.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+                out.flush()
+                os.fsync(out.fileno())  # the rename below never exposes a half-written file
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)

@@ -46,6 +46,14 @@ FaOpt = Annotated[Ints, typer.Option("-fa", "--flash-attn", help="Flash attentio
 CtkOpt = Annotated[
     Ints, typer.Option("-ctk", "--cache-type-k", help="K cache type: f16, q8_0, ...")
 ]
+RepackOpt = Annotated[
+    Ints,
+    typer.Option(
+        "--repack",
+        help="Repack weights for the CPU: 0, 1 or 0,1 (default: localmix's rule, "
+        "`localmix doctor`).",
+    ),
+]
 CtvOpt = Annotated[
     Ints, typer.Option("-ctv", "--cache-type-v", help="V cache type: f16, q8_0, ...")
 ]
@@ -84,6 +92,7 @@ def bench_command(
     flash_attn: FaOpt = None,
     cache_type_k: CtkOpt = None,
     cache_type_v: CtvOpt = None,
+    repack: RepackOpt = None,
     output: FormatOpt = None,
     chat: ChatOpt = False,
     compare: CompareOpt = False,
@@ -119,6 +128,7 @@ def bench_command(
         ("flash_attn", flash_attn, lambda v: bp.parse_words(v, name="-fa")),
         ("type_k", cache_type_k, lambda v: bp.parse_words(v, name="-ctk")),
         ("type_v", cache_type_v, lambda v: bp.parse_words(v, name="-ctv")),
+        ("repack", repack, lambda v: bp.parse_switches(v, name="--repack")),
     ):
         if values:
             sweep[name] = parse(values)

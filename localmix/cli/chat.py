@@ -8,10 +8,20 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from localmix.cli.options import MAX_SEED, ChatFormatOpt, JsonOpt, ModelArg, ThreadsOpt, number_in
+from localmix.cli.options import (
+    MAX_SEED,
+    ChatFormatOpt,
+    JsonOpt,
+    ModelArg,
+    RepackOpt,
+    ThreadsOpt,
+    number_in,
+)
 from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from localmix.chat.session import Session
     from localmix.llama.records import Sampling, Stats
     from localmix.load import LoadSettings
@@ -104,6 +114,13 @@ HideThinkingOpt = Annotated[
 StatsOpt = Annotated[
     bool, typer.Option("--stats", help="With a prompt: print the stats line on stderr.")
 ]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Go on with the latest chat saved with this model (the REPL saves every turn).",
+    ),
+]
 
 
 def chat_command(
@@ -120,6 +137,7 @@ def chat_command(
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     n_gpu_layers: NglOpt = None,
+    repack: RepackOpt = None,
     chat_format: ChatFormatOpt = None,
     overflow: OverflowOpt = "shift",
     json_out: JsonOpt = False,
@@ -127,6 +145,7 @@ def chat_command(
     think: ThinkOpt = None,
     hide_thinking: HideThinkingOpt = False,
     stats: StatsOpt = False,
+    resume: ResumeOpt = False,
     estimate: EstimateOpt = False,
     vram_budget: VramBudgetOpt = None,
     cpu_moe: CpuMoeOpt = False,
@@ -145,7 +164,7 @@ def chat_command(
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
     settings = load.LoadSettings(
         ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
-        cpu_moe=cpu_moe_layers(cpu_moe, n_cpu_moe),
+        cpu_moe=cpu_moe_layers(cpu_moe, n_cpu_moe), repack=repack,
     )  # fmt: skip
     target = load.locate(model)  # an unknown model is the first thing to say, before stdin
     if estimate:
@@ -164,10 +183,16 @@ def chat_command(
             max_tokens=max_tokens, overflow=overflow, status=status, thinking=think,
         )  # fmt: skip
 
+    resumed = _resumed(target.name) if resume else None
     session = open_chat(target, status=message is None)
     try:
+        if resumed is not None and resumed.exists():
+            session.load(resumed)
         if message is None:
-            _interactive(session, open_chat, markdown=not plain, show_thoughts=not hide_thinking)
+            _interactive(
+                session, open_chat, markdown=not plain, show_thoughts=not hide_thinking,
+                resumed=resumed,
+            )  # fmt: skip
         else:
             _one_shot(
                 session,
@@ -176,8 +201,26 @@ def chat_command(
                 show_stats=stats,
                 show_thoughts=not hide_thinking,
             )
+            if resumed is not None:  # the turn goes into the chat it continued
+                session.save(resumed)
     finally:
         session.engine.close()
+
+
+def _resumed(model: str) -> Path:
+    """The chat --resume goes on with: the latest saved with this model, else a new one (said on
+    stderr) that the next --resume continues."""
+    from localmix.chat import saved
+    from localmix.cli.render import err_console
+    from localmix.errors import UsageError
+
+    try:
+        return saved.latest(model)
+    except UsageError:
+        path = saved.new_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        err_console().print(f"note: no saved chat with {model} yet; a new one", style="dim")
+        return path
 
 
 def _message(prompt: str | None) -> str | None:
@@ -250,7 +293,12 @@ def open_session(
 
 
 def _interactive(
-    session: Session, loader: Callable[[str], Session], *, markdown: bool, show_thoughts: bool
+    session: Session,
+    loader: Callable[[str], Session],
+    *,
+    markdown: bool,
+    show_thoughts: bool,
+    resumed: Path | None = None,
 ) -> None:
     from localmix.cli.render import console
     from localmix.cli.repl import Repl
@@ -259,6 +307,11 @@ def _interactive(
         session, console=console(), loader=loader, markdown=markdown, show_thoughts=show_thoughts
     )
     repl.banner()
+    if resumed is not None:
+        repl.autosave = resumed  # its next turns go on in the same file
+        n = len(session.messages)
+        if n:
+            repl.say(f"resumed {resumed}: {n} message{'s' * (n != 1)}")
     try:
         repl.run()
     finally:

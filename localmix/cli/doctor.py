@@ -19,7 +19,11 @@ def doctor_command(json: JsonOpt = False) -> None:
 
     machine = hardware.probe()
     if json:
-        render.print_json(machine)
+        from dataclasses import asdict
+
+        from localmix import load
+
+        render.print_json({**asdict(machine), "repack": load.repack_choice(amx=machine.amx)})
         return
     render.console().print(doctor_table(machine))
     if machine.rebuild_command:
@@ -52,6 +56,7 @@ def doctor_table(machine: Hardware) -> Any:
         ("RAM", ram),
         ("bandwidth", f"{machine.bandwidth_gbs:.1f} GB/s (copy)" if machine.bandwidth_gbs else "-"),
     ]
+    rows += _cpu_rule_rows(machine)
     if machine.apple_silicon:
         rows.append(("memory", "unified (Apple Silicon): the GPU shares RAM"))
     if machine.gpu_hardware:
@@ -72,6 +77,19 @@ def doctor_table(machine: Hardware) -> Any:
             d.buffer_type,
         )
     return Group(facts, "", devices)
+
+
+def _cpu_rule_rows(machine: Hardware) -> list[tuple[str, str]]:
+    """AMX (build and CPU) and what localmix does about it: the door's CPU rule."""
+    from localmix import load
+
+    choice = load.repack_choice(amx=machine.amx)
+    kinds = ", ".join(machine.extra_buffer_types) or "none in this build"
+    return [
+        ("AMX", machine.amx.summary),
+        ("repacking", f"{'on' if choice.on else 'off'}: {choice.why}"),
+        ("repack buffers", kinds),
+    ]
 
 
 def paths_command(json: JsonOpt = False) -> None:

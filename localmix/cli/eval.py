@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, ModelArg, ThreadsOpt
+from localmix.cli.options import JsonOpt, ModelArg, RepackOpt, ThreadsOpt
 from localmix.cli.plan import NglOpt
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def eval_command(
     quants: QuantsOpt = None,
     threads: ThreadsOpt = None,
     n_gpu_layers: NglOpt = None,
+    repack: RepackOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure what a quant loses: PPL ratio, KL divergence and same top token against a reference.
@@ -74,7 +75,7 @@ def eval_command(
     from localmix.quality.evaluate import EvalSettings
 
     settings = EvalSettings(
-        n_ctx=ctx, max_chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers
+        n_ctx=ctx, max_chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers, repack=repack
     )
     source = corpus.read(text)
     if quants is not None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, ModelArg, OutputOpt, ThreadsOpt
+from localmix.cli.options import JsonOpt, ModelArg, OutputOpt, RepackOpt, ThreadsOpt
 from localmix.cli.plan import NglOpt
 
 TextOpt = Annotated[
@@ -36,6 +36,7 @@ def imatrix_command(
     chunk_size: ChunkSizeOpt = 512,
     threads: ThreadsOpt = None,
     n_gpu_layers: NglOpt = None,
+    repack: RepackOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compute an importance matrix for the 1-3 bit quant types, as llama-imatrix does.
@@ -46,7 +47,7 @@ def imatrix_command(
     from localmix.cli import render
     from localmix.load import LoadSettings
 
-    settings = LoadSettings(threads=threads, n_gpu_layers=n_gpu_layers)
+    settings = LoadSettings(threads=threads, n_gpu_layers=n_gpu_layers, repack=repack)
     with render.steps() as bar:
         tasks: list[object] = []  # the bar appears with the first chunk, after the model loads
 

@@ -61,6 +61,14 @@ ImatrixOpt = Annotated[
         "computed first if missing (`localmix imatrix`); needed by IQ1/IQ2/IQ3_XXS/Q2_K_S.",
     ),
 ]
+RepackOpt = Annotated[
+    Optional[bool],  # noqa: UP045
+    typer.Option(
+        "--repack/--no-repack",
+        help="Let llama.cpp repack weights for the CPU's kernels, or not (default: yes, except "
+        "on builds with AMX kernels; LOCALMIX_REPACK; `localmix doctor` says which).",
+    ),
+]
 OutputOpt = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -115,6 +114,8 @@ class Repl:
         self._stop_requested = False
         self._phase = "idle"  # while a reply streams: prompt, reply, closing
         self._last_save: Path | None = None  # what /load without a file reads
+        self.autosave: Path | None = None  # where every turn is saved (chosen at the first)
+        self._autosave_failed = False
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -210,7 +211,24 @@ class Repl:
             stats = self.session.last_stats  # the interrupted reply's
         if stats is not None:
             self._stats_line(stats)
+        self.keep()
         return stats
+
+    def keep(self) -> None:
+        """Save the conversation as it stands into this REPL's chats file (every turn)."""
+        from localmix.chat import saved
+
+        if not self.session.messages:
+            return
+        if self.autosave is None:
+            self.autosave = saved.new_path()
+            self.autosave.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.session.save(self.autosave)
+        except LocalmixError as exc:
+            if not self._autosave_failed:  # said once, not after every turn
+                self._autosave_failed = True
+                self._error(exc)
 
     @contextmanager
     def _interruptible(self) -> Iterator[None]:
@@ -432,6 +450,7 @@ def _system(repl: Repl, arg: str) -> None:
 @_command("/clear", "", "forget the conversation (the system prompt stays)")
 def _clear(repl: Repl, arg: str) -> None:
     repl.session.clear()
+    repl.autosave = None  # the next conversation gets its own file; this one stays saved
     repl.say("conversation cleared")
 
 
@@ -506,6 +525,7 @@ def _retry(repl: Repl, arg: str) -> None:
 @_command("/undo", "", "drop the last exchange (your message and the reply)")
 def _undo(repl: Repl, arg: str) -> None:
     removed = repl.session.undo()
+    repl.keep()
     first = removed[0].text
     shown = first if len(first) <= 40 else first[:39] + "…"
     repl.say(f"dropped {len(removed)} message{'s' * (len(removed) != 1)} ({shown!r} …)")
@@ -513,16 +533,27 @@ def _undo(repl: Repl, arg: str) -> None:
 
 @_command("/save", "[FILE]", "save the conversation as JSON")
 def _save(repl: Repl, arg: str) -> None:
-    path = Path(arg).expanduser() if arg else _chats_dir() / time.strftime("%Y%m%d-%H%M%S.json")
+    from localmix.chat import saved
+
+    path = Path(arg).expanduser() if arg else saved.new_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     repl._last_save = repl.session.save(path)
     repl.say(f"saved {repl._last_save}")
 
 
-@_command("/load", "[FILE]", "load a saved conversation (default: the last /save)")
+@_command("/load", "[FILE]", "load a saved conversation (default: the latest, saved every turn)")
 def _load(repl: Repl, arg: str) -> None:
-    path = Path(arg).expanduser() if arg else repl._last_save or _latest_save()
+    from localmix.chat import saved
+
+    if arg:
+        path = Path(arg).expanduser()
+    elif repl._last_save is not None:
+        path = repl._last_save
+    else:  # the latest other than this REPL's own file: what a crash or another REPL left
+        path = saved.latest(besides=repl.autosave)
     model = repl.session.load(path)
+    # a chats-folder file goes on being saved into; a file of the user's own is left as it is
+    repl.autosave = path if saved.is_autosaved(path) else None
     n = len(repl.session.messages)
     repl.say(f"loaded {path}: {n} message{'s' * (n != 1)}")
     if model and repl.session.model and model != repl.session.model:
@@ -578,14 +609,3 @@ def _reply_numbers(stats: Stats) -> str:
     if stats.gen_tps > 0:
         line += f", then {stats.gen_tps:.1f} t/s"
     return f"{line}; finished: {stats.finish_reason}"
-
-
-def _chats_dir() -> Path:
-    return settings.chats_dir()
-
-
-def _latest_save() -> Path:
-    saves = sorted(_chats_dir().glob("*.json"), key=lambda p: p.stat().st_mtime)
-    if not saves:
-        raise UsageError("no saved chats yet", hint="/save one first, or /load FILE")
-    return saves[-1]

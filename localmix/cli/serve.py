@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, ThreadsOpt
+from localmix.cli.options import JsonOpt, RepackOpt, ThreadsOpt
 
 if TYPE_CHECKING:
     from localmix.serve.client import Running
@@ -27,7 +27,29 @@ ModelsArg = Annotated[
 HostOpt = Annotated[
     str,
     typer.Option("--host", help="Address to listen on; anything but loopback is reachable by "
-                 "others, with no authentication."),
+                 "others, and needs an API key."),
+]  # fmt: skip
+Names = Optional[list[str]]  # noqa: UP045
+ApiKeyOpt = Annotated[
+    Names,
+    typer.Option("--api-key", metavar="KEY", help="Accept this key (Authorization: Bearer KEY); "
+                 "repeatable. Safer: LOCALMIX_API_KEY (comma list), unseen by other users."),
+]  # fmt: skip
+OriginOpt = Annotated[
+    Names,
+    typer.Option("--allow-origin", metavar="ORIGIN", help="Let web pages from this origin call "
+                 "(http://host:port, or *); repeatable; also LOCALMIX_ORIGINS. Local pages may "
+                 "by default."),
+]  # fmt: skip
+AllowHostOpt = Annotated[
+    Names,
+    typer.Option("--allow-host", metavar="NAME", help="Answer to this Host name too (*.example.com "
+                 "for a domain); repeatable; also LOCALMIX_HOSTS."),
+]  # fmt: skip
+UnsafeOpt = Annotated[
+    bool,
+    typer.Option("--unsafe-no-auth", help="Serve beyond loopback without an API key: anyone who "
+                 "reaches this machine can use the models."),
 ]  # fmt: skip
 PortOpt = Annotated[
     int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0: any free).")
@@ -89,12 +111,18 @@ def serve_command(
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     n_gpu_layers: NglOpt = None,
+    repack: RepackOpt = None,
+    api_key: ApiKeyOpt = None,
+    allow_origin: OriginOpt = None,
+    allow_host: AllowHostOpt = None,
+    unsafe_no_auth: UnsafeOpt = False,
 ) -> None:
     """Serve models over HTTP: OpenAI's API under /v1, Ollama's under /api.
 
     Listens on 127.0.0.1 unless --host says otherwise. Stop it with Ctrl-C."""
     from localmix import load
     from localmix.cli.render import err_console
+    from localmix.serve import guard
     from localmix.serve.models import ServeOptions
     from localmix.serve.ollama import keep_alive_seconds
     from localmix.serve.server import Server, is_loopback
@@ -109,16 +137,20 @@ def serve_command(
         parallel=parallel, queue=queue, keep_alive=seconds,  # type: ignore[arg-type]
         max_models=max_models, memory_budget=budget,
     )  # fmt: skip
-    settings = load.LoadSettings(ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers)
+    settings = load.LoadSettings(ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, repack=repack)
+    policy = guard.policy(
+        loopback=is_loopback(host), api_keys=api_key or (), origins=allow_origin or (),
+        hosts=allow_host or (), unsafe_no_auth=unsafe_no_auth,
+    )  # fmt: skip
     named = [(name, load.locate(name)) for name in model or []]  # unknown names: said first
     out = err_console()
-    if not is_loopback(host):
+    if not is_loopback(host) and not policy.keys:
         out.print(
-            f"warning: serving on {host}: anyone who can reach this machine can use these "
-            "models; there is no authentication",
+            f"warning: serving on {host} with no API key (--unsafe-no-auth): anyone who can "
+            "reach this machine can use these models",
             style="yellow", markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
-    server = Server(settings, options, named=named, host=host, port=port)
+    server = Server(settings, options, named=named, host=host, port=port, policy=policy)
 
     def ready() -> None:
         loaded = f" ({', '.join(name for name, _ in named)} loaded)" if named else ""

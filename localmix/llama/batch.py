@@ -255,7 +255,10 @@ class Batch:
         busy.sort(key=lambda s: (s.prompt_left > 0, s.t_start))
         n, rows = 0, []
         for slot in busy:
-            take = min(len(slot.pending), self._size - n)
+            # a prompt's last token goes in a step of its own (after the rest), as it does when
+            # the rest is cached: a seeded reply then repeats whether its prompt was cached or not
+            ahead = len(slot.pending) - 1 if slot.prompt_left > 1 else len(slot.pending)
+            take = min(ahead, self._size - n)
             if take <= 0:
                 break
             base, pending = len(slot.kv), slot.pending

@@ -96,6 +96,8 @@ class Engine:
         mparams = c.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         mparams.load_mode = _LOAD_MODE_AUTO if config.use_mmap else _LOAD_MODE_NONE
+        mparams.use_extra_bufts = config.repack
+        mparams.vocab_only = config.vocab_only
         if config.tensor_overrides:
             from localmix.llama.lib import apply_tensor_overrides
 
@@ -105,6 +107,10 @@ class Engine:
             self._load_failed(path)
         self._model = model
         self._stack.callback(c.llama_model_free, model)
+        self._read_model(model)
+        if config.vocab_only:
+            self.n_ctx = 0
+            return
 
         threads = config.n_threads or settings.default_threads()
         batch_threads = config.n_threads_batch or threads
@@ -141,10 +147,21 @@ class Engine:
 
             attach_threadpools(ctx, *pools)
             self.thread_pools = 2 if pools[1] else 1
-        self._vocab = self._not_null(c.llama_model_get_vocab(model), "the model's vocabulary")
         self._mem = self._not_null(c.llama_get_memory(ctx), "the context's KV cache")
-
         self.n_ctx = int(c.llama_n_ctx(ctx))
+        self.system_info = (c.llama_print_system_info() or b"").decode(errors="replace")
+        self._n_batch = int(c.llama_n_batch(ctx))
+        self._batch = self._new_batch(self._n_batch)
+        self._one = self._new_batch(1)
+        self._one.n_tokens = 1
+        self._one.logits[0] = 1
+        # Field access on a ctypes struct builds a new pointer object: keep these once.
+        self._one_token, self._one_pos = self._one.token, self._one.pos
+
+    def _read_model(self, model: Any) -> None:
+        """The model's own facts and vocabulary (all a vocab_only engine has)."""
+        c = self._c
+        self._vocab = self._not_null(c.llama_model_get_vocab(model), "the model's vocabulary")
         self.n_ctx_train = int(c.llama_model_n_ctx_train(model))
         self.n_vocab = int(c.llama_vocab_n_tokens(self._vocab))
         self.n_layer = int(c.llama_model_n_layer(model))
@@ -156,17 +173,9 @@ class Engine:
         self.adds_bos = bool(c.llama_vocab_get_add_bos(self._vocab)) and self.bos_id >= 0
         self.size_bytes = int(c.llama_model_size(model))
         self.n_params = int(c.llama_model_n_params(model))
-        self.system_info = (c.llama_print_system_info() or b"").decode(errors="replace")
+        self._piece_buf = ctypes.create_string_buffer(256)
         self.description = self._text(lambda buf, size: c.llama_model_desc(model, buf, size))
         self.metadata = self._read_metadata()
-        self._n_batch = int(c.llama_n_batch(ctx))
-        self._batch = self._new_batch(self._n_batch)
-        self._one = self._new_batch(1)
-        self._one.n_tokens = 1
-        self._one.logits[0] = 1
-        # Field access on a ctypes struct builds a new pointer object: keep these once.
-        self._one_token, self._one_pos = self._one.token, self._one.pos
-        self._piece_buf = ctypes.create_string_buffer(256)
 
     def _threadpools(self, threads: int, batch_threads: int) -> tuple[int, int | None] | None:
         """CPU thread pools kept for the engine's life, as llama-bench and llama-cli keep them:
@@ -558,7 +567,12 @@ class Engine:
         finish, chain = "interrupted", None
         try:
             cached = self._reuse_prefix(prompt)
-            self._decode(prompt[cached:])
+            # The last prompt token is decoded alone, as it is when the rest comes from the
+            # cache: a quantized matmul rounds differently in a batch of one than of many, so
+            # this keeps a seeded reply the same whether its prompt was cached or not.
+            ahead = prompt[cached:-1]
+            self._decode(ahead, outputs_from=len(ahead))
+            self._step(prompt[-1])
             c.llama_synchronize(self._ctx)
             t_prompt = clock()
             if sampling.is_plain_greedy:

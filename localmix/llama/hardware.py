@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -34,6 +35,49 @@ class Device:
 
 
 @dataclass(frozen=True)
+class Amx:
+    """Intel AMX as the loaded llama.cpp meets it.
+
+    ggml's AMX kernels are compiled into a native build on an AMX CPU (Sapphire Rapids and later
+    Xeons), and llama.cpp then places K-quant and Q4/Q8 weights in its "AMX" buffer type, first
+    among the CPU's extra buffer types. On some such hosts (cloud VMs) those kernels fault at the
+    first decode (llama.cpp #20824, ollama #17006): load.weight_repack keeps weights out of them."""
+
+    kernels: bool = False  # the build has ggml's AMX kernels (AMX_INT8 among its CPU features)
+    cpu: bool = False  # the CPU reports AMX (amx_int8 / amx_tile flags)
+    buffer: bool = False  # llama.cpp offers its AMX buffer type for weights here
+
+    @property
+    def summary(self) -> str:
+        build = "has AMX kernels" if self.kernels else "no AMX kernels"
+        cpu = "has AMX" if self.cpu else "no AMX"
+        return f"build: {build}; CPU: {cpu}"
+
+
+def _cpu_has_amx() -> bool:
+    """The CPU's own word: /proc/cpuinfo's amx_int8 flag (Linux); False elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return "amx_int8" in value.split()
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def amx() -> Amx:
+    """AMX on this machine and build (cached: neither changes while a process runs)."""
+    return Amx(
+        kernels=lib.cpu_features().get("AMX_INT8") == "1",
+        cpu=_cpu_has_amx(),
+        buffer="AMX" in lib.extra_buffer_types(),
+    )
+
+
+@dataclass(frozen=True)
 class Hardware:
     """The machine as the plan sees it. Bytes for memory, GB/s (10^9) for bandwidth."""
 
@@ -52,6 +96,8 @@ class Hardware:
     unified_memory: bool  # GPU memory is system RAM (Apple Silicon, integrated GPUs)
     gpu_hardware: str | None  # a GPU found outside llama.cpp ("nvidia", "apple"), if any
     rebuild_command: str | None  # set when a GPU is present but this build cannot use it
+    amx: Amx = Amx()
+    extra_buffer_types: tuple[str, ...] = ()  # the CPU's, in llama.cpp's order ("CPU_REPACK")
 
     @property
     def gpus(self) -> tuple[Device, ...]:
@@ -199,4 +245,6 @@ def probe(*, bandwidth: bool = True) -> Hardware:
         unified_memory=apple or any(d.kind == "igpu" for d in found),
         gpu_hardware=gpu,
         rebuild_command=rebuild_command(gpu, backends),
+        amx=amx(),
+        extra_buffer_types=lib.extra_buffer_types(),
     )

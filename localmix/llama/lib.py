@@ -157,6 +157,56 @@ def _buffer_types() -> dict[str, int]:
     return table
 
 
+def extra_buffer_types() -> tuple[str, ...]:
+    """The CPU's extra buffer types, in llama.cpp's order of preference for a weight: "AMX"
+    (where the build has AMX kernels and the OS grants AMX), "CPU_REPACK", ... Weights go to the
+    first that takes them unless model_params.use_extra_bufts is off (llama.cpp's --no-repack)."""
+    lib = _ggml()
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    cpu = next(
+        (
+            lib.ggml_backend_dev_get(i)
+            for i in range(lib.ggml_backend_dev_count())
+            if lib.ggml_backend_dev_type(lib.ggml_backend_dev_get(i)) == 0
+        ),
+        None,
+    )
+    address = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if not (reg and cpu and address):
+        return ()
+    p = ctypes.c_void_p
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(p), p)(address)
+    array = get(cpu)
+    names: list[str] = []
+    index = 0
+    while array and array[index]:  # NULL-terminated
+        names.append(_text(lib.ggml_backend_buft_name(array[index])))
+        index += 1
+    return tuple(names)
+
+
+def cpu_features() -> dict[str, str]:
+    """The CPU backend's compiled features (ggml_backend_get_features): {"AVX2": "1", ...}.
+    AMX_INT8 there means the build carries ggml's AMX kernels."""
+
+    class _Feature(ctypes.Structure):
+        _fields_ = (("name", ctypes.c_char_p), ("value", ctypes.c_char_p))
+
+    lib = _ggml()
+    reg = lib.ggml_backend_reg_by_name(b"CPU")
+    address = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features") if reg else 0
+    if not address:
+        return {}
+    get = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(address)
+    table = get(reg)
+    found: dict[str, str] = {}
+    index = 0
+    while table and table[index].name:  # ends with a {NULL, NULL} entry
+        found[_text(table[index].name)] = _text(table[index].value)
+        index += 1
+    return found
+
+
 def buffer_type_names() -> tuple[str, ...]:
     """The names apply_tensor_overrides accepts."""
     return tuple(sorted(_buffer_types()))

@@ -56,11 +56,17 @@ class EngineConfig:
     type_v: str = "f16"
     tensor_overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor name, buffer type)
     use_mmap: bool = True
+    # llama_model_params.use_extra_bufts: weights may go to the CPU's extra buffer types (repacked
+    # for its kernels: CPU_REPACK, AMX). llama.cpp's default; load.weight_repack decides it.
+    repack: bool = True
     verbose: bool = False
     tap: MatMulTap | None = None  # sees the inputs of the graph's matrix products (imatrix)
     # Sequences decoded together (llama/batch.py); above 1 the KV cache is one buffer that every
     # sequence draws cells from (llama.cpp's kv_unified), n_ctx cells in all.
     n_seq_max: int = 1
+    # the vocabulary and metadata only, no weights and no context: tokenize and detokenize
+    # (serve's HTTP side, while the model itself runs in a worker process)
+    vocab_only: bool = False
 
     def __post_init__(self) -> None:
         _choice("flash attention mode", self.flash_attn, FLASH_ATTN)

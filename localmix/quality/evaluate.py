@@ -51,6 +51,7 @@ class EvalSettings:
     max_chunks: int | None = None
     threads: int | None = None
     n_gpu_layers: int | None = None
+    repack: bool | None = None  # None: the door's CPU rule
 
     def __post_init__(self) -> None:
         from localmix.load import MIN_CTX
@@ -71,6 +72,7 @@ class EvalSettings:
             threads=self.threads,
             threads_batch=self.threads,
             n_gpu_layers=self.n_gpu_layers,
+            repack=self.repack,
         )
 
 

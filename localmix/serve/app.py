@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from localmix.llama.batch import Generation
+    from localmix.serve.guard import Policy
     from localmix.serve.models import Model, Registry, Unset
 
 T = TypeVar("T")
@@ -82,7 +83,33 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise UsageError(f"the body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise UsageError("the body must be a JSON object")
+    where = _unencodable(data)
+    if where is not None:  # valid JSON ("\ud800"), but no text: it has no UTF-8 form
+        raise BadField(where, f"{where}: a lone UTF-16 surrogate is not text")
     return data
+
+
+def _unencodable(value: Any, where: str = "") -> str | None:
+    """The path of the first string (key or value) in value holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        path = f"{where}.{key}" if where else str(key)
+        found = _unencodable(key, path) if isinstance(value, dict) else None
+        found = found or _unencodable(item, path)
+        if found is not None:
+            return found
+    return None
 
 
 def parse(kind: type[Model_T], data: dict[str, Any]) -> Model_T:
@@ -192,7 +219,7 @@ async def start(
     try:
         prompt = prompt_of(model)
         job = Job(generation_of(model, prompt))
-        model.scheduler.submit(job)
+        model.worker.submit(job)
         events = job.events()
         first = await unless_gone(request, events.__anext__())
     except BaseException:
@@ -201,16 +228,23 @@ async def start(
     return Run(registry, model, job, prompt, first, events, acquire_s)
 
 
-def build_app(registry: Registry) -> Starlette:
-    """The app: OpenAI routes under /v1, Ollama's under /api, and / saying it runs."""
+def build_app(registry: Registry, policy: Policy | None = None) -> Starlette:
+    """The app: OpenAI routes under /v1, Ollama's under /api, and / saying it runs, behind the
+    guard (serve/guard.py: host names, origins, API keys)."""
     from starlette.applications import Starlette
-    from starlette.responses import PlainTextResponse
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
-    from localmix.serve import ollama, openai
+    from localmix.serve import guard, ollama, openai
 
     async def root(_: Request) -> PlainTextResponse:
         return PlainTextResponse("localmix is running")
+
+    async def internal(request: Request, error: Exception) -> JSONResponse:
+        # a bug, said in the API's own shape (never Starlette's text/plain page)
+        message = f"internal error: {type(error).__name__}"
+        return JSONResponse(guard.error_body(request.url.path, 500, message), status_code=500)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -225,4 +259,9 @@ def build_app(registry: Registry) -> Starlette:
         *openai.routes(registry),
         *ollama.routes(registry),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(guard.Guard, policy=policy or guard.Policy())],
+        exception_handlers={Exception: internal},
+    )

@@ -12,6 +12,7 @@ recently. Loads and unloads run in worker threads; the asyncio loop never waits 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Sequence
@@ -21,13 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localmix.errors import ModelNotFound, UsageError
-from localmix.serve.scheduler import Busy, Scheduler
+from localmix.serve.scheduler import Busy
 
 if TYPE_CHECKING:
     from localmix.chat.template import ChatFormat
     from localmix.llama.engine import Engine
-    from localmix.load import Loaded, LoadSettings
-    from localmix.store import Located
+    from localmix.load import LoadSettings
+    from localmix.serve.worker import Worker
+    from localmix.store import Located, Manifest
 
 
 class Unset(enum.Enum):
@@ -52,14 +54,25 @@ class ServeOptions:
     memory_budget: int | None = None
 
 
-@dataclass(eq=False)
-class Model:
-    """A loaded model and its batch loop. users: requests using it now."""
+@dataclass(frozen=True)
+class Listed:
+    """A name a server offers: the name, its file, its manifest (None: a name given at start)."""
 
     name: str
     target: Located
-    loaded: Loaded
-    scheduler: Scheduler
+    manifest: Manifest | None
+
+
+@dataclass(eq=False)
+class Model:
+    """A loaded model: its worker process (serve/worker.py) and, here, its vocabulary (prompts
+    and pieces). users: requests using it now; retired: its worker died, so a fresh copy takes
+    its place and this one closes when its last request lets go."""
+
+    name: str
+    target: Located
+    engine: Engine  # vocab_only
+    worker: Worker
     format: ChatFormat
     strip_space: bool  # drop the first reply piece's leading space (chat.session's rule)
     think_mode: str | None  # a reasoning model's switch: "prompt", "effort" or None
@@ -71,10 +84,7 @@ class Model:
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float | None = None  # monotonic seconds; None: never
-
-    @property
-    def engine(self) -> Engine:
-        return self.loaded.engine
+    retired: bool = False
 
     @property
     def key(self) -> Path:
@@ -114,6 +124,7 @@ class Registry:
         self._tasks: set[asyncio.Task[None]] = set()  # unloads under way
         self._room = asyncio.Lock()  # one load or eviction decision at a time
         self._reaper: asyncio.Task[None] | None = None
+        self.loads = 0  # models loaded so far (a request that ran nothing loads nothing)
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -145,6 +156,24 @@ class Registry:
             + (f"; installed: {', '.join(installed)}" if installed else ""),
         )
 
+    def listing(self) -> list[Listed]:
+        """One entry per name, as /v1/models and /api/tags list them: the names given at start,
+        then the store's models (name:quant) but those a name given at start already stands for
+        (`serve mistral` lists mistral once, not also mistral:Q4_K_M). Two store names of one
+        file are two entries, as Ollama lists a copied model."""
+        from localmix import store
+
+        out = [Listed(name, target, None) for name, target in self.named.items()]
+        taken = {*self.named, *(t.name for t in self.named.values())}
+        for manifest in store.list_models():
+            if manifest.ref in taken:
+                continue
+            located = store.Located(
+                manifest.file, manifest.ref, manifest.chat_format, manifest.context_length
+            )
+            out.append(Listed(manifest.ref, located, manifest))
+        return out
+
     def running(self) -> list[Model]:
         """The loaded models, most recently used first."""
         return sorted(self._models.values(), key=lambda m: -m.last_used)
@@ -161,11 +190,9 @@ class Registry:
         """The model `reference` names, loaded if needed and held (release() it after)."""
         target = self.locate(reference)
         key = target.path.resolve()
-        while (model := self._models.get(key)) is None or model.scheduler.broken is not None:
-            if model is not None:  # its batch loop died of a bug: load it afresh once it is free
-                if model.users:
-                    raise model.scheduler.broken  # type: ignore[misc]
-                await self._unload(model)
+        while (model := self._models.get(key)) is None or model.worker.broken is not None:
+            if model is not None:  # its worker died: load it afresh
+                self._retire(model)
                 continue
             load = self._loads.get(key)
             if load is None:
@@ -192,6 +219,10 @@ class Registry:
         Not a coroutine, so a cancelled request's cleanup cannot be cut short."""
         model.users -= 1
         model.last_used = time.monotonic()
+        if model.retired:
+            if model.users == 0:
+                self._close_soon(model)
+            return
         if model.users > 0 or model.keep_alive is None:
             return
         if model.keep_alive <= 0:
@@ -203,6 +234,27 @@ class Registry:
         task = asyncio.get_running_loop().create_task(self._unload(model))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _retire(self, model: Model) -> None:
+        """A model whose worker died leaves the loaded set at once (the next request loads it
+        afresh); it closes when its requests have their errors."""
+        if self._models.get(model.key) is model:
+            del self._models[model.key]
+        if not model.retired:
+            model.retired = True
+            if model.users == 0:
+                self._close_soon(model)
+
+    def _close_soon(self, model: Model) -> None:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(asyncio.to_thread(_close, model))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _died(self, model: Model, loop: asyncio.AbstractEventLoop) -> None:
+        """Called from the worker's reader thread when its process died."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
+            loop.call_soon_threadsafe(self._retire, model)
 
     async def unload(self, reference: str) -> bool:
         """Unload the model now (once its requests finish); False if it was not loaded."""
@@ -224,7 +276,9 @@ class Registry:
             loop = asyncio.get_running_loop()
             model = await loop.run_in_executor(None, self._open, reference, target, need)
             model.load_s = time.monotonic() - started
+            model.worker.on_death = partial(self._died, model, loop)
             self._models[model.key] = model
+            self.loads += 1
             return model
 
     def _need(self, target: Located) -> int:
@@ -258,33 +312,31 @@ class Registry:
             await self._unload(min(idle, key=lambda m: m.last_used))
 
     def _open(self, name: str, target: Located, need: int) -> Model:
-        """Load through the door and start the batch loop (in a worker thread)."""
-        from localmix import load
+        """Start the model's worker process (it loads through the door) and read its
+        vocabulary here (in a worker thread of the server)."""
         from localmix.chat import reasoning
         from localmix.chat.session import adds_space_prefix, resolve_format
+        from localmix.llama.engine import Engine, EngineConfig
+        from localmix.serve.worker import Worker
 
-        loaded = load.open_model(target, self.settings)
+        engine = Engine(EngineConfig(target.path, vocab_only=True))
         try:
-            engine = loaded.engine
-            # resolved here, before the worker thread starts using the engine's piece buffer
             fmt = resolve_format(engine, target.chat_format)
             think_mode = reasoning.mode(fmt, engine.tokenize)
             think_ids = reasoning.markers(fmt, engine.tokenize)
-            scheduler = Scheduler(
-                engine,
-                seq_ctx=engine.n_ctx // self.options.parallel,
+            worker = Worker.start(
+                target.name, target, self.settings, parallel=self.options.parallel,
                 queue_limit=self.options.queue,
-                name=target.name,
-            )
+            )  # fmt: skip
         except BaseException:
-            loaded.close()
+            engine.close()
             raise
         keep = None if name in self.named else self.options.keep_alive
         return Model(
             name=name if name in self.named else target.name,
             target=target,
-            loaded=loaded,
-            scheduler=scheduler,
+            engine=engine,
+            worker=worker,
             format=fmt,
             strip_space=adds_space_prefix(engine.metadata),
             think_mode=think_mode,
@@ -317,8 +369,11 @@ class Registry:
 
     def start(self) -> None:
         """Begin unloading models whose keep-alive runs out (call from the serving loop)."""
+        loop = asyncio.get_running_loop()
+        for model in self._models.values():  # preloaded before the loop ran
+            model.worker.on_death = partial(self._died, model, loop)
         if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+            self._reaper = loop.create_task(self._reap())
 
     async def _reap(self) -> None:
         """Unload models whose keep-alive ran out, checking twice a second."""
@@ -348,5 +403,5 @@ class Registry:
 
 
 def _close(model: Model) -> None:
-    model.scheduler.close()
-    model.loaded.close()
+    model.worker.close()
+    model.engine.close()

@@ -109,7 +109,35 @@ def _now() -> str:
     return _iso(time.time())
 
 
+# options that size the runner, which the server's own flags decide: accepted and ignored
+RESOURCE_OPTIONS = frozenset({
+    "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep", "use_mmap",
+    "use_mlock", "low_vram", "f16_kv", "numa", "vocab_only", "logits_all",
+})  # fmt: skip
+# sampling options localmix has not got, at the value that turns them off (accepted as such)
+NEUTRAL_OPTIONS = {
+    "mirostat": 0, "typical_p": 1.0, "tfs_z": 1.0, "presence_penalty": 0.0,
+    "frequency_penalty": 0.0, "penalize_newline": None,
+}  # fmt: skip
+# top-level fields Ollama defines that localmix does not honour (yet)
+UNHONOURED = ("tools", "template", "context", "logprobs", "top_logprobs")
+
+
 def _refuse_unsupported(req: Base) -> None:
+    """A 400 naming the first field or option localmix would otherwise not honour."""
+    extra = req.model_extra or {}
+    for name in UNHONOURED:
+        if extra.get(name):
+            raise app.BadField(name, f"{name} is not supported")
+    for name, value in ((req.options.model_extra or {}) if req.options else {}).items():
+        if name in RESOURCE_OPTIONS or value is None:
+            continue
+        if name not in NEUTRAL_OPTIONS or NEUTRAL_OPTIONS[name] not in (None, value):
+            raise app.BadField(
+                f"options.{name}", f"option {name} is not supported",
+                hint="localmix samples with temperature, top_k, top_p, min_p, repeat_penalty, "
+                "repeat_last_n, seed, num_predict and stop",
+            )  # fmt: skip
     if req.format:
         raise UsageError("format (structured output) is not supported")
     images = getattr(req, "images", None) or any(
@@ -135,7 +163,7 @@ def generation(req: Base, model: Model, prompt: list[int]) -> Generation:
     if opts.top_p == 0:
         picked["top_k"] = 1
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
-    room = model.scheduler.batch.seq_ctx - len(prompt)
+    room = model.worker.seq_ctx - len(prompt)
     limit = opts.num_predict  # -1: no limit, -2: fill the context (both: the room left)
     return Generation(
         prompt, sampling, max_tokens=room if limit is None or limit < 0 else min(limit, room),
@@ -345,16 +373,16 @@ def _tag(name: str, modified: float, size: int, digest: str, details: dict[str, 
 
 
 def _tags(registry: Registry) -> list[dict[str, Any]]:
-    from localmix import store
-
-    out = [
-        _tag(m.ref, m.created, m.size, m.sha256, _details(m.architecture, m.parameters, m.quant))
-        for m in store.list_models()
-    ]
-    for name, target in registry.named.items():
-        info = target.info
-        details = _details(info.architecture, info.n_params, _quant(target))
-        out.append(_tag(name, target.path.stat().st_mtime, info.file_size, "", details))
+    out = []
+    for listed in registry.listing():
+        m, info = listed.manifest, listed.target.info
+        if m is not None:
+            details = _details(m.architecture, m.parameters, m.quant)
+            out.append(_tag(listed.name, m.created, m.size, m.sha256, details))
+        else:
+            details = _details(info.architecture, info.n_params, _quant(listed.target))
+            modified = listed.target.path.stat().st_mtime
+            out.append(_tag(listed.name, modified, info.file_size, "", details))
     return out
 
 
@@ -364,21 +392,21 @@ def _quant(target: Located) -> str:
 
 def _running(model: Model) -> dict[str, Any]:
     info = model.target.info
-    plan = model.loaded.plan
+    plan = model.worker.plan
     vram = plan.total(plan.gpu_device) if plan is not None and plan.gpu_device else 0
     if model.keep_alive is None:
         expires = FOREVER_AT
     else:
         left = model.keep_alive if model.expires_at is None else model.expires_at - time.monotonic()
         expires = _iso(time.time() + max(0.0, left))
-    scheduler = model.scheduler
+    worker = model.worker
     return {
         "name": model.name, "model": model.name, "size": model.memory, "digest": "",
         "details": _details(info.architecture, info.n_params, _quant(model.target)),
         "expires_at": expires, "size_vram": vram,
-        "context_length": scheduler.batch.seq_ctx,
+        "context_length": worker.seq_ctx,
         # localmix's own: sequences decoded together, requests using the model now
-        "parallel": scheduler.batch.n_seq, "requests": model.users,
+        "parallel": worker.n_seq, "requests": model.users,
     }  # fmt: skip
 
 

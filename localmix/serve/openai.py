@@ -62,7 +62,7 @@ class Sampled(_Body):
     stream_options: Union[StreamOptions, None] = None  # noqa: UP007
     temperature: Union[float, None] = Field(None, ge=0, le=2)  # noqa: UP007
     top_p: Union[float, None] = Field(None, ge=0, le=1)  # noqa: UP007
-    max_tokens: Union[int, None] = Field(None, ge=0)  # noqa: UP007
+    max_tokens: Union[int, None] = Field(None, ge=1)  # noqa: UP007 - OpenAI: 0 is refused
     stop: Union[str, list[str], None] = None  # noqa: UP007
     seed: Union[int, None] = None  # noqa: UP007
     n: int = 1
@@ -81,14 +81,14 @@ class ChatRequest(Sampled):
     messages: list[ChatMessage]
     # a reasoning model's switch: "none" turns thinking off, any other effort on (v15: "high")
     reasoning_effort: Union[str, None] = None  # noqa: UP007
-    max_completion_tokens: Union[int, None] = Field(None, ge=0)  # noqa: UP007
+    max_completion_tokens: Union[int, None] = Field(None, ge=1)  # noqa: UP007
     tools: Union[list[Any], None] = None  # noqa: UP007
     response_format: Union[dict[str, Any], None] = None  # noqa: UP007
 
 
 class CompletionRequest(Sampled):
     prompt: Union[str, list[str], list[int], list[list[int]]]  # noqa: UP007
-    max_tokens: Union[int, None] = Field(16, ge=0)  # noqa: UP007 - OpenAI's default here
+    max_tokens: Union[int, None] = Field(16, ge=1)  # noqa: UP007 - OpenAI's default here
     echo: bool = False
     suffix: Union[str, None] = None  # noqa: UP007
 
@@ -96,7 +96,16 @@ class CompletionRequest(Sampled):
 # -- request → generation --------------------------------------------------------------------
 
 
+# OpenAI fields that change nothing localmix returns: accepted and ignored
+NO_EFFECT = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+    "safety_identifier", "cache_prompt",  # llama-server's: a cached prompt gives the same reply
+})  # fmt: skip
+
+
 def _refuse_unsupported(req: Sampled) -> None:
+    """A 400 naming the first field localmix would otherwise not honour: OpenAI's fields it does
+    not implement, and fields OpenAI does not define (OpenAI refuses those too)."""
     bad = app.BadField
     if req.n != 1:
         raise bad("n", "n must be 1: localmix generates one choice per request")
@@ -105,9 +114,14 @@ def _refuse_unsupported(req: Sampled) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise bad(name, f"{name} is not supported", hint="use repeat_penalty, e.g. 1.1")
+    extra = {k: v for k, v in (req.model_extra or {}).items() if v is not None}
+    if extra.get("logit_bias") == {}:
+        del extra["logit_bias"]  # an empty bias is honoured by doing nothing
     if isinstance(req, ChatRequest):
         if req.tools:
             raise bad("tools", "tools are not supported")
+        if extra.get("tool_choice") == "none":
+            del extra["tool_choice"]  # no tools, none called
         kind = (req.response_format or {}).get("type", "text")
         if kind != "text":
             raise bad("response_format", f"response_format {kind!r} is not supported")
@@ -115,6 +129,19 @@ def _refuse_unsupported(req: Sampled) -> None:
         for name in ("echo", "suffix"):
             if getattr(req, name):
                 raise bad(name, f"{name} is not supported")
+    for name in extra:
+        if name not in NO_EFFECT:
+            hint = _UNSUPPORTED.get(name, "leave it out: localmix refuses what it would not honour")
+            raise bad(name, f"{name} is not supported", hint=hint)
+
+
+_UNSUPPORTED = {
+    "logit_bias": "localmix cannot bias tokens yet; leave logit_bias out",
+    "top_logprobs": "it needs logprobs, which localmix does not return",
+    "tool_choice": "it needs tools, which localmix does not support yet",
+    "functions": "legacy functions are not supported; neither are tools yet",
+    "function_call": "legacy functions are not supported; neither are tools yet",
+}
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -142,7 +169,7 @@ def generation(req: Sampled, model: Model, prompt: list[int]) -> Generation:
     limit = req.max_tokens
     if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
         limit = req.max_completion_tokens
-    room = model.scheduler.batch.seq_ctx - len(prompt)
+    room = model.worker.seq_ctx - len(prompt)
     return Generation(
         prompt, sampling, max_tokens=room if limit is None else min(limit, room),
         stop=_stops(req.stop), ignore_eos=req.ignore_eos,
@@ -373,11 +400,10 @@ async def _complete(
 
 
 def _model_list(registry: Registry) -> list[dict[str, Any]]:
-    from localmix import store
-
-    entries = [_model_entry(m.ref, m.created) for m in store.list_models()]
-    entries += [_model_entry(name, 0) for name in registry.named]
-    return entries
+    return [
+        _model_entry(m.name, m.manifest.created if m.manifest else m.target.path.stat().st_mtime)
+        for m in registry.listing()
+    ]
 
 
 def _model_entry(name: str, created: float) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def text_tokens(model: Model, text: str | Sequence[int]) -> list[int]:
 
 def fits(model: Model, tokens: list[int]) -> list[int]:
     """tokens, if they leave room in one sequence's context for at least one reply token."""
-    room = model.scheduler.batch.seq_ctx
+    room = model.worker.seq_ctx
     if len(tokens) >= room:
         raise ContextTooLong(
             f"the prompt is {len(tokens)} tokens; the context holds {room}",

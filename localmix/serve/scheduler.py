@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from localmix.errors import LocalmixError
 from localmix.llama.records import Chunk, Stats
@@ -22,6 +23,8 @@ from localmix.llama.records import Chunk, Stats
 if TYPE_CHECKING:
     from localmix.llama.batch import Batch, Generation
     from localmix.llama.engine import Engine
+
+T = TypeVar("T")
 
 
 class Busy(LocalmixError):
@@ -62,16 +65,31 @@ class Job:
             self.scheduler.cancel(self)
 
 
-class Scheduler:
-    """A worker thread running one Batch over `engine`; queue_limit requests may wait."""
+Deliver = Callable[[list[tuple[Any, Chunk | Stats | BaseException]]], None]
 
-    def __init__(self, engine: Engine, *, seq_ctx: int, queue_limit: int, name: str) -> None:
+
+class Scheduler:
+    """A worker thread running one Batch over `engine`; queue_limit requests may wait. Each
+    step's events go to deliver (by default: onto each Job's asyncio queue; in a model worker
+    process, down the pipe to the server)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        seq_ctx: int,
+        queue_limit: int,
+        name: str,
+        deliver: Deliver | None = None,
+    ) -> None:
         from localmix.llama.batch import Batch
 
         self.batch: Batch = Batch(engine, seq_ctx)
         self.queue_limit = queue_limit
+        self._deliver = deliver or to_loops
         self._waiting: deque[Job] = deque()
         self._cancels: list[Job] = []
+        self._calls: list[tuple[Callable[[Batch], Any], Future[Any]]] = []
         self._running: dict[int, Job] = {}  # sequence id -> job; touched by the worker only
         self._cond = threading.Condition()
         self._closing = False
@@ -103,13 +121,26 @@ class Scheduler:
             self._waiting.append(job)
             self._cond.notify()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job) -> bool:
+        """Stop job: True if it was still waiting (dropped, no event follows), else its
+        generation ends between two steps with an "interrupted" Stats."""
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
-            else:
-                self._cancels.append(job)
+                return True
+            self._cancels.append(job)
             self._cond.notify()
+            return False
+
+    def call(self, fn: Callable[[Batch], T]) -> T:
+        """fn(batch), run on the worker thread between two steps (a Batch is not thread-safe)."""
+        done: Future[T] = Future()
+        with self._cond:
+            if self._closing:
+                raise Busy("the model is being unloaded")
+            self._calls.append((fn, done))
+            self._cond.notify()
+        return done.result()
 
     def close(self) -> None:
         """Stop every job (waiting ones get Busy), stop the thread; the engine stays open."""
@@ -133,21 +164,37 @@ class Scheduler:
             jobs = [*self._running.values(), *self._waiting]
             self._running.clear()
             self._deliver([(job, self.broken) for job in jobs])
+            self._fail_calls(self.broken)
             return
         self._shut()
+        self._fail_calls(Busy("the model was unloaded"))
+
+    def _fail_calls(self, error: LocalmixError) -> None:
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for _, done in calls:
+            done.set_exception(error)
 
     def _turn(self) -> bool:
         """Admit, cancel and step once; False when the scheduler is closing."""
         batch = self.batch
         with self._cond:
-            while not (self._closing or self._waiting or self._cancels or self._running):
+            while not (
+                self._closing or self._waiting or self._cancels or self._running or self._calls
+            ):
                 self._cond.wait()
             if self._closing:
                 return False
             cancels, self._cancels = self._cancels, []
+            calls, self._calls = self._calls, []
             admitted = []
             while self._waiting and batch.free > len(admitted):
                 admitted.append(self._waiting.popleft())
+        for fn, done in calls:
+            try:
+                done.set_result(fn(batch))
+            except Exception as error:  # the caller's to see
+                done.set_exception(error)
         out: list[tuple[Job, Chunk | Stats | BaseException]] = []
         for job in cancels:
             if job.seq is not None and self._running.get(job.seq) is job:
@@ -201,16 +248,16 @@ class Scheduler:
         out.extend((job, gone) for job in waiting)
         self._deliver(out)
 
-    @staticmethod
-    def _deliver(out: list[tuple[Job, Chunk | Stats | BaseException]]) -> None:
-        """Hand each event to its job's loop: one wake-up per loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Chunk | Stats | BaseException]]]
-        by_loop = {}
-        for job, item in out:
-            by_loop.setdefault(job.loop, []).append((job, item))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody listens
-                loop.call_soon_threadsafe(_put_all, items)
+
+def to_loops(out: list[tuple[Job, Chunk | Stats | BaseException]]) -> None:
+    """Hand each event to its job's loop: one wake-up per loop per step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Chunk | Stats | BaseException]]]
+    by_loop = {}
+    for job, item in out:
+        by_loop.setdefault(job.loop, []).append((job, item))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody listens
+            loop.call_soon_threadsafe(_put_all, items)
 
 
 def _put_all(items: list[tuple[Job, Chunk | Stats | BaseException]]) -> None:

@@ -17,6 +17,7 @@ from localmix.errors import LocalmixError, UsageError
 
 if TYPE_CHECKING:
     from localmix.load import LoadSettings
+    from localmix.serve.guard import Policy
     from localmix.serve.models import Registry, ServeOptions
     from localmix.store import Located
 
@@ -80,8 +81,12 @@ class Server:
         named: Sequence[tuple[str, Located]] = (),
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
+        policy: Policy | None = None,
     ) -> None:
+        from localmix.serve import guard
         from localmix.serve.models import Registry
+
+        self.policy = policy or guard.policy(loopback=is_loopback(host))
 
         self.registry: Registry = Registry(settings, options, named)
         self.sock = bind(host, port)
@@ -101,7 +106,7 @@ class Server:
         try:
             self.registry.preload()
             config = uvicorn.Config(
-                build_app(self.registry), log_level="warning", access_log=False,
+                build_app(self.registry, self.policy), log_level="warning", access_log=False,
                 lifespan="on", timeout_graceful_shutdown=GRACE_S, ws="none",
             )  # fmt: skip
             self._uvicorn = server = uvicorn.Server(config)
