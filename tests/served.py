@@ -32,6 +32,14 @@ def scripted_chat_gguf(path: Path, n_ctx: int = 512) -> Path:
     return write_scripted_gguf(path, successors, n_ctx=n_ctx)
 
 
+@pytest.fixture(autouse=True)
+def shared_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A serve test module's tests share its one store, `home` (the module's own fixture): the
+    server reads LOCALMIX_HOME per request. Import it into the module to use it."""
+    monkeypatch.setenv("LOCALMIX_HOME", str(home))
+    return home
+
+
 def make_store(home: Path, models: dict[str, Path]) -> Path:
     """Import each GGUF (by reference) under its name into the store at home."""
     from localmix.pull import import_gguf

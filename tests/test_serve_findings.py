@@ -13,7 +13,7 @@ import pytest
 
 from localmix.serve.server import Server
 
-from .served import make_store, serving
+from .served import make_store, serving, shared_home  # noqa: F401 (autouse fixture)
 
 HI = [{"role": "user", "content": "Hi"}]
 JSON = {"content-type": "application/json"}
@@ -24,12 +24,6 @@ def home(tmp_path_factory: pytest.TempPathFactory, small_mistral_q4_k_m: Path) -
     store = tmp_path_factory.mktemp("findings-home")
     return make_store(store, {"a": small_mistral_q4_k_m, "b": small_mistral_q4_k_m,
                               "c": small_mistral_q4_k_m})  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def localmix_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOCALMIX_HOME", str(home))
-    return home
 
 
 @pytest.fixture(scope="module")

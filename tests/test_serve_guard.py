@@ -17,7 +17,7 @@ from localmix.errors import UsageError
 from localmix.serve import guard
 from localmix.serve.server import Server
 
-from .served import make_store, scripted_chat_gguf, serving
+from .served import make_store, scripted_chat_gguf, serving, shared_home  # noqa: F401 (autouse fixture)
 
 KEY = "test-key-0123456789abcdef"
 CHAT = {"model": "scripted", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -29,12 +29,6 @@ ROUTES = (("/v1/chat/completions", CHAT), ("/api/generate", GENERATE), ("/api/ch
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scripted = scripted_chat_gguf(tmp_path_factory.mktemp("scripted") / "scripted.gguf")
     return make_store(tmp_path_factory.mktemp("guard-home"), {"scripted": scripted})
-
-
-@pytest.fixture(autouse=True)
-def localmix_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOCALMIX_HOME", str(home))
-    return home
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from localmix.serve.ollama import keep_alive_seconds
 from localmix.serve.server import Server
 
 from .scripted_gguf import write_scripted_gguf
-from .served import BOS, eventually, make_store, scripted_chat_gguf, serving
+from .served import BOS, eventually, make_store, scripted_chat_gguf, serving, shared_home  # noqa: F401 (autouse fixture)
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY: dict[str, Any] = {"temperature": 0, "repeat_penalty": 1.0}
@@ -33,12 +33,6 @@ def home(
     scripted = scripted_chat_gguf(tmp_path_factory.mktemp("scripted") / "scripted.gguf")
     models = {"tiny": tiny_mistral_gguf_f16, "tiny-mixtral": tiny_mixtral_gguf_f16}
     return make_store(tmp_path_factory.mktemp("serve-home"), {**models, "scripted": scripted})
-
-
-@pytest.fixture(autouse=True)
-def localmix_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOCALMIX_HOME", str(home))
-    return home
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from localmix.serve.server import Server
 
-from .served import BOS, LOOP, eventually, make_store, scripted_chat_gguf, serving
+from .served import BOS, LOOP, eventually, make_store, scripted_chat_gguf, serving, shared_home  # noqa: F401 (autouse fixture)
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
@@ -29,13 +29,6 @@ def home(tmp_path_factory: pytest.TempPathFactory, tiny_mistral_gguf_f16: Path) 
     # the tiny model also under the name `localmix pull mistral` gives the catalog's model
     models = {"tiny": tiny_mistral_gguf_f16, "mistral:v0.3": tiny_mistral_gguf_f16}
     return make_store(store, {**models, "scripted": scripted})
-
-
-@pytest.fixture(autouse=True)
-def localmix_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This module's tests share one store (the server reads LOCALMIX_HOME per request)."""
-    monkeypatch.setenv("LOCALMIX_HOME", str(home))
-    return home
 
 
 @pytest.fixture(scope="module")

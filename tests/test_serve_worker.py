@@ -19,7 +19,7 @@ import pytest
 
 from localmix.serve.server import Server
 
-from .served import BOS, LOOP, eventually, make_store, scripted_chat_gguf, serving
+from .served import BOS, LOOP, eventually, make_store, scripted_chat_gguf, serving, shared_home  # noqa: F401 (autouse fixture)
 
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
 LONG = 6000  # tokens: seconds of generation, long enough to kill it midway
@@ -32,12 +32,6 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for name in ("doomed", "bystander")
     }
     return make_store(tmp_path_factory.mktemp("worker-home"), models)
-
-
-@pytest.fixture(autouse=True)
-def localmix_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LOCALMIX_HOME", str(home))
-    return home
 
 
 @pytest.fixture(scope="module")
