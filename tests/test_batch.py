@@ -85,11 +85,9 @@ def test_a_request_joins_between_decode_steps(batch: Batch, single: Engine) -> N
         for _, item in batch.step():
             got[0].append(item.token)  # type: ignore[union-attr]
     seq_b = batch.start(Generation(b, GREEDY, max_tokens=10))
-    reading = batch.step()  # one decode: A's next token and B's prompt but its last token
-    assert [seq for seq, _ in reading] == [seq_a]
-    shared = batch.step()  # A's next token and B's last prompt token, which picks B's first
+    shared = batch.step()  # one decode: A's next token and B's whole prompt
     assert {seq for seq, _ in shared} == {seq_a, seq_b}
-    for seq, item in [*reading, *shared]:
+    for seq, item in shared:
         got[0 if seq == seq_a else 1].append(item.token)  # type: ignore[union-attr]
     tokens, _ = drain(batch, {seq_a: 0, seq_b: 1})
     assert got[0] + tokens[0] == alone(single, a, GREEDY, 30)
@@ -99,9 +97,9 @@ def test_a_request_joins_between_decode_steps(batch: Batch, single: Engine) -> N
 def test_long_prompts_are_read_in_chunks_while_others_generate(
     batch: Batch, single: Engine
 ) -> None:
-    """n_batch is 64: a 200-token prompt takes four steps (63 tokens beside the generating
-    sequence's one, then 10) and its last token a fifth of its own; the generating sequence gets a
-    token in each of them."""
+    """n_batch is 64: a 200-token prompt takes four steps beside the generating sequence's token
+    (63, 63, 63, 11; beside others its last token gets no step of its own), and the generating
+    sequence gets a token in each of them."""
     long_prompt = [BOS, *itertools.islice(itertools.cycle(PROMPTS[3][1:]), 199)]
     batch.clear_idle()  # nothing of it cached: all 200 tokens are read
     seq_a = batch.start(Generation(PROMPTS[0], GREEDY, max_tokens=12))
@@ -114,7 +112,7 @@ def test_long_prompts_are_read_in_chunks_while_others_generate(
             break
         assert [seq for seq, _ in out] == [seq_a]
         steps_of_a += 1
-    assert steps_of_a == 4
+    assert steps_of_a == 3
     tokens, stats = drain(batch, {seq_a: 0, seq_b: 1})
     assert stats[1].prompt_tokens + stats[1].cached_tokens == 200
     assert alone(single, long_prompt, GREEDY, 4)[1:] == tokens[1]

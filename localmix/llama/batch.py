@@ -255,9 +255,12 @@ class Batch:
         busy.sort(key=lambda s: (s.prompt_left > 0, s.t_start))
         n, rows = 0, []
         for slot in busy:
-            # a prompt's last token goes in a step of its own (after the rest), as it does when
-            # the rest is cached: a seeded reply then repeats whether its prompt was cached or not
-            ahead = len(slot.pending) - 1 if slot.prompt_left > 1 else len(slot.pending)
+            # A lone sequence's last prompt token goes in a step of its own (after the rest), as
+            # it does when the rest is cached: a seeded reply then repeats whether its prompt was
+            # cached or not. Beside other sequences the batch's shape varies anyway, so there it
+            # would only cost a step of time to first token.
+            hold = slot.prompt_left > 1 and len(busy) == 1
+            ahead = len(slot.pending) - 1 if hold else len(slot.pending)
             take = min(ahead, self._size - n)
             if take <= 0:
                 break
