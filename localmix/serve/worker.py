@@ -118,7 +118,7 @@ class Worker:
         if message is None:
             process.join(STOP_S)
             ours.close()
-            raise _died(name, process, "while loading it")
+            raise _death(name, process, "while loading it")
         if message[0] == "failed":
             process.join(STOP_S)
             ours.close()
@@ -234,7 +234,7 @@ class Worker:
     def _died(self) -> None:
         """The process ended on its own: every job gets the error, and so does what comes next."""
         self.process.join(5)
-        error = _died(self.name, self.process, "")
+        error = _death(self.name, self.process, "")
         with self._lock:
             self.broken = error
             jobs = list(self._jobs.values())
@@ -263,7 +263,8 @@ def _first_message(conn: Connection, process: BaseProcess) -> Any:
         return None
 
 
-def _died(name: str, process: BaseProcess, when: str) -> EngineError:
+def _death(name: str, process: BaseProcess, when: str) -> EngineError:
+    """The error a dead worker is for its requests: the model, and the signal or exit code."""
     code = process.exitcode
     if code is not None and code < 0:
         try:
