@@ -1,6 +1,6 @@
 """`localmix bench` against llama.cpp's llama-bench: pp512 and tg128, same GGUF and threads.
 
-The models are a ~125M-parameter synthetic Mistral and a small synthetic Mixtral (localmix.synth →
+The models are a ~125M-parameter synthetic Mistral and a small synthetic Mixtral (localmix.build.synth.checkpoints →
 convert → quantize Q4_K_M), made once and cached. llama-bench is built from the llama.cpp source
 that the pinned llama-cpp-python vendors (llamacpp_tools.py). Each round runs both tools back to
 back (-r repetitions after a warmup each), swapping which goes first; the verdict is the median of

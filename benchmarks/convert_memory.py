@@ -5,7 +5,7 @@ the largest output tensor + 512 MiB.
     python benchmarks/convert_memory.py [--size 125m --size 1b] [--arch mistral] [--outtype f16]
                                         [--dtype bf16] [--keep DIR]
 
-Checkpoints are written by localmix.synth (bf16 by default, as real checkpoints ship) in a child
+Checkpoints are written by localmix.build.synth.checkpoints (bf16 by default, as real checkpoints ship) in a child
 process of their own, so the conversion's peak is measured alone. Exit status 0 when every size
 stays within its budget.
 """
@@ -60,7 +60,7 @@ def run_child(args: list[str]) -> tuple[int, float, str]:
 
 
 def measure(size: str, arch: str, outtype: str, dtype: str, work: Path) -> Result:
-    from localmix import synth
+    from localmix.build.synth import checkpoints as synth
 
     ckpt = work / f"{arch}-{size}-{dtype}"
     if not (ckpt / ".complete").is_file():
@@ -83,21 +83,21 @@ def measure(size: str, arch: str, outtype: str, dtype: str, work: Path) -> Resul
 
 
 def child_synth(ckpt: str, arch: str, size: str, dtype: str) -> None:
-    from localmix import synth
+    from localmix.build.synth import checkpoints as synth
 
     synth.checkpoint(Path(ckpt), arch=arch, size=size, dtype=dtype, seed=0)
 
 
 def child_convert(ckpt: str, out: str, outtype: str) -> None:
-    from localmix.convert import convert
+    from localmix.build.convert import convert
 
     convert(Path(ckpt), Path(out), outtype=outtype)
 
 
 def largest_output(ckpt: Path, outtype: str) -> tuple[str, int]:
     """The largest tensor of the conversion's plan (headers only): its GGUF name and bytes."""
-    from localmix.convert import converter_for
-    from localmix.convert.checkpoint import open_checkpoint
+    from localmix.build.convert import converter_for
+    from localmix.build.convert.checkpoint import open_checkpoint
 
     tensors = converter_for(open_checkpoint(ckpt)).tensors(outtype)
     top = max(tensors, key=lambda t: t.nbytes)

@@ -68,9 +68,9 @@ def make_model(name: str) -> Path:
     out = models_dir() / f"synth-{arch}-{size}-Q4_K_M.gguf"
     if out.is_file():
         return out
-    from localmix import synth
-    from localmix.convert import convert
-    from localmix.quantize import quantize
+    from localmix.build.convert import convert
+    from localmix.build.quantize import quantize
+    from localmix.build.synth import checkpoints as synth
 
     with tempfile.TemporaryDirectory(dir=models_dir()) as tmp:
         checkpoint = synth.checkpoint(Path(tmp) / "ckpt", arch=arch, size=size)

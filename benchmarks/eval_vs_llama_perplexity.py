@@ -138,9 +138,9 @@ def localmix_eval(
 
 def tiny_models(work: Path, arch: str, tokenizer: str, quants: tuple[str, ...]) -> dict[str, Path]:
     """A tiny synth model of arch as F16 and the given quants (made by localmix quantize)."""
-    from localmix import synth
-    from localmix.convert import convert
-    from localmix.quantize import quantize
+    from localmix.build.convert import convert
+    from localmix.build.quantize import quantize
+    from localmix.build.synth import checkpoints as synth
 
     os.environ["LOCALMIX_HOME"] = str(work / "home")
     ckpt = synth.checkpoint(work / f"{arch}-{tokenizer}", arch=arch, size="tiny",
@@ -189,7 +189,7 @@ def equality(work: Path, chunks: int, threads: int) -> bool:
 
 
 def memory(work: Path, tekken_chunks: list[int], threads: int) -> None:
-    from localmix.synth import TOKENIZERS
+    from localmix.build.synth.checkpoints import TOKENIZERS
 
     n_vocab = TOKENIZERS["tekken"].vocab_size
     files = tiny_models(work, "mistral", "tekken", ("Q4_K_M",))

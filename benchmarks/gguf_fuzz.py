@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO))
 
 
 def _q4_k_m(work: Path) -> Path:
-    from localmix import synth
-    from localmix.convert import convert
-    from localmix.quantize import quantize
+    from localmix.build.convert import convert
+    from localmix.build.quantize import quantize
+    from localmix.build.synth import checkpoints as synth
 
     ckpt = synth.checkpoint(work / "ckpt", arch="mistral", size="tiny", seed=0)
     f16 = convert(ckpt, work / "tiny.F16.gguf", outtype="f16")

@@ -774,7 +774,7 @@ def stage_cpu_rule(check: Check, model: Path) -> None:
 COMPARE_IMATRIX = """
 import json, sys
 import numpy as np
-from localmix.imatrix import load
+from localmix.build.imatrix.files import load
 a, b = load(sys.argv[1]), load(sys.argv[2])
 worst = 0.0
 for name, x in a.values.items():

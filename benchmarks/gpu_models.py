@@ -75,8 +75,8 @@ def block_buffer(type_name: str, seed: int, limit: int = BUFFER_BYTES) -> bytes:
 
 def template_gguf(work: Path) -> Path:
     """A tiny Mistral GGUF with the v1 tokenizer, made by localmix's own synth and convert."""
-    from localmix import synth
-    from localmix.convert import convert
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
 
     ckpt = synth.checkpoint(work / "tiny-ckpt", arch="mistral", size="tiny", seed=0)
     return convert(ckpt, work / "tiny-v1.gguf", outtype="f32")

@@ -77,8 +77,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from localmix import corpus, synth
-    from localmix.convert import convert
+    from localmix import corpus
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
 
     llama_imatrix = tool("llama-imatrix")
     # llama-imatrix adds n positive float32 terms one at a time: relative error at most (n-1)u,

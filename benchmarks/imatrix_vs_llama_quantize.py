@@ -31,9 +31,9 @@ def digest(path: Path) -> str:
 
 
 def main() -> int:
-    from localmix import synth
-    from localmix.convert import convert
-    from localmix.quantize import quantize
+    from localmix.build.convert import convert
+    from localmix.build.quantize import quantize
+    from localmix.build.synth import checkpoints as synth
 
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:

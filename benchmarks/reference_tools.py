@@ -255,9 +255,9 @@ def compare(case: str, reference: Path, ours: Path, *, layout: str = "hf") -> Co
 def run(
     work: Path, archs: list[str], layouts: list[str], sizes: list[str], tokenizer: str = "v1"
 ) -> list[Comparison]:
-    from localmix import synth
-    from localmix.convert import convert
-    from localmix.quantize import quantize
+    from localmix.build.convert import convert
+    from localmix.build.quantize import quantize
+    from localmix.build.synth import checkpoints as synth
 
     src = llama_source()
     python = refvenv(src)

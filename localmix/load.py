@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from localmix.llama.hardware import Amx, Hardware
     from localmix.llama.offload import Plan
     from localmix.llama.records import EngineConfig, MatMulTap
-    from localmix.store import Located
+    from localmix.models.store import Located
 
 DEFAULT_CTX = 4096
 ALL_LAYERS = 1 << 20  # cpu_moe: every layer's experts (the plan clamps it to the model's layers)
@@ -110,7 +110,7 @@ class Loaded:
 
 def locate(reference: str | Path | Located) -> Located:
     """A store name or .gguf path to the file a command loads (the walk of a name happens once)."""
-    from localmix import store
+    from localmix.models import store
 
     if isinstance(reference, store.Located):
         return reference

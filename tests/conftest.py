@@ -17,12 +17,12 @@ def localmix_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-# ---- tiny synthetic models, built once per session (localmix.synth + localmix.convert) ----------
+# ---- tiny synthetic models, built once per session (localmix.build.synth.checkpoints + localmix.build.convert) ----------
 # Checkpoints are HF layout, v1 tokenizer, seed 0, f32 weights: seconds to build on 2 cores.
 
 
 def _tiny_ckpt(factory: pytest.TempPathFactory, arch: str) -> Path:
-    from localmix import synth
+    from localmix.build.synth import checkpoints as synth
 
     return synth.checkpoint(factory.mktemp(f"tiny-{arch}") / "ckpt", arch=arch, size="tiny", seed=0)
 
@@ -30,7 +30,7 @@ def _tiny_ckpt(factory: pytest.TempPathFactory, arch: str) -> Path:
 def _tiny_gguf(factory: pytest.TempPathFactory, ckpt: Path, outtype: str) -> Path:
     import os
 
-    from localmix.convert import convert
+    from localmix.build.convert import convert
 
     # convert() stages its partial file under LOCALMIX_HOME/tmp: give this session-wide build its
     # own home so no test's isolated home sees it
@@ -90,13 +90,13 @@ def tiny_mixtral_gguf_f16(
 def small_mistral_q4_k_m(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 256-wide Mistral in Q4_K_M: wide enough for real K-quant blocks (tiny's 64 is not), so
     its quantized matrix products round the way a real model's do."""
-    from localmix.quantize import quantize
+    from localmix.build.quantize import quantize
 
     f16 = _tiny_gguf(tmp_path_factory, _small_ckpt(tmp_path_factory), "f16")
     return quantize(f16, f16.with_name("model.Q4_K_M.gguf"), "Q4_K_M")
 
 
 def _small_ckpt(factory: pytest.TempPathFactory) -> Path:
-    from localmix import synth
+    from localmix.build.synth import checkpoints as synth
 
     return synth.checkpoint(factory.mktemp("small-mistral") / "ckpt", size="small", seed=0)

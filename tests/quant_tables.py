@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from localmix import synthgguf
+from localmix.build.synth import ggufs as synthgguf
+from localmix.build.synth.ggufs import Mla
 from localmix.gguffile import GGUFInfo, TensorInfo
-from localmix.synthgguf import Mla
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A small numpy forward pass of Mistral / Mixtral, read straight from a checkpoint's safetensors.
 
-This is the suite's own reference: it shares no code with localmix.convert or llama.cpp, so a
+This is the suite's own reference: it shares no code with localmix.build.convert or llama.cpp, so a
 converted GGUF whose llama.cpp logits match these is converted correctly. Float32 math throughout.
 
 Hugging Face layout (config.json + model*.safetensors) uses rotate-half RoPE on HF's permuted q/k

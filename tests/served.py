@@ -42,7 +42,7 @@ def shared_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def make_store(home: Path, models: dict[str, Path]) -> Path:
     """Import each GGUF (by reference) under its name into the store at home."""
-    from localmix.pull import import_gguf
+    from localmix.models.pull import import_gguf
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LOCALMIX_HOME", str(home))

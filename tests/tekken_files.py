@@ -72,7 +72,7 @@ def tekken_file(version: str, folder: Path, vocab_size: int | None = None) -> Pa
 
 def checkpoint_with(tokenizer_file: Path, folder: Path, synth_tokenizer: str = "tekken") -> Path:
     """A tiny Mistral-native synth checkpoint whose tokenizer is `tokenizer_file` (same size)."""
-    from localmix import synth
+    from localmix.build.synth import checkpoints as synth
 
     ckpt = synth.checkpoint(
         folder / "ckpt", size="tiny", tokenizer=synth_tokenizer, layout="mistral", seed=0
@@ -87,7 +87,7 @@ def checkpoint_with(tokenizer_file: Path, folder: Path, synth_tokenizer: str = "
 
 def tekken_gguf(version: str, folder: Path) -> tuple[Path, Path]:
     """(tokenizer file, tiny f16 GGUF converted from a checkpoint with it)."""
-    from localmix.convert import convert
+    from localmix.build.convert import convert
 
     tok = tekken_file(version, folder)
     ckpt = checkpoint_with(tok, folder)

@@ -316,7 +316,7 @@ def _c(id: str, code: int, needle: str, *items: str, env: dict[str, str] | None 
 
 def _requantized(work: Path, gguf: Path) -> str:
     """A Q8_0 copy of the tiny model, made outside the work dir (it is input, not output)."""
-    from localmix import quantize
+    from localmix.build import quantize
 
     out = work.parent / "q8.gguf"
     if not out.exists():

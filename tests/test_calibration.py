@@ -12,12 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localmix import calibration, corpus, gguffile, imatrix, pull, store
+from localmix import corpus, gguffile
+from localmix.build.imatrix import compute as calibration
+from localmix.build.imatrix import files as imatrix
+from localmix.build.quantize import quantize
 from localmix.errors import EngineError
 from localmix.llama.engine import Engine, EngineConfig
 from localmix.llama.records import MatMul
 from localmix.load import LoadSettings
-from localmix.quantize import quantize
+from localmix.models import pull, store
 from tests import llamacpp_reference
 from tests import reference_forward as ref
 

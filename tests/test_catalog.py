@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from localmix import catalog
 from localmix.errors import CatalogError, ModelNotFound
+from localmix.models import catalog
 
 
 def test_shipped_catalog_has_the_mistral_family() -> None:
@@ -114,11 +114,17 @@ def test_broken_catalog_names_file_entry_and_field(
         assert "'x'" in info.value.message
 
 
-def test_the_repository_root_catalog_is_the_one_the_package_ships() -> None:
-    """models.toml sits at the repository root, where people look for it (the design card lists
-    it there); the wheel ships localmix/models.toml. Edit both, or this fails."""
+def test_the_catalog_is_one_file_and_the_wheel_ships_it() -> None:
+    """models.toml lives once, beside catalog.py, and pyproject's package data names it, so an
+    installed wheel reads the same catalog as a checkout."""
     root = Path(__file__).resolve().parent.parent
-    assert (root / "models.toml").read_bytes() == (root / "localmix" / "models.toml").read_bytes()
+    found = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.glob("**/models.toml")
+        if ".venv" not in p.parts and "build" not in p.parts[:1]
+    )
+    assert found == ["localmix/models/models.toml"]
+    assert '"models/models.toml"' in (root / "pyproject.toml").read_text()
 
 
 def test_the_catalog_holds_the_mistral_family_of_today() -> None:

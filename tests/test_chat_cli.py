@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from localmix import store
 from localmix.errors import ContextTooLong, ModelNotFound, UsageError
+from localmix.models import store
 from tests.cli_run import run_cli
 from tests.scripted_gguf import write_scripted_gguf
 

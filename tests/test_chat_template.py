@@ -125,7 +125,7 @@ def format_gguf(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[str, Path, Path]:
     """(format, its tokenizer file, a tiny GGUF converted from a checkpoint with that file)."""
-    from localmix.convert import convert
+    from localmix.build.convert import convert
 
     fmt = request.param
     tmp = tmp_path_factory.mktemp(f"fmt-{fmt}")
@@ -372,8 +372,9 @@ def test_mistral_vocabularies_are_recognised_by_their_tokens_not_the_name(
 ) -> None:
     """A GGUF converted from Mistral's real tokenizer with no chat template (as llama.cpp's
     converter writes one from a Hugging Face folder without it) and a name without "mistral"."""
-    from localmix import gguffile, synth
-    from localmix.convert import convert
+    from localmix import gguffile
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
     from localmix.llama.engine import Engine
     from localmix.llama.records import EngineConfig
 

@@ -1,4 +1,4 @@
-"""localmix.convert: checkpoints (HF and Mistral-native; v1, v3, tekken) -> GGUF, read back with
+"""localmix.build.convert: checkpoints (HF and Mistral-native; v1, v3, tekken) -> GGUF, read back with
 gguf's own GGUFReader and, for the tokenizer, compared with mistral-common through llama.cpp."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from localmix import gguffile, synth
-from localmix.convert import ConvertEvent, convert
-from localmix.convert import output as convert_output
-from localmix.convert.llama import undo_hf_permute
+from localmix import gguffile
+from localmix.build.convert import ConvertEvent, convert
+from localmix.build.convert import output as convert_output
+from localmix.build.convert.llama import undo_hf_permute
+from localmix.build.synth import checkpoints as synth
 from localmix.errors import CheckpointError, LocalmixError, OutputError, UsageError
 from tests import reference_forward as ref
 
@@ -247,7 +248,7 @@ def test_convert_bf16_input_widens_exactly(tmp_path: Path) -> None:
     f32 = _tensors(_reader(convert(ckpt, tmp_path / "f32.gguf", outtype="f32")))
     np.testing.assert_array_equal(f32["token_embd.weight"].data, w["model.embed_tokens.weight"])
     bf16 = _tensors(_reader(convert(ckpt, tmp_path / "bf16.gguf", outtype="bf16")))
-    from localmix.convert.checkpoint import read_header
+    from localmix.build.convert.checkpoint import read_header
 
     entry = next(e for e in read_header(ckpt / "model.safetensors") if e.name == "lm_head.weight")
     with open(entry.file, "rb") as f:

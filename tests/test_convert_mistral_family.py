@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from localmix import gguffile, synth
-from localmix.convert import check_config, convert
-from localmix.convert.checkpoint import open_checkpoint
+from localmix import gguffile
+from localmix.build.convert import check_config, convert
+from localmix.build.convert.checkpoint import open_checkpoint
+from localmix.build.synth import checkpoints as synth
 from localmix.errors import CheckpointError
 
 TINY = synth.SIZES["tiny"]
@@ -78,7 +79,7 @@ def test_mistral_small_3_multimodal_hf_converts_like_llama_cpp(tmp_path: Path) -
     """Mistral Small 3.1 / 3.2 and Magistral 2509 on the Hub: Mistral3ForConditionalGeneration
     around a plain "mistral" text model, saved by older transformers (language_model.model.*):
     llama.cpp's converter makes it mistral3 without YaRN, and so does localmix."""
-    from localmix.convert.checkpoint import read_header
+    from localmix.build.convert.checkpoint import read_header
 
     ckpt = synth.checkpoint(tmp_path / "small3", arch="ministral3", tokenizer="v3", seed=1)
 

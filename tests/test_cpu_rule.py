@@ -28,7 +28,7 @@ AMX_HOST = hardware.Amx(kernels=True, cpu=True, buffer=True)
 
 @pytest.fixture(scope="module")
 def q4_k_m(tmp_path_factory: pytest.TempPathFactory, tiny_mistral_gguf_f16: Path) -> Path:
-    from localmix.quantize import quantize
+    from localmix.build.quantize import quantize
 
     out = tmp_path_factory.mktemp("cpu-rule") / "tiny.Q4_K_M.gguf"
     return quantize(tiny_mistral_gguf_f16, out, "Q4_K_M")

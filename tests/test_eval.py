@@ -30,7 +30,7 @@ QUICK = EvalSettings(max_chunks=2, threads=1)
 
 @pytest.fixture(scope="module")
 def tiny_q4(tiny_mistral_gguf_f16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from localmix.quantize import quantize
+    from localmix.build.quantize import quantize
 
     return quantize(tiny_mistral_gguf_f16, tmp_path_factory.mktemp("q4") / "q4.gguf", "Q4_K_M")
 
@@ -171,7 +171,7 @@ def test_reference_perplexity_is_that_of_the_scored_half(
 def test_equal_to_llama_perplexity(tiny_mixtral_gguf_f16: Path, tmp_path: Path) -> None:
     """The real tool on a tiny Mixtral, Q4_K_M against F16, 2 chunks: PPL to 4 significant
     digits, mean KLD and same top within 1% (the full comparison: the benchmark script)."""
-    from localmix.quantize import quantize
+    from localmix.build.quantize import quantize
 
     sys.path.insert(0, str(BENCHMARKS))
     try:
@@ -229,8 +229,8 @@ def test_a_text_shorter_than_one_chunk(tiny_mistral_gguf_f16: Path, tiny_q4: Pat
 def test_models_of_different_vocabularies_are_refused(
     tiny_mistral_gguf_f16: Path, tmp_path: Path
 ) -> None:
-    from localmix import synth
-    from localmix.convert import convert
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
 
     ckpt = synth.checkpoint(tmp_path / "v3", arch="mistral", size="tiny", tokenizer="v3")
     v3 = convert(ckpt, tmp_path / "v3.gguf", outtype="f16")
@@ -279,7 +279,7 @@ def test_cli_prints_llama_perplexity_numbers_and_json(
 def test_a_table_of_quants_makes_the_missing_ones(
     tiny_mistral_gguf_f16: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from localmix import store
+    from localmix.models import store
 
     _import(capsys, tiny_mistral_gguf_f16)
     args = ("--chunks", "1", "-t", "1")  # one thread: a shared machine slows spinning threads

@@ -25,7 +25,7 @@ def _no_stdin(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny_q4_k_m(tmp_path_factory: pytest.TempPathFactory, tiny_mistral_gguf_f16: Path) -> Path:
     """The tiny Mistral quantized to Q4_K_M by llama.cpp (a real quantized file). Read-only."""
-    from localmix.quantize import quantize
+    from localmix.build.quantize import quantize
 
     return quantize(
         tiny_mistral_gguf_f16, tmp_path_factory.mktemp("q4km") / "tiny.Q4_K_M.gguf", "Q4_K_M"

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localmix import gguffile, imatrix
+from localmix import gguffile
+from localmix.build.imatrix import files as imatrix
+from localmix.build.quantize import quant_type, quantize
 from localmix.errors import UsageError
 from localmix.llama.engine import Engine, EngineConfig, Sampling
-from localmix.quantize import quant_type, quantize
 
 from .cli_run import run_cli
 from .imatrix_files import matrix_weights, write_gguf_imatrix, write_legacy_imatrix

@@ -23,14 +23,14 @@ SIGNALS = [signal.SIGKILL, signal.SIGINT]
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small Mixtral checkpoint: converting and quantizing it takes long enough to interrupt."""
-    from localmix import synth
+    from localmix.build.synth import checkpoints as synth
 
     return synth.checkpoint(tmp_path_factory.mktemp("small") / "ckpt", arch="mixtral", size="small")
 
 
 @pytest.fixture(scope="module")
 def small_f32(tmp_path_factory: pytest.TempPathFactory, small_ckpt: Path) -> Path:
-    from localmix.convert import convert
+    from localmix.build.convert import convert
 
     work = tmp_path_factory.mktemp("small-f32")
     with pytest.MonkeyPatch.context() as patch:

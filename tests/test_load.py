@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from localmix import load, store
+from localmix import load
 from localmix.cli import chat as chat_cli
+from localmix.models import store
 from tests.cli_run import run_cli
 
 PACKAGE = Path(load.__file__).resolve().parent

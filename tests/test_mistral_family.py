@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from localmix import gguffile, synth, synthgguf
+from localmix import gguffile
+from localmix.build.synth import checkpoints as synth
+from localmix.build.synth import ggufs as synthgguf
 from localmix.llama.architectures import KNOWN, MISTRAL_FAMILY
 from localmix.llama.offload import GIB, Budget
 
@@ -18,7 +20,7 @@ from localmix.llama.offload import GIB, Budget
 def _converted(root: Path, arch: str) -> Path:
     import os
 
-    from localmix.convert import convert
+    from localmix.build.convert import convert
 
     ckpt = synth.checkpoint(root / "ckpt", arch=arch, tokenizer="tekken")
     previous = os.environ.get("LOCALMIX_HOME")

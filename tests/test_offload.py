@@ -38,7 +38,8 @@ def overridden(plan: Plan, names: list[str]) -> set[str]:
 def test_q4_k_m_tables_match_llama_quantize(quant: qt.Arch, tmp_path: Path) -> None:
     """The per-tensor Q4_K_M rules the tables use are the ones llama.cpp applies (same structure,
     tiny dimensions)."""
-    from localmix import gguffile, quantize
+    from localmix import gguffile
+    from localmix.build import quantize
 
     arch = qt.tiny(quant)
     source = qt.write_f16_gguf(arch, tmp_path / "f16.gguf")

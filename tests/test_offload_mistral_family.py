@@ -53,7 +53,8 @@ def test_q4_k_m_tables_match_llama_quantize(arch: object, tmp_path: Path) -> Non
     """The rules the tables use are llama.cpp's: tied embeddings take the output's Q6_K; MLA's
     attn_k_b and narrow attn_output fall back to Q5_0; routed, shared and dense ffn_down all
     follow the layer rule."""
-    from localmix import gguffile, quantize
+    from localmix import gguffile
+    from localmix.build import quantize
 
     if isinstance(arch, qt.Mla):
         source = qt.write_f16_mla(arch, tmp_path / "f16.gguf")
@@ -82,7 +83,7 @@ def test_tables_have_the_published_sizes() -> None:
 
 def test_the_catalog_sizes_agree_with_the_tables() -> None:
     # models.toml keeps GB (10^9 bytes), shown as GiB by `list --available`
-    from localmix import catalog
+    from localmix.models import catalog
 
     models = catalog.load().models
     assert models["mistral-small:3.2"].size_q4_k_m == pytest.approx(
@@ -202,7 +203,8 @@ def test_plan_kv_cache_is_what_llama_cpp_allocates_for_mla(
     """Differential: the tiny mistral4's K and V sizes from llama.cpp's own log line."""
     import dataclasses
 
-    from localmix import gguffile, synthgguf
+    from localmix import gguffile
+    from localmix.build.synth import ggufs as synthgguf
     from localmix.llama.engine import Engine
     from localmix.llama.records import EngineConfig
 

@@ -81,7 +81,7 @@ def test_synth_under_a_file_leaves_nothing(
 
 
 def test_synth_into_a_new_folder_is_all_or_nothing(tmp_path: Path) -> None:
-    from localmix import synth
+    from localmix.build.synth import checkpoints as synth
 
     out = synth.checkpoint(tmp_path / "a" / "b" / "ckpt", seed=0)
     assert (out / "config.json").is_file()

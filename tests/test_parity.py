@@ -84,8 +84,8 @@ def test_parity_bf16_checkpoint_converted_to_f32_matches_reference(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Real checkpoints ship bf16: widening it must be exact on both sides."""
-    from localmix import synth
-    from localmix.convert import convert
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
 
     root = tmp_path_factory.mktemp("bf16")
     ckpt = synth.checkpoint(root / "ckpt", arch="mistral", size="tiny", dtype="bf16", seed=0)
@@ -97,8 +97,8 @@ def test_parity_bf16_checkpoint_converted_to_f32_matches_reference(
 def test_parity_mistral_native_layout_matches_hf_layout(
     arch: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from localmix import synth
-    from localmix.convert import convert
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
 
     root = tmp_path_factory.mktemp(f"native-{arch}")
     hf = synth.checkpoint(root / "hf", arch=arch, size="tiny", layout="hf", seed=0)
@@ -124,8 +124,8 @@ def test_parity_llama_cpp_ignores_the_sliding_window_of_llama_arch(
     If a later llama.cpp honours the window, this test says so and parity can use a long prompt."""
     from dataclasses import replace
 
-    from localmix import synth
-    from localmix.convert import convert
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
 
     root = tmp_path_factory.mktemp("window")
     ckpt = synth.checkpoint(root / "ckpt", arch="mistral", size="tiny", sliding_window=16, seed=0)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from localmix import repofiles
 from localmix.errors import CheckpointError, DiskSpaceError, ModelNotFound
+from localmix.models import repofiles
 from tests.hub_server import HubServer
 
 MiB = 1 << 20
@@ -195,7 +195,7 @@ def test_checkpoint_files_refuse_pickled_weights() -> None:
 
 
 def test_disk_check_refuses_with_the_numbers(tmp_path: Path) -> None:
-    from localmix.pull import check_disk
+    from localmix.models.pull import check_disk
 
     with pytest.raises(DiskSpaceError) as caught:
         check_disk({tmp_path / "a": (1 << 60, "download"), tmp_path / "b": (1 << 30, "output")})
@@ -209,8 +209,8 @@ def test_disk_check_refuses_with_the_numbers(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Mistral checkpoint (HF layout, v3 tokenizer), as a Hub repo serves it."""
-    synth = pytest.importorskip("localmix.synth")
-    pytest.importorskip("localmix.convert")
+    synth = pytest.importorskip("localmix.build.synth.checkpoints")
+    pytest.importorskip("localmix.build.convert")
     folder = tmp_path_factory.mktemp("hub-checkpoint")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LOCALMIX_HOME", str(folder / "home"))
@@ -220,8 +220,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_gguf_repo(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
     """A GGUF repo with a Q4_K_M and a Q8_0 file made from the tiny checkpoint."""
-    from localmix.convert import convert
-    from localmix.quantize import quantize
+    from localmix.build.convert import convert
+    from localmix.build.quantize import quantize
 
     folder = tmp_path_factory.mktemp("hub-gguf")
     repo = folder / "repo"
@@ -324,7 +324,7 @@ def test_pull_checkpoint_keep_source_keeps_the_f16_and_the_download(
 def test_pull_checkpoint_to_a_low_bit_type_takes_an_imatrix(
     env: Env, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    from localmix.convert import convert
+    from localmix.build.convert import convert
 
     from .imatrix_files import write_gguf_imatrix
 
@@ -345,7 +345,7 @@ def test_pull_checkpoint_to_a_low_bit_type_takes_an_imatrix(
 def test_pull_checkpoint_with_imatrix_auto_calibrates_then_quantizes(
     env: Env, tiny_checkpoint: Path, tiny_gguf_repo: Path
 ) -> None:
-    from localmix import imatrix as importance
+    from localmix.build.imatrix import files as importance
 
     env.hub.add_repo("org/tiny-mistral", tiny_checkpoint)
     result = env.cli("pull", "org/tiny-mistral:IQ2_XS", "--imatrix", "auto")
@@ -687,8 +687,8 @@ def test_a_token_in_hf_endpoint_is_never_printed(env: Env) -> None:
     "revision", ["../../../../X", "main/../../x", "/etc", "a\\b", "v1\x00", "", "."]
 )
 def test_a_revision_that_could_escape_the_cache_is_refused(revision: str) -> None:
-    from localmix import hub
     from localmix.errors import UsageError
+    from localmix.models import hub
 
     with pytest.raises(UsageError, match="not a revision"):
         hub.repo_files("org/x-GGUF", revision)
@@ -696,15 +696,15 @@ def test_a_revision_that_could_escape_the_cache_is_refused(revision: str) -> Non
 
 @pytest.mark.parametrize("repo", ["org/../x", "../x", "org/x/y", "/x", "org/", "a b/c"])
 def test_a_repo_id_that_is_not_org_name_is_refused(repo: str) -> None:
-    from localmix import hub
     from localmix.errors import UsageError
+    from localmix.models import hub
 
     with pytest.raises(UsageError, match="repository id"):
         hub.repo_files(repo, "main")
 
 
 def test_hub_file_names_that_leave_the_snapshot_are_never_offered() -> None:
-    from localmix import hub
+    from localmix.models import hub
 
     assert [n for n in ("a.gguf", "d/a.gguf", "../a.gguf", "/a", "d/../../a", "a\\b")
             if hub._safe_file_name(n)] == ["a.gguf", "d/a.gguf"]  # fmt: skip
@@ -724,7 +724,7 @@ def test_pull_revision_with_dot_dot_writes_nothing(env: Env, tmp_path: Path) -> 
 
 
 def _catalog_gguf_specs() -> list:
-    from localmix import catalog
+    from localmix.models import catalog
 
     return [s for s in catalog.load().models.values() if s.gguf_repo]
 
@@ -744,7 +744,7 @@ def test_every_catalog_quant_resolves_to_the_file_the_catalog_names(spec: object
 
 
 def test_mixtral_8x22b_lists_no_quant_its_repo_lost() -> None:
-    from localmix import catalog
+    from localmix.models import catalog
 
     spec = catalog.load().get("mixtral:8x22b")
     assert not [q for q in spec.quants if q.startswith("Q3_K")]  # partly deleted in April 2024

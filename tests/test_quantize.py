@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from localmix import gguffile, quantize, store
+from localmix import gguffile
+from localmix.build import quantize
 from localmix.errors import UsageError
+from localmix.models import store
 
 
 def test_quantize_q4_k_m_reports_every_tensor_and_leaves_no_partial(

@@ -32,9 +32,9 @@ def test_the_use_it_block_is_only_localmix_commands() -> None:
 
 def _hub_repos(tmp: Path) -> dict[str, Path]:
     """Tiny models under the names the catalog and the README point at."""
-    from localmix import synth
-    from localmix.convert import convert
-    from localmix.quantize import quantize
+    from localmix.build.convert import convert
+    from localmix.build.quantize import quantize
+    from localmix.build.synth import checkpoints as synth
 
     mistral = synth.checkpoint(tmp / "mistral-ckpt", arch="mistral", size="tiny", tokenizer="v3")
     mixtral = synth.checkpoint(tmp / "mixtral-ckpt", arch="mixtral", size="tiny", tokenizer="v1")

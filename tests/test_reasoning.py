@@ -22,7 +22,6 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from localmix import store
 from localmix.chat import reasoning, template
 from localmix.chat.reasoning import REASONING_PROMPT, Thought
 from localmix.chat.session import Session
@@ -31,6 +30,7 @@ from localmix.cli.repl import Repl
 from localmix.errors import UsageError
 from localmix.llama.engine import Engine
 from localmix.llama.records import Chunk, EngineConfig, Sampling, Stats
+from localmix.models import store
 from tests.cli_run import run_cli
 from tests.scripted_gguf import write_scripted_gguf
 from tests.tekken_files import tekken_file

@@ -23,7 +23,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from localmix import settings, store
+from localmix import settings
 from localmix.chat.session import Session
 from localmix.chat.template import Message
 from localmix.cli.repl import Repl, SlashCompleter, in_block, message_text
@@ -31,6 +31,7 @@ from localmix.cli.reply import ReplyView
 from localmix.errors import ModelNotFound
 from localmix.llama.engine import Engine
 from localmix.llama.records import Chunk, EngineConfig, Sampling
+from localmix.models import store
 from tests.scripted_gguf import write_scripted_gguf
 
 REPLY = "Hello there, world."

@@ -38,8 +38,8 @@ def _data_file(name: str) -> Path:
 
 def _gguf(tmp: Path, tokenizer: str, tokenizer_file: Path) -> Path:
     """A tiny checkpoint whose only vocabulary source is tokenizer_file, converted."""
-    from localmix import synth
-    from localmix.convert import convert
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
 
     ckpt = synth.checkpoint(tmp / "ckpt", size="tiny", tokenizer=tokenizer, layout="mistral")
     for old in [*ckpt.glob("tokenizer.model*"), *ckpt.glob("tekken*.json")]:

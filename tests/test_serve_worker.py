@@ -148,7 +148,7 @@ def test_a_load_error_inside_the_worker_is_the_requests_error(
 ) -> None:
     """What the worker's load raises (here: a setting it reads, wrong) crosses the process
     boundary whole, hint and status included; the server goes on."""
-    from localmix import store
+    from localmix.models import store
 
     fresh = tmp_path / "fresh.gguf"
     fresh.write_bytes(Path(store.get("bystander").path).read_bytes())

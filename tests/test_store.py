@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from localmix import store
 from localmix.errors import ModelNotFound
+from localmix.models import store
 
 
 def _manifest(name: str, quant: str, path: Path) -> store.Manifest:
@@ -97,7 +97,7 @@ def test_clean_tmp_removes_leftovers_of_dead_processes_only(localmix_home: Path)
 
 
 def test_quantize_removes_its_stale_partial_beside_the_output(tmp_path: Path) -> None:
-    from localmix import quantize
+    from localmix.build import quantize
 
     out = tmp_path / "m.Q4_K_M.gguf"
     stale = tmp_path / ".m.Q4_K_M.gguf.999999999.partial"
@@ -159,7 +159,7 @@ def test_list_shows_long_names_whole_and_abbreviates_the_commit(
 
 def _two_models(gguf: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     """In `home`: `own` (copied in, owned) and `ref` (registered by reference to a file outside)."""
-    from localmix import pull
+    from localmix.models import pull
 
     monkeypatch.setenv("LOCALMIX_HOME", str(home))
     outside = home.parent / "outside.gguf"

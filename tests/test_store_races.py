@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from localmix import store
+from localmix.models import store
 
 ROOT = Path(__file__).resolve().parents[1]
 # spawn: a child starts clean instead of inheriting a forked copy of llama.cpp's state
@@ -24,7 +24,7 @@ def _quantize_child(home: str, said: Any, go: Any | None) -> None:
     """Quantize m to Q4_K_M; says "waiting" when it has to wait for the lock, "working" at the
     first tensor (then, if given, waits for `go`), and ("done", tensors seen, created) at the end."""
     os.environ["LOCALMIX_HOME"] = home
-    from localmix import quantize
+    from localmix.build import quantize
 
     tensors = 0
 
@@ -44,7 +44,7 @@ def _quantize_child(home: str, said: Any, go: Any | None) -> None:
 
 @pytest.fixture
 def f16_model(localmix_home: Path, tiny_mistral_gguf_f16: Path) -> Path:
-    from localmix import pull
+    from localmix.models import pull
 
     return pull.import_gguf(tiny_mistral_gguf_f16, name="m", copy=True).file
 

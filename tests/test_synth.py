@@ -1,4 +1,4 @@
-"""localmix.synth: seeded random-weight checkpoints with mistral-common's real tokenizers."""
+"""localmix.build.synth.checkpoints: seeded random-weight checkpoints with mistral-common's real tokenizers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localmix import synth
+from localmix.build.synth import checkpoints as synth
 from localmix.errors import UsageError
 from tests import reference_forward as ref
 
@@ -21,7 +21,7 @@ def _weights(ckpt: Path) -> dict[str, np.ndarray]:
 def test_synth_tiny_parameters_match_catalog() -> None:
     import gguf
 
-    from localmix import catalog
+    from localmix.models import catalog
 
     for name, arch in (("tiny-mistral", "mistral"), ("tiny-mixtral", "mixtral")):
         spec = catalog.load().get(name)
@@ -120,7 +120,7 @@ def test_synth_bf16_rounds_to_nearest_even(tmp_path: Path) -> None:
         widened = bf16[name]
         # bfloat16 keeps 8 significant bits: round to nearest errs by at most 2^-8 relative
         assert np.all(np.abs(widened - value) <= np.abs(value) * 2.0**-8), name
-    from localmix.convert.checkpoint import read_header
+    from localmix.build.convert.checkpoint import read_header
 
     entries = {e.name: e for e in read_header(tmp_path / "bf16" / "model.safetensors")}
     assert {e.dtype for e in entries.values()} == {"BF16"}

@@ -116,8 +116,8 @@ def thinks_by_default(model: str | None, think_mode: str | None) -> bool:
     default system prompt); Mistral Small 4's default reasoning_effort is "none"."""
     if think_mode != "prompt" or not model:
         return False
-    from localmix import catalog
     from localmix.errors import LocalmixError
+    from localmix.models import catalog
 
     try:
         return catalog.load().get(model).reasoning

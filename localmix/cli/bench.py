@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from localmix.bench.params import BenchParams
     from localmix.bench.result import BenchResult
-    from localmix.store import Located
+    from localmix.models.store import Located
 
 _LIST = "Comma list or range (1-8, 1-8+2, 1-16*2); repeatable."
 Ints = Optional[list[str]]  # noqa: UP045 - typer reads Optional at runtime on 3.10

@@ -21,8 +21,8 @@ def convert_command(
     ] = "f16",
 ) -> None:
     """Convert a Hugging Face or Mistral-native checkpoint to GGUF (streaming, bounded memory)."""
+    from localmix.build.convert import convert
     from localmix.cli import render
-    from localmix.convert import convert
 
     out = output or Path.cwd() / f"{src.resolve().name}.{outtype.upper()}.gguf"
     with render.steps() as bar:
@@ -57,8 +57,8 @@ def quantize_command(
     imatrix: ImatrixOpt = None,
 ) -> None:
     """Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default."""
-    from localmix import quantize as q
-    from localmix.calibration import ImatrixEvent
+    from localmix.build import quantize as q
+    from localmix.build.imatrix.compute import ImatrixEvent
     from localmix.cli import render
 
     kind = q.quant_type(qtype, imatrix=imatrix is not None)
@@ -120,8 +120,8 @@ def synth_command(
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed.")] = 0,
 ) -> None:
     """Write a random-weight checkpoint with a real Mistral tokenizer (for demos and tests)."""
+    from localmix.build.synth.checkpoints import checkpoint
     from localmix.cli import render
-    from localmix.synth import checkpoint
 
     # A 1b checkpoint takes tens of seconds: say what is happening while it is written.
     with render.err_console().status(f"writing a random-weight {arch} {size} checkpoint"):

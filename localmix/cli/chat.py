@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from localmix.chat.session import Session
     from localmix.llama.records import Sampling, Stats
     from localmix.load import LoadSettings
-    from localmix.store import Located
+    from localmix.models.store import Located
 
 DEFAULT_CTX = 4096  # load.DEFAULT_CTX, repeated here so --help needs no import
 DEFAULT_MAX_TOKENS = 1024

@@ -19,8 +19,9 @@ DEMO_PROMPT = "Explain in one sentence why the sky is blue."
 def _check_up_front(model: str, threads: int | None) -> None:
     """What would fail minutes into the build fails before the banner: an unknown or downloadable
     model, a thread count (or LOCALMIX_THREADS) the machine cannot run."""
-    from localmix import catalog, settings
+    from localmix import settings
     from localmix.errors import UsageError
+    from localmix.models import catalog
 
     spec = catalog.load().get(model)
     if not spec.synthetic:
@@ -43,7 +44,7 @@ def demo_command(
     """Build a small random-weight model, then convert, quantize, bench and chat with it offline."""
     from rich.panel import Panel
 
-    from localmix import builtin
+    from localmix.build.synth import builtin
     from localmix.cli import render
 
     _check_up_front(model, threads)
@@ -119,7 +120,7 @@ def _bench(manifest: object, threads: int | None) -> list[object]:
 def _quant_cost(manifest: object, threads: int | None) -> str:
     """`localmix eval` in miniature: the Q4_K_M file against the model's F16 file (built here
     too) over 4 chunks of the shipped text; one line of llama-perplexity's numbers."""
-    from localmix import builtin
+    from localmix.build.synth import builtin
     from localmix.cli import render
     from localmix.quality.evaluate import EvalSettings, evaluate
 

@@ -43,7 +43,7 @@ def imatrix_command(
 
     A store model's goes next to it, where `localmix quantize MODEL -q IQ2_XS --imatrix auto`
     finds it; a .gguf file's goes beside the file (FILE.imatrix.gguf)."""
-    from localmix import calibration
+    from localmix.build.imatrix import compute as calibration
     from localmix.cli import render
     from localmix.load import LoadSettings
 

@@ -11,7 +11,7 @@ from localmix.cli.options import JsonOpt, ModelArg
 
 if TYPE_CHECKING:
     from localmix.gguffile import GGUFInfo
-    from localmix.store import Manifest
+    from localmix.models.store import Manifest
 
 
 def list_command(
@@ -21,8 +21,8 @@ def list_command(
     ] = False,
 ) -> None:
     """List installed models (or, with --available, the catalog)."""
-    from localmix import catalog, store
     from localmix.cli import render
+    from localmix.models import catalog, store
 
     if available:
         specs = list(catalog.load().models.values())
@@ -45,9 +45,9 @@ def list_command(
 
 def show_command(name: ModelArg, json_out: JsonOpt = False) -> None:
     """Show a model's architecture, size, quant, context, tensor types, chat format and source."""
-    from localmix import store
     from localmix.cli import render
     from localmix.gguffile import inspect
+    from localmix.models import store
 
     if Path(name).expanduser().suffix == ".gguf" or Path(name).expanduser().is_file():
         target = store.locate(name)  # a file outside the store: validated there
@@ -76,8 +76,8 @@ def show_command(name: ModelArg, json_out: JsonOpt = False) -> None:
 
 def _unregistered(path: Path, info: GGUFInfo) -> Manifest:
     """What `show` says about a GGUF file that is not in the store."""
-    from localmix.pull import chat_format_of
-    from localmix.store import Manifest
+    from localmix.models.pull import chat_format_of
+    from localmix.models.store import Manifest
 
     return Manifest(
         name=path.name,
@@ -106,12 +106,12 @@ def rm_command(
 
     A file registered by reference (`import` without --copy, a GGUF in the HF cache) stays;
     --purge-cache also deletes HF cache files no other model of this store uses."""
-    from localmix import store
     from localmix.cli import render
+    from localmix.models import store
 
     removed = store.remove(name, on_wait=render.waiting(name))
     if purge_cache:
-        from localmix import hub
+        from localmix.models import hub
 
         for manifest in removed:
             hub.purge(manifest)
@@ -121,8 +121,8 @@ def rm_command(
 
 def du_command(json_out: JsonOpt = False) -> None:
     """Disk used by the store: owned files, referenced files, leftovers, free space."""
-    from localmix import store
     from localmix.cli import render
+    from localmix.models import store
 
     usage = store.du()
     if json_out:

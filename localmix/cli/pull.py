@@ -13,7 +13,7 @@ from localmix.cli.options import ChatFormatOpt, ImatrixOpt, JsonOpt
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from localmix.store import Manifest
+    from localmix.models.store import Manifest
 
 NameArg = Annotated[
     str,
@@ -75,8 +75,8 @@ class _PullView:
         from rich.markup import escape
 
         from localmix.cli.render import human_size
-        from localmix.hub import DownloadEvent, RetryEvent, VerifyEvent
-        from localmix.pull import Stage
+        from localmix.models.hub import DownloadEvent, RetryEvent, VerifyEvent
+        from localmix.models.pull import Stage
 
         if isinstance(event, Stage):
             if event.name in ("register", "done"):
@@ -158,8 +158,8 @@ def pull_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Download a model from the Hugging Face Hub (resumable, sha256-verified) into the store."""
-    from localmix import pull
     from localmix.cli import render
+    from localmix.models import pull
 
     with _PullView() as view:
         manifest = pull.pull(
@@ -191,8 +191,8 @@ def import_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Register a GGUF file already on disk (validated first); chats remember its --format."""
-    from localmix import pull
     from localmix.cli import render
+    from localmix.models import pull
 
     manifest = pull.import_gguf(path, name=name, copy=copy, chat_format=chat_format)
     if json_out:

@@ -409,7 +409,7 @@ class SlashCompleter(Completer):
             words = ("on", "off") if name == "/think" else ("show", "hide")
             return [(word, "") for word in words]
         if name == "/model":
-            from localmix import store
+            from localmix.models import store
 
             return [(m.ref, m.architecture) for m in store.list_models()]
         return []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from localmix.imatrix import Imatrix
+    from localmix.build.imatrix.files import Imatrix
 
 # llama.cpp logs "[  12/ 291] blk.0.attn_q.weight - [...], type = f16, converting to q4_K .."
 _LOG_LEVEL_ERROR = 4  # enum ggml_log_level (ggml.h)

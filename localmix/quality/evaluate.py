@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from localmix.build.quantize import SOURCE_PREFERENCE
 from localmix.errors import ReferenceNotFound, TextTooShort, UsageError, VocabularyMismatch
-from localmix.quantize import SOURCE_PREFERENCE
 
 if TYPE_CHECKING:
     from localmix.corpus import Text
     from localmix.load import Loaded, LoadSettings
+    from localmix.models.store import Located, Manifest
     from localmix.quality.stats import Scores
-    from localmix.store import Located, Manifest
 
 DEFAULT_CTX = 512  # llama-perplexity's default -c
 # References a store model is compared with, best first: full precision, else Q8_0 (its loss is
@@ -148,7 +148,8 @@ def evaluate(
 def reference_for(model: str | Path, against: str | Path | None) -> Located:
     """The file to compare `model` with: `against`, else the store's most precise file of the
     same model (F32, BF16, F16, then Q8_0), never one less precise than the model itself."""
-    from localmix import load, store
+    from localmix import load
+    from localmix.models import store
 
     if against is not None:
         return load.locate(against)
@@ -165,7 +166,8 @@ def reference_for(model: str | Path, against: str | Path | None) -> Located:
 def best_reference(name: str, below: Manifest | None = None) -> Located:
     """The store's most precise file of the model `name` (F32, BF16, F16, then Q8_0); with
     `below`, one other than that file and at least as precise. ReferenceNotFound otherwise."""
-    from localmix import load, store
+    from localmix import load
+    from localmix.models import store
 
     rank = _RANK.get(below.quant, len(REFERENCE_QUANTS)) if below else len(REFERENCE_QUANTS)
     siblings = {m.quant: m for m in store.find(name)}

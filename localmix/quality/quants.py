@@ -22,9 +22,9 @@ from localmix.quality.evaluate import EvalEvent, EvalSettings, Progress
 
 if TYPE_CHECKING:
     from localmix.corpus import Text
+    from localmix.models.store import Located, Manifest
     from localmix.quality.evaluate import Evaluation
     from localmix.quality.stats import Scores
-    from localmix.store import Located, Manifest
 
 GEN_TOKENS = 64  # tokens of the speed test (llama-bench tg64)
 GEN_REPETITIONS = 3
@@ -78,7 +78,8 @@ def quant_table(
     """Evaluate each of `quants` of the store model `model` against its reference (`against`,
     else the store's full-precision file), making the missing quants first; speed False skips
     the generation test."""
-    from localmix import corpus, store
+    from localmix import corpus
+    from localmix.models import store
 
     settings = settings or EvalSettings()
     text = text or corpus.default()
@@ -115,7 +116,7 @@ def quant_table(
 def _quant_names(model: str, quants: Sequence[str]) -> list[str]:
     """The asked quants as the type table spells them, each once; UsageError for a path model,
     an unknown type, or none at all."""
-    from localmix.quantize import quant_type
+    from localmix.build.quantize import quant_type
 
     path = Path(model).expanduser()
     if path.suffix == ".gguf" or path.is_file():
@@ -145,8 +146,9 @@ def _quant_of(target: Located) -> str:
 def _ensure(name: str, quant: str, settings: EvalSettings, emit: Progress) -> tuple[Located, bool]:
     """The store's file of `name` at `quant`, made from the full-precision one when missing;
     (file, whether it was made now)."""
-    from localmix import load, store
-    from localmix.quantize import quant_type, quantize_model
+    from localmix import load
+    from localmix.build.quantize import quant_type, quantize_model
+    from localmix.models import store
 
     have = {m.quant: m for m in store.find(name)}
     if quant in have:

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from localmix.chat.template import ChatFormat
     from localmix.llama.engine import Engine
     from localmix.load import LoadSettings
+    from localmix.models.store import Located, Manifest
     from localmix.serve.worker import Worker
-    from localmix.store import Located, Manifest
 
 
 class Unset(enum.Enum):
@@ -131,7 +131,7 @@ class Registry:
     def locate(self, reference: str) -> Located:
         """The model a request names: a name given at start, else a store name (or the name
         that pulled it), never a path; ModelNotFound otherwise."""
-        from localmix import store
+        from localmix.models import store
 
         if not isinstance(reference, str) or not reference.strip():
             raise ModelNotFound("no model named", hint="give the name of a model in the store")
@@ -161,7 +161,7 @@ class Registry:
         then the store's models (name:quant) but those a name given at start already stands for
         (`serve mistral` lists mistral once, not also mistral:Q4_K_M). Two store names of one
         file are two entries, as Ollama lists a copied model."""
-        from localmix import store
+        from localmix.models import store
 
         out = [Listed(name, target, None) for name, target in self.named.items()]
         taken = {*self.named, *(t.name for t in self.named.values())}

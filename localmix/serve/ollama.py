@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from starlette.routing import Route
 
     from localmix.llama.batch import Generation
+    from localmix.models.store import Located
     from localmix.serve.models import Model, Registry
-    from localmix.store import Located
 
 FINISH = {"stop": "stop", "stop_string": "stop", "length": "length", "interrupted": "stop"}
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -17,9 +17,9 @@ from localmix.errors import LocalmixError, UsageError
 
 if TYPE_CHECKING:
     from localmix.load import LoadSettings
+    from localmix.models.store import Located
     from localmix.serve.guard import Policy
     from localmix.serve.models import Registry, ServeOptions
-    from localmix.store import Located
 
 DEFAULT_HOST = "127.0.0.1"
 # Ollama's port: its clients (and tools built on them) find the server without being told.

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from localmix.llama.batch import Batch, Generation
     from localmix.llama.offload import Plan
     from localmix.load import LoadSettings
-    from localmix.store import Located
+    from localmix.models.store import Located
 
 Event = tuple[int, Chunk | Stats | LocalmixError]
 STOP_S = 30.0  # how long a closing worker may take to finish before it is killed

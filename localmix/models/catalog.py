@@ -187,8 +187,8 @@ class Catalog:
 
 def load(user_path: Path | None = None) -> Catalog:
     """The shipped catalog plus the user's ($LOCALMIX_HOME/models.toml), which wins by name."""
-    shipped = resources.files("localmix").joinpath("models.toml")
-    models = _read(Path("localmix/models.toml"), shipped.read_text(encoding="utf-8"))
+    shipped = resources.files("localmix.models").joinpath("models.toml")
+    models = _read(Path("localmix/models/models.toml"), shipped.read_text(encoding="utf-8"))
     user_path = user_path or settings.user_catalog_path()
     if user_path.is_file():
         try:

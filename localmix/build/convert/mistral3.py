@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from localmix.convert import register
-from localmix.convert.checkpoint import Checkpoint
-from localmix.convert.llama import LlamaConverter, text_config
+from localmix.build.convert import register
+from localmix.build.convert.checkpoint import Checkpoint
+from localmix.build.convert.llama import LlamaConverter, text_config
 from localmix.errors import CheckpointError
 
 if TYPE_CHECKING:

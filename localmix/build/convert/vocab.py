@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from localmix.convert.checkpoint import Checkpoint
+from localmix.build.convert.checkpoint import Checkpoint
 from localmix.errors import CheckpointError
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from localmix.errors import (
 )
 
 if TYPE_CHECKING:
-    from localmix.store import Manifest
+    from localmix.models.store import Manifest
 
 # huggingface_hub's http_get gathers the body into chunks of this many bytes before writing;
 # None writes every piece as it arrives, so a dropped connection loses nothing already received
@@ -411,7 +411,7 @@ def _small_chunks() -> Iterator[None]:
 
 
 def _sha256(path: Path, name: str, progress: Progress | None) -> str:
-    from localmix.store import sha256_file
+    from localmix.models.store import sha256_file
 
     total = path.stat().st_size
     done = 0
@@ -686,7 +686,7 @@ def discard(download: Download) -> int:
 
 def purge(manifest: Manifest) -> int:
     """Delete a removed model's files from the HF cache unless another model still uses them."""
-    from localmix import store
+    from localmix.models import store
 
     wanted = {Path(p).absolute() for p in manifest.hub_files}
     in_use = {

@@ -11,7 +11,7 @@ from typing import Any
 
 from localmix import settings
 from localmix.errors import UsageError
-from localmix.store import Manifest
+from localmix.models.store import Manifest
 
 _TOKENIZER_FOR_FORMAT = {"v1": "v1", "v2": "v1", "v3": "v3", "v3-tekken": "tekken", "v7": "v3"}
 
@@ -34,8 +34,11 @@ def build(
     on_progress: Callable[[Any], None] | None = None,
 ) -> Manifest:
     """Build (or reuse) a synthetic catalog model at a quant and return its manifest."""
-    from localmix import catalog, gguffile, quantize, store, synth
-    from localmix.convert import convert
+    from localmix import gguffile
+    from localmix.build import quantize
+    from localmix.build.convert import convert
+    from localmix.build.synth import checkpoints as synth
+    from localmix.models import catalog, store
 
     spec = catalog.load().get(name)
     if not spec.synthetic:

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from localmix.convert import register
-from localmix.convert.checkpoint import Checkpoint, TensorEntry
-from localmix.convert.output import OutputTensor, row_blocks, tensor_type
+from localmix.build.convert import register
+from localmix.build.convert.checkpoint import Checkpoint, TensorEntry
+from localmix.build.convert.output import OutputTensor, row_blocks, tensor_type
 from localmix.errors import CheckpointError
 
 if TYPE_CHECKING:

@@ -16,9 +16,9 @@ from localmix import settings
 from localmix.errors import EngineError, OutputError, UsageError
 
 if TYPE_CHECKING:
-    from localmix.calibration import ImatrixEvent
-    from localmix.imatrix import Imatrix
-    from localmix.store import Manifest
+    from localmix.build.imatrix.compute import ImatrixEvent
+    from localmix.build.imatrix.files import Imatrix
+    from localmix.models.store import Manifest
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def quantize(
     computed from src first when it is not there (progress then sees ImatrixEvents too).
     """
     from localmix import gguffile
-    from localmix import imatrix as importance
+    from localmix.build.imatrix import files as importance
     from localmix.llama.quant import model_quantize
 
     kind = quant_type(qtype, imatrix=imatrix is not None)
@@ -134,7 +134,7 @@ def quantize(
     _check_requantize(src, info.quant, allow_requantize)
     out_dir = writable_dir(out, src)
     if imatrix == AUTO:
-        from localmix import calibration
+        from localmix.build.imatrix import compute as calibration
 
         imatrix = calibration.ensure(src, progress)
     matrix = importance.load(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
@@ -257,7 +257,7 @@ def partials_of(out: Path) -> list[Path]:
 
 def remove_stale_partials(out: Path) -> int:
     """Remove partial outputs to `out` whose process is gone (killed mid-run); bytes freed."""
-    from localmix import store
+    from localmix.models import store
 
     freed = 0
     for path in partials_of(out):
@@ -302,7 +302,7 @@ def quantize_model(
     second quantize of the same model waits and finds the first one's result, and an `rm` waits
     for this to finish (on_wait: called when this has to wait for another process).
     """
-    from localmix import store
+    from localmix.models import store
 
     kind = quant_type(qtype, imatrix=imatrix is not None)
     name, _ = store.split_ref(reference)
@@ -326,7 +326,7 @@ def quantize_model(
                 )
             source = store.get(name)
         if imatrix == AUTO:
-            from localmix import calibration
+            from localmix.build.imatrix import compute as calibration
 
             imatrix = calibration.ensure(source.ref, progress)
         return _quantize_and_register(source, kind, threads, progress, imatrix)
@@ -342,7 +342,8 @@ def _quantize_and_register(
     import dataclasses
     import time
 
-    from localmix import gguffile, store
+    from localmix import gguffile
+    from localmix.models import store
 
     with store.tmp_file() as tmp:
         quantize(

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmix import catalog, hub, repofiles, settings, store
+from localmix import settings
 from localmix.errors import DiskSpaceError, ModelNotFound, OfflineMiss, UsageError
-from localmix.store import Manifest
+from localmix.models import catalog, hub, repofiles, store
+from localmix.models.store import Manifest
 
 if TYPE_CHECKING:
+    from localmix.build.imatrix.files import Imatrix
     from localmix.gguffile import GGUFInfo
-    from localmix.imatrix import Imatrix
 
 # Output types convert writes directly (no quantize step).
 _CONVERT_TYPES = ("F16", "BF16", "F32")
@@ -91,7 +92,7 @@ _HUB_QUANT_RE = re.compile(r"(I?Q[1-8](_[0-9A-Z]+)*|T?Q[12]_0|MXFP4)")
 def _check_quant_name(quant: str | None) -> None:
     """A quant that no GGUF file name could carry fails before the Hub is asked (an empty
     --quant, a typo like Q9_X would otherwise surface as a network or listing error)."""
-    from localmix import quantize
+    from localmix.build import quantize
 
     if quant is None:
         return
@@ -181,13 +182,13 @@ def pull(
     if imatrix == AUTO_IMATRIX:
         matrix = AUTO_IMATRIX
     elif imatrix is not None:
-        from localmix import imatrix as importance
+        from localmix.build.imatrix import files as importance
 
         matrix = importance.load(imatrix)  # a bad file fails before any download
     ref = catalog.resolve(reference)
     if ref.spec is not None and ref.spec.synthetic:
         # Built-in synthetic models are built here, offline, not downloaded.
-        from localmix import builtin
+        from localmix.build.synth import builtin
 
         return builtin.build(
             ref.spec.name,
@@ -297,7 +298,7 @@ def _pull_checkpoint(
     emit: Progress,
     imatrix: Imatrix | str | None,
 ) -> Manifest:
-    from localmix import quantize
+    from localmix.build import quantize
 
     quant = (plan.quant or quantize.DEFAULT_TYPE).upper()
     if quant not in _CONVERT_TYPES:
@@ -331,7 +332,7 @@ def _pull_checkpoint(
 def _check_convertible(plan: _Plan, listing: hub.Listing, names: list[str], emit: Progress) -> None:
     """Read the checkpoint's config first: a model localmix does not convert (Mistral Small 4,
     FP8 releases) is refused before gigabytes of weights come down, with the way to a GGUF."""
-    from localmix.convert import check_config
+    from localmix.build.convert import check_config
     from localmix.errors import CheckpointError, LocalmixError
 
     config = next(n for n in names if n in ("config.json", "params.json"))
@@ -359,8 +360,8 @@ def _convert_and_quantize(
     emit: Progress,
     imatrix: Imatrix | str | None = None,
 ) -> Manifest:
-    from localmix import quantize
-    from localmix.convert import convert
+    from localmix.build import quantize
+    from localmix.build.convert import convert
 
     source = f"hf:{download.repo}@{download.commit}"
     hub_files = tuple(str(f.path) for f in download.files) if keep_source else ()
@@ -384,8 +385,8 @@ def _convert_and_quantize(
 def _calibrate(plan: _Plan, f16: Path, emit: Progress) -> Imatrix:
     """--imatrix auto: the model's importance matrix from the converted file, kept in the
     model's folder (where `localmix imatrix` and `quantize --imatrix auto` look for it)."""
-    from localmix import calibration
-    from localmix import imatrix as importance
+    from localmix.build.imatrix import compute as calibration
+    from localmix.build.imatrix import files as importance
 
     out = store.imatrix_path(plan.name)
     if not out.is_file():

@@ -1,6 +1,6 @@
 """Importance matrices (llama-imatrix output) for the lowest-bit quant types: read, normalised the way
 llama-quantize normalises them, and checked, so a bad file is one clear error before llama.cpp runs;
-and written in llama-imatrix's GGUF format (what `localmix imatrix`, localmix.calibration, computes).
+and written in llama-imatrix's GGUF format (what `localmix imatrix`, localmix.build.imatrix.compute, computes).
 
 Two formats exist: GGUF (`<tensor>.in_sum2` and `<tensor>.counts` F32 tensors per weight, one
 row per expert, plus `imatrix.datasets` / `imatrix.chunk_count` / `imatrix.chunk_size`) and the

@@ -234,7 +234,7 @@ def _tekken(n_vocab: int) -> Callable[[gguf.GGUFWriter], None]:
     def add(w: gguf.GGUFWriter) -> None:
         import mistral_common
 
-        from localmix.convert.vocab import add_mistral_vocab
+        from localmix.build.convert.vocab import add_mistral_vocab
 
         source = Path(mistral_common.__file__).parent / "data" / TEKKEN_FILE
         with _folder() as folder:

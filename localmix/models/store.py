@@ -360,7 +360,7 @@ def find(reference: str) -> list[Manifest]:
 
 def _pulled_name(reference: str) -> tuple[str, str | None] | None:
     """The (store name, quant) a pull of this reference registers; None for a path or unknown."""
-    from localmix import catalog
+    from localmix.models import catalog
 
     try:
         ref = catalog.resolve(reference)

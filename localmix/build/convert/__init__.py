@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from localmix.convert.output import OUTTYPES, ConvertEvent
+from localmix.build.convert.output import OUTTYPES, ConvertEvent
 from localmix.errors import CheckpointError, DiskSpaceError, OutputError
 
 if TYPE_CHECKING:
-    from localmix.convert.checkpoint import Checkpoint
+    from localmix.build.convert.checkpoint import Checkpoint
 
 __all__ = [
     "OUTTYPES", "ConvertEvent", "check_config", "convert", "converter_for", "register",
@@ -27,8 +27,8 @@ __all__ = [
 
 _CONVERTERS: dict[str, type] = {}
 _C = TypeVar("_C", bound=type)
-# modules that register converters, imported on first use so `import localmix.convert` stays light
-_FAMILIES = ("localmix.convert.llama", "localmix.convert.mistral3")
+# modules that register converters, imported on first use so `import localmix.build.convert` stays light
+_FAMILIES = ("localmix.build.convert.llama", "localmix.build.convert.mistral3")
 GGUF_HINT = "pull a ready GGUF of it instead: localmix pull hf.co/ORG/REPO-GGUF:Q4_K_M"
 # Why localmix leaves these to a ready GGUF (the README's architecture table says the same).
 _NOT_CONVERTED = {
@@ -60,7 +60,7 @@ def converter_for(ckpt: Checkpoint) -> Any:
 def check_config(config_file: Path) -> None:
     """CheckpointError, with a hint, for a checkpoint localmix will not convert, told from its
     config.json or params.json alone (so `pull` can refuse before downloading the weights)."""
-    from localmix.convert.checkpoint import _read_json
+    from localmix.build.convert.checkpoint import _read_json
 
     layout = "mistral" if Path(config_file).name == "params.json" else "hf"
     _converter_class(layout, _read_json(Path(config_file)), Path(config_file))
@@ -69,8 +69,8 @@ def check_config(config_file: Path) -> None:
 def _converter_class(layout: str, config: dict[str, Any], config_file: Path) -> type:
     import importlib
 
-    from localmix.convert.checkpoint import native_architecture
-    from localmix.convert.llama import text_config
+    from localmix.build.convert.checkpoint import native_architecture
+    from localmix.build.convert.llama import text_config
 
     for module in _FAMILIES:
         importlib.import_module(module)
@@ -121,9 +121,9 @@ def convert(
     """
     import gguf
 
-    from localmix.convert.checkpoint import open_checkpoint
-    from localmix.convert.output import check_outtype, file_type, stream
-    from localmix.convert.vocab import add_vocab
+    from localmix.build.convert.checkpoint import open_checkpoint
+    from localmix.build.convert.output import check_outtype, file_type, stream
+    from localmix.build.convert.vocab import add_vocab
 
     outtype = check_outtype(outtype)
     ckpt = open_checkpoint(Path(src))
@@ -171,7 +171,8 @@ def _check_output(out: Path) -> None:
 
 
 def _temp_path(out: Path) -> Path:
-    from localmix import settings, store
+    from localmix import settings
+    from localmix.models import store
 
     tmp_dir = settings.tmp_dir()
     try:

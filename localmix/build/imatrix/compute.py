@@ -26,10 +26,10 @@ from localmix.errors import EngineError, ModelNotFound, UsageError
 if TYPE_CHECKING:
     import numpy
 
-    from localmix.imatrix import Entry
+    from localmix.build.imatrix.files import Entry
     from localmix.llama.records import MatMul
     from localmix.load import LoadSettings
-    from localmix.store import Located
+    from localmix.models.store import Located
 
 DEFAULT_CHUNK = 512  # llama-imatrix's default context (-c)
 MIN_CHUNK = 16  # a smaller chunk feeds no dense product llama-imatrix collects
@@ -153,7 +153,7 @@ class Collector:
         """The collected data, as imatrix.save writes it."""
         import numpy as np
 
-        from localmix.imatrix import Entry
+        from localmix.build.imatrix.files import Entry
 
         return {
             name: Entry(self.sums[name].astype(np.float32), self.counts[name].astype(np.float32))
@@ -181,9 +181,10 @@ def compute(
     """Compute model's importance matrix over text (the default corpus if None) and write it in
     llama-imatrix's GGUF format to out (default: beside the model, see default_path). chunks
     limits how many chunks of chunk_size tokens are run (default: all the text holds)."""
-    from localmix import corpus, load, store
-    from localmix.imatrix import save
-    from localmix.quantize import writable_dir
+    from localmix import corpus, load
+    from localmix.build.imatrix.files import save
+    from localmix.build.quantize import writable_dir
+    from localmix.models import store
 
     if chunk_size < MIN_CHUNK:
         raise UsageError(f"a chunk must be at least {MIN_CHUNK} tokens, not {chunk_size}")
@@ -256,8 +257,8 @@ def compute(
 def _target(model: str | Path) -> tuple[Located, str | None]:
     """The file to run and the store name (None for a path): a store model without a quant
     runs its most precise file, as llama-imatrix is best given the unquantized model."""
-    from localmix import store
-    from localmix.quantize import most_precise
+    from localmix.build.quantize import most_precise
+    from localmix.models import store
 
     text = str(model)
     candidate = Path(text).expanduser()
@@ -277,7 +278,7 @@ def _target(model: str | Path) -> tuple[Located, str | None]:
 def default_path(target: Located, name: str | None) -> Path:
     """A store model's imatrix lives in its folder (store.imatrix_path); a file's beside it,
     named for it: model.F16.gguf -> model.F16.imatrix.gguf."""
-    from localmix import store
+    from localmix.models import store
 
     if name is not None:
         return store.imatrix_path(name)
