@@ -1,0 +1,63 @@
+"""The one progress record every long job emits (pull, download, convert, quantize, imatrix, eval,
+demo), so one renderer in cli/ shows them all without guessing at field names.
+
+A job calls `on_progress(Progress(...))`; it never prints. The fields mean the same everywhere:
+
+- `stage`: what the job is doing, from STAGES (a renderer keys its bars by it);
+- `subject`: what the stage works on (a file, a tensor, a model, a test), "" when nothing;
+- `done` of `total` in `unit` (total None: unknown, or a stage that only starts and ends);
+- `detail`: one line for people (a retry's reason, a stage's note);
+- `reused`: the stage found its result already made and skipped the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+Unit = Literal["", "bytes", "tensors", "chunks"]
+
+# Stages with a count (bars): download, verify (sha256), convert and quantize (tensors), imatrix
+# and eval (chunks). Stages without one are steps a job announces: resolve, wait (for a lock),
+# retry (a download resumes), synth, register, load, tokenize, done.
+STAGES = (
+    "resolve",
+    "wait",
+    "download",
+    "verify",
+    "retry",
+    "synth",
+    "convert",
+    "quantize",
+    "imatrix",
+    "register",
+    "load",
+    "tokenize",
+    "eval",
+    "done",
+)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report of a long job; see the module docstring for what each field means."""
+
+    stage: str
+    subject: str = ""
+    done: int = 0
+    total: int | None = None
+    unit: Unit = ""
+    detail: str = ""
+    reused: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown progress stage {self.stage!r}")
+
+
+OnProgress = Callable[[Progress], None]
+
+
+def ignore(_: Progress) -> None:
+    """The listener for a caller that shows nothing."""
