@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from localmix.errors import CheckpointError, DiskSpaceError, ModelNotFound
-from localmix.models import repofiles
+from localmix.models import repofiles, tags
 from tests.hub_server import HubServer
 
 MiB = 1 << 20
@@ -737,7 +737,7 @@ def test_every_catalog_quant_resolves_to_the_file_the_catalog_names(spec: object
     noise = ["mmproj-F16.gguf", "imatrix.gguf", "README.md"]
     for quant, name in zip(spec.quants, names, strict=True):  # type: ignore[attr-defined]
         tag = spec.file_quant(quant)  # type: ignore[attr-defined]
-        assert repofiles.quant_of(name) == tag.upper(), name
+        assert tags.in_filename(name) == tag.upper(), name
         picked, files = repofiles.choose_gguf(names + noise, tag, preferred=name)
         assert (picked, files) == (tag.upper(), [name])
     assert spec.default_quant in spec.quants  # type: ignore[attr-defined]

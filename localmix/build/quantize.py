@@ -302,10 +302,10 @@ def quantize_model(
     second quantize of the same model waits and finds the first one's result, and an `rm` waits
     for this to finish (on_wait: called when this has to wait for another process).
     """
-    from localmix.models import store
+    from localmix.models import store, tags
 
     kind = quant_type(qtype, imatrix=imatrix is not None)
-    name, _ = store.split_ref(reference)
+    name, _ = tags.split(reference)
     if not store.find(name):
         store.get(reference)  # raises ModelNotFound with the usual hint
     store.clean_tmp()  # leftovers of a quantize that was killed

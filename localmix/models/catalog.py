@@ -5,7 +5,6 @@ and the resolution of what a user types (`mistral`, `mixtral:q5_k_m`, `hf.co/org
 from __future__ import annotations
 
 import difflib
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -16,6 +15,7 @@ from typing import Any
 
 from localmix import settings
 from localmix.errors import CatalogError, ModelNotFound
+from localmix.models import tags
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -222,18 +222,6 @@ class ModelRef:
     path: Path | None = None
 
 
-_QUANT_RE = re.compile(r"^(?:[a-z]*q\d[\w]*|f16|bf16|f32|iq\d[\w]*)$", re.IGNORECASE)
-
-
-def _split_quant(text: str) -> tuple[str, str | None]:
-    """`mixtral:q5_k_m` -> ("mixtral", "Q5_K_M"); a tag that is no quant stays in the name."""
-    if ":" in text:
-        base, tag = text.rsplit(":", 1)
-        if _QUANT_RE.match(tag):
-            return base, tag.upper()
-    return text, None
-
-
 def store_name(repo: str) -> str:
     """A store name for a Hub repo: `org/Repo-GGUF` -> `org--repo-gguf`... kept readable."""
     return repo.strip("/").replace("/", "--").lower()
@@ -246,7 +234,7 @@ def resolve(reference: str, catalog: Catalog | None = None) -> ModelRef:
         raise ModelNotFound("empty model name", hint="try `localmix list --available`")
     if text.startswith(("hf.co/", "huggingface.co/", "https://huggingface.co/")):
         repo_part = text.split("co/", 1)[1]
-        repo, quant = _split_quant(repo_part)
+        repo, quant = tags.split(repo_part)
         if repo.count("/") != 1:
             raise ModelNotFound(
                 f"{reference!r} is not a Hub repo", hint="write hf.co/ORG/REPO[:QUANT]"
@@ -256,7 +244,7 @@ def resolve(reference: str, catalog: Catalog | None = None) -> ModelRef:
     if text.startswith((".", "/", "~")) or path.suffix == ".gguf" or path.exists():
         return ModelRef(RefKind.PATH, path.stem, path=path)
     catalog = catalog or load()
-    base, quant = _split_quant(text)
+    base, quant = tags.split(text)
     try:
         spec = catalog.get(base)
     except ModelNotFound:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from localmix import settings
 from localmix.errors import DiskSpaceError, ModelNotFound, OfflineMiss, UsageError
-from localmix.models import catalog, hub, repofiles, store
+from localmix.models import catalog, hub, repofiles, store, tags
 from localmix.models.store import Manifest
 
 if TYPE_CHECKING:
@@ -86,9 +86,6 @@ def _plan(reference: str, quant: str | None, from_source: bool) -> _Plan:
     return _Plan(ref.name, ref.repo, quant, True)
 
 
-_HUB_QUANT_RE = re.compile(r"(I?Q[1-8](_[0-9A-Z]+)*|T?Q[12]_0|MXFP4)")
-
-
 def _check_quant_name(quant: str | None) -> None:
     """A quant that no GGUF file name could carry fails before the Hub is asked (an empty
     --quant, a typo like Q9_X would otherwise surface as a network or listing error)."""
@@ -96,10 +93,7 @@ def _check_quant_name(quant: str | None) -> None:
 
     if quant is None:
         return
-    known = quant in quantize.QUANT_TYPES or quant in ("F16", "BF16", "F32")
-    # Hub repos also carry tags llama.cpp's quantize does not make (Q4_0_4_4, Q6_K_L, IQ4_NL):
-    # any such tag has a base type of 1 to 8 bits.
-    if not known and not _HUB_QUANT_RE.fullmatch(quant):
+    if quant not in quantize.QUANT_TYPES and not tags.is_quant(quant):
         raise UsageError(
             f"{quant!r} is not a quantization type",
             hint="e.g. Q4_K_M, Q5_K_M, Q8_0 (`localmix quantize --help`)",
@@ -439,7 +433,7 @@ def check_architecture(info: GGUFInfo) -> None:
 def _name_from_file(path: Path) -> str:
     """`mistral-7b-instruct-v0.2.Q4_K_M.gguf` -> `mistral-7b-instruct-v0.2` (shards too)."""
     stem = re.sub(r"(-\d{5}-of-\d{5})?\.gguf$", "", path.name, flags=re.IGNORECASE)
-    tag = repofiles.quant_of(path.name)
+    tag = tags.in_filename(path.name)
     if tag and stem.upper().endswith(tag) and stem[-len(tag) - 1 : -len(tag)] in ".-_":
         stem = stem[: -len(tag) - 1]
     return stem.lower() or "model"

@@ -7,24 +7,14 @@ import re
 from collections.abc import Sequence
 
 from localmix.errors import CheckpointError, ModelNotFound
+from localmix.models import tags
 
 _SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
-# A quant tag inside a GGUF file name: Q4_K_M, IQ3_XS, Q8_0, F16, BF16 ... between separators.
-_QUANT_RE = re.compile(
-    r"(?<![A-Za-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.IGNORECASE
-)
 _DEFAULT_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q6_K", "Q8_0", "F16", "BF16", "F32")
 _CHECKPOINT_TOKENIZER_RE = re.compile(
     r"^(tokenizer\.model(\.v\d+)?|tokenizer\.json|tokenizer_config\.json|"
     r"special_tokens_map\.json|tekken\.json|generation_config\.json)$"
 )
-
-
-def quant_of(filename: str) -> str | None:
-    """The quant a GGUF file name carries (`x.Q4_K_M.gguf` -> Q4_K_M), upper-case; None if none."""
-    base = _SPLIT_RE.sub(".gguf", filename.rsplit("/", 1)[-1])
-    found = _QUANT_RE.findall(base.removesuffix(".gguf").removesuffix(".GGUF"))
-    return found[-1].upper() if found else None
 
 
 def _gguf_groups(names: Sequence[str]) -> dict[str, dict[str, list[str]]]:
@@ -34,7 +24,7 @@ def _gguf_groups(names: Sequence[str]) -> dict[str, dict[str, list[str]]]:
         base = name.rsplit("/", 1)[-1].lower()
         if not base.endswith(".gguf") or "mmproj" in base or "imatrix" in base:
             continue
-        quant = quant_of(name) or quant_of(name.replace("/", "-"))
+        quant = tags.in_filename(name) or tags.in_filename(name.replace("/", "-"))
         if quant is None:
             continue
         stem = _SPLIT_RE.sub("", name)

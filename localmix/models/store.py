@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from localmix import settings
 from localmix.errors import LocalmixError, ModelNotFound, OutputError, UsageError
+from localmix.models import tags
 
 if TYPE_CHECKING:
     from localmix.gguffile import GGUFInfo
@@ -336,18 +337,9 @@ def list_models() -> list[Manifest]:
     return sorted(found, key=lambda m: (m.name, m.quant))
 
 
-def split_ref(reference: str) -> tuple[str, str | None]:
-    """`mistral:v0.3:Q5_K_M` -> ("mistral:v0.3", "Q5_K_M"); the quant part is optional."""
-    if ":" in reference:
-        base, tag = reference.rsplit(":", 1)
-        if re.fullmatch(r"(?i)(i?q\d\w*|f16|bf16|f32)", tag):
-            return base, tag.upper()
-    return reference, None
-
-
 def find(reference: str) -> list[Manifest]:
     """All manifests a reference names: every quant of a name, or the one quant asked for."""
-    name, quant = split_ref(reference)
+    name, quant = tags.split(reference)
     models = list_models()
     matches = [m for m in models if m.name == name and (quant is None or m.quant == quant)]
     if not matches:
@@ -410,7 +402,7 @@ def remove(reference: str, on_wait: Callable[[], None] | None = None) -> list[Ma
     names = sorted({m.name for m in find(reference)})
     if not names:
         raise ModelNotFound(f"model {reference!r} is not in the store", hint="see `localmix list`")
-    _, quant = split_ref(reference)
+    _, quant = tags.split(reference)
     removed: list[Manifest] = []
     for name in names:
         with lock(name, on_wait):

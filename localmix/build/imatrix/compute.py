@@ -258,7 +258,7 @@ def _target(model: str | Path) -> tuple[Located, str | None]:
     """The file to run and the store name (None for a path): a store model without a quant
     runs its most precise file, as llama-imatrix is best given the unquantized model."""
     from localmix.build.quantize import most_precise
-    from localmix.models import store
+    from localmix.models import store, tags
 
     text = str(model)
     candidate = Path(text).expanduser()
@@ -266,7 +266,7 @@ def _target(model: str | Path) -> tuple[Located, str | None]:
         return store.locate(text), None
     if not text.strip():
         raise UsageError("no model given: the name or path is empty")
-    base, quant = store.split_ref(text)
+    base, quant = tags.split(text)
     if quant is None:
         best = most_precise(store.find(base))
         if best is not None:
