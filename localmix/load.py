@@ -199,13 +199,13 @@ def _check_kv_memory(target: Located, settings: LoadSettings, n_ctx: int) -> Non
     """On the CPU the whole KV cache is in RAM: refuse one larger than the machine's memory."""
     from localmix.errors import DoesNotFit
     from localmix.llama.hardware import ram
+    from localmix.sizes import human_size
 
     need, (total, _) = kv_bytes(target, settings, n_ctx), ram()
     if total and need > total:
-        gib = 1024**3
         raise DoesNotFit(
-            f"a {n_ctx}-token context needs a {need / gib:.1f} GiB KV cache, more than this "
-            f"machine's {total / gib:.1f} GiB of memory",
+            f"a {n_ctx}-token context needs a {human_size(need)} KV cache, more than this "
+            f"machine's {human_size(total)} of memory",
             hint="use a smaller --ctx, or a quantized KV cache type",
         )
 

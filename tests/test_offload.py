@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from localmix import sizes
 from localmix.errors import DoesNotFit, UsageError
 from localmix.gguffile import GGUFInfo
 from localmix.llama import offload
@@ -164,12 +165,12 @@ def test_manual_overrides_are_taken_as_given() -> None:
     ],
 )
 def test_parse_size(text: str, value: int) -> None:
-    assert offload.parse_size(text) == value
+    assert sizes.parse_size(text) == value
 
 
 def test_parse_size_rejects_nonsense() -> None:
     with pytest.raises(UsageError):
-        offload.parse_size("lots")
+        sizes.parse_size("lots")
 
 
 def test_estimate_for_reads_only_the_header(tmp_path: Path) -> None:

@@ -195,10 +195,10 @@ def test_checkpoint_files_refuse_pickled_weights() -> None:
 
 
 def test_disk_check_refuses_with_the_numbers(tmp_path: Path) -> None:
-    from localmix.models.pull import check_disk
+    from localmix.disk import check_space
 
     with pytest.raises(DiskSpaceError) as caught:
-        check_disk({tmp_path / "a": (1 << 60, "download"), tmp_path / "b": (1 << 30, "output")})
+        check_space({tmp_path / "a": (1 << 60, "download"), tmp_path / "b": (1 << 30, "output")})
     assert "1024.00 PiB download + 1.00 GiB output" in caught.value.message
     assert "free" in caught.value.message
 

@@ -87,23 +87,13 @@ def test_clean_tmp_removes_leftovers_of_dead_processes_only(localmix_home: Path)
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     tmp = localmix_home / "tmp"
     tmp.mkdir(parents=True)
-    left = [tmp / f"partial-{dead}-1.gguf", tmp / f"model.gguf.{dead}.0a1b2c3d.partial"]
-    live = tmp / "partial-1-2.gguf"  # pid 1 is always alive: someone's work in progress
+    left = [tmp / f".model.gguf.{dead}.0a1b2c3d.partial", tmp / "unnamed-leftover.gguf"]
+    live = tmp / ".model.gguf.1.0a1b2c3d.partial"  # pid 1 is always alive: work in progress
     for path in (*left, live):
         path.write_bytes(b"x" * 10)
     assert store.du().tmp_bytes == 30  # counted until cleaned
     assert store.clean_tmp() == 20
     assert not any(p.exists() for p in left) and live.exists()
-
-
-def test_quantize_removes_its_stale_partial_beside_the_output(tmp_path: Path) -> None:
-    from localmix.build import quantize
-
-    out = tmp_path / "m.Q4_K_M.gguf"
-    stale = tmp_path / ".m.Q4_K_M.gguf.999999999.partial"
-    stale.write_bytes(b"half")
-    assert quantize.partials_of(out) == [stale]
-    assert quantize.remove_stale_partials(out) == 4 and not stale.exists()
 
 
 @pytest.mark.parametrize(

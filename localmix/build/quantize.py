@@ -3,8 +3,6 @@ check, a temporary output renamed only when complete, and per-tensor progress ev
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -12,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmix import settings
+from localmix import disk, settings
 from localmix.errors import EngineError, OutputError, UsageError
 
 if TYPE_CHECKING:
@@ -138,10 +136,8 @@ def quantize(
 
         imatrix = calibration.ensure(src, progress)
     matrix = importance.load(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
-    remove_stale_partials(out)
-    _check_space(out_dir, estimate_size(info.n_params, kind.name))
-    # Beside the output, so the final rename never crosses file systems.
-    partial = out_dir / f".{out.name}.{os.getpid()}.partial"
+    disk.remove_stale(disk.partials_of(out))  # of a quantize to `out` that was killed
+    disk.check_space({out_dir: (estimate_size(info.n_params, kind.name), "the quantized model")})
     errors: list[str] = []
     result: list[int] = []
 
@@ -164,7 +160,7 @@ def quantize(
     # llama_model_quantize cannot be interrupted; running it in a daemon thread keeps Ctrl-C
     # responsive: the main thread removes the partial file and the process exits.
     worker = threading.Thread(target=run, name="llama-quantize", daemon=True)
-    try:
+    with disk.staged(out) as partial:  # beside out: the rename never crosses file systems
         worker.start()
         while worker.is_alive():
             worker.join(0.2)
@@ -181,7 +177,7 @@ def quantize(
             mismatch = matrix is not None and "matrix" in detail.lower()
             if "iostream" in detail or "write" in detail.lower():
                 # llama.cpp reports a failed write as a bare "basic_ios::clear: iostream error"
-                _check_space(out_dir, 1)
+                disk.check_space({out_dir: (1, "the quantized model")})
                 raise OutputError(
                     f"quantizing {src.name} failed while writing {out}: {detail}",
                     hint="check free space and permissions where the output goes",
@@ -190,10 +186,6 @@ def quantize(
                 f"quantizing {src.name} to {kind.name} failed: {detail}",
                 hint=f"is {matrix.path.name} made for this model?" if mismatch and matrix else None,
             )
-        os.replace(partial, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
     return out
 
 
@@ -233,42 +225,6 @@ def writable_dir(out: Path, src: Path, *, src_is: str = "input", made_later: boo
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{out_dir}: not writable", hint="choose another output with -o")
     return out_dir
-
-
-def _check_space(folder: Path, need: int) -> None:
-    """DiskSpaceError when folder's file system has less than need bytes free."""
-    import shutil
-
-    from localmix.errors import DiskSpaceError
-
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise DiskSpaceError(
-            f"{folder}: {free / 2**20:.0f} MiB free, quantizing needs about {need / 2**20:.0f} MiB",
-            hint="free some space (`localmix du`, `localmix rm`) or choose another -o",
-        )
-
-
-def partials_of(out: Path) -> list[Path]:
-    """Partial outputs of earlier quantize runs to `out` (`.NAME.PID.partial` beside it)."""
-    folder = out.parent if str(out.parent) else Path(".")
-    return sorted(folder.glob(f".{glob.escape(out.name)}.*.partial"))
-
-
-def remove_stale_partials(out: Path) -> int:
-    """Remove partial outputs to `out` whose process is gone (killed mid-run); bytes freed."""
-    from localmix.models import store
-
-    freed = 0
-    for path in partials_of(out):
-        pid = path.name[len(out.name) + 2 : -len(".partial")]
-        if pid.isdigit() and store.pid_alive(int(pid)):
-            continue  # another quantize is writing it right now
-        with contextlib.suppress(OSError):
-            size = path.stat().st_size
-            path.unlink()
-            freed += size
-    return freed
 
 
 # Sources to quantize a store model from, best first: requantizing a quantized file loses quality.

@@ -15,12 +15,12 @@ again on later turns. `thinking` switches it on or off where the model has a swi
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localmix import disk
 from localmix.chat import reasoning, template
 from localmix.chat.reasoning import Thought
 from localmix.chat.template import ChatFormat, Message, MistralFormat, Think
@@ -218,15 +218,9 @@ class Session:
             "sampling": asdict(self.sampling),
             "max_tokens": self.max_tokens,
         }
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            with tmp.open("w", encoding="utf-8") as out:
-                out.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
-                out.flush()
-                os.fsync(out.fileno())  # the rename below never exposes a half-written file
-            os.replace(tmp, path)
+            disk.write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise OutputError(f"cannot save the chat to {path}: {e.strerror}") from None
         return path
 

@@ -11,6 +11,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from localmix.sizes import human_size
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress
@@ -36,16 +38,6 @@ def err_console() -> Console:
     if "err" not in _consoles:
         _consoles["err"] = _make(stderr=True)
     return _consoles["err"]
-
-
-def human_size(n_bytes: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    value = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def human_count(n: float) -> str:

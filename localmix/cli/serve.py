@@ -130,7 +130,7 @@ def serve_command(
     seconds = keep_alive_seconds(keep_alive)  # a number or None (forever): the text is given
     budget = None
     if memory is not None:
-        from localmix.llama.offload import parse_size
+        from localmix.sizes import parse_size
 
         budget = parse_size(memory)
     options = ServeOptions(

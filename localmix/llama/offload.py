@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmix.errors import DoesNotFit, UsageError
+from localmix.sizes import GIB, MIB, human_size, parse_size
 
 if TYPE_CHECKING:
     from localmix.gguffile import GGUFInfo, TensorInfo
     from localmix.llama.hardware import Hardware
 
-GIB = 1024**3
-MIB = 1024**2
 CPU = "CPU"
 # CUDA context, cuBLAS workspaces and allocator fragmentation that no tensor accounts for.
 GPU_HEADROOM = 512 * MIB
@@ -35,7 +34,6 @@ GPU_HEADROOM = 512 * MIB
 KV_PADDING = 256
 EXPERT_PATTERN = r"ffn_(up|down|gate|gate_up)_(ch|)exps"
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -172,17 +170,6 @@ def is_mla(info: GGUFInfo) -> bool:
     """Multi-head latent attention: llama.cpp then keeps no V cache (llama-kv-cache.cpp) and
     attends over the compressed K row (key_length = kv_lora_rank + rope dims, one KV head)."""
     return bool(info.key("attention.key_length_mla") and info.key("attention.value_length_mla"))
-
-
-def parse_size(text: str) -> int:
-    """'24GiB' / '24G' / '24GB' / '512MiB' / '1.5T' / '1000' -> bytes (bare K/M/G/T are binary)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UsageError(f"not a size: {text!r}", hint="write it like 24GiB, 16G or 8000MB")
-    number, unit, binary, b = match.groups()
-    power = " KMGT".index(unit.upper()) if unit else 0
-    base = 1000 if (unit and b and not binary) else 1024
-    return int(float(number) * base**power)
 
 
 def kv_bytes_per_element(type_name: str) -> float:
@@ -490,10 +477,6 @@ def plan(
     )
 
 
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.1f} GiB"
-
-
 def _does_not_fit(
     info: GGUFInfo,
     shape: Shape,
@@ -508,13 +491,13 @@ def _does_not_fit(
     compute = _compute_bytes(shape, estimator.n_kv, estimator.n_ubatch, estimator.flash, True)
     need = weights + kv + compute
     if budget.unified:
-        usable, where = budget.ram_bytes, f"{_gib(budget.ram_bytes)} of unified memory"
+        usable, where = budget.ram_bytes, f"{human_size(budget.ram_bytes)} of unified memory"
     elif budget.gpu_bytes:
         gpu = max(0, budget.gpu_bytes - budget.headroom)
         usable = gpu + budget.ram_bytes
-        where = f"{_gib(gpu)} on {budget.gpu_name} + {_gib(budget.ram_bytes)} of RAM"
+        where = f"{human_size(gpu)} on {budget.gpu_name} + {human_size(budget.ram_bytes)} of RAM"
     else:
-        usable, where = budget.ram_bytes, f"{_gib(budget.ram_bytes)} of RAM"
+        usable, where = budget.ram_bytes, f"{human_size(budget.ram_bytes)} of RAM"
     ways = []
     spare = usable - kv - compute
     if spare > 0 and weights > spare:
@@ -524,16 +507,16 @@ def _does_not_fit(
             shape, [], n_ctx=4096, type_k=type_k, type_v=type_v, n_ubatch=512,
             flash=estimator.flash, gpu_name=estimator.gpu,
         )  # fmt: skip
-        ways.append(f"--ctx 4096 (KV cache {_gib(short.kv_layer * shape.n_layer)})")
+        ways.append(f"--ctx 4096 (KV cache {human_size(short.kv_layer * shape.n_layer)})")
     if kv_bytes_per_element(type_k) >= 2 or kv_bytes_per_element(type_v) >= 2:
         q8 = _Estimator(
             shape, [], n_ctx=n_ctx, type_k="q8_0", type_v="q8_0", n_ubatch=512,
             flash=True, gpu_name=estimator.gpu,
         )  # fmt: skip
-        ways.append(f"a q8_0 KV cache (KV cache {_gib(q8.kv_layer * shape.n_layer)})")
+        ways.append(f"a q8_0 KV cache (KV cache {human_size(q8.kv_layer * shape.n_layer)})")
     return DoesNotFit(
-        f"{info.name} needs about {_gib(need)} (weights {_gib(weights)}, KV cache {_gib(kv)} "
-        f"at {n_ctx} tokens, compute {_gib(compute)}) but only {where} is usable",
+        f"{info.name} needs about {human_size(need)} (weights {human_size(weights)}, KV cache {human_size(kv)} "
+        f"at {n_ctx} tokens, compute {human_size(compute)}) but only {where} is usable",
         hint="ways out: " + "; ".join(ways or ["a machine with more memory"]),
     )
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmix import settings
-from localmix.errors import DiskSpaceError, ModelNotFound, OfflineMiss, UsageError
+from localmix import disk, settings
+from localmix.errors import ModelNotFound, OfflineMiss, UsageError
 from localmix.models import catalog, hub, repofiles, store, tags
 from localmix.models.store import Manifest
 
@@ -114,46 +114,6 @@ def _existing(name: str, quant: str | None) -> Manifest | None:
         if all(Path(p).exists() for p in (manifest.path, *manifest.extra_files)):
             return manifest
     return None
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _size(n_bytes: int) -> str:
-    """Binary units, two decimals: 1.50 GiB, 1.00 PiB."""
-    value = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            return f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} PiB"
-
-
-def check_disk(needs: dict[Path, tuple[int, str]]) -> None:
-    """Refuse (DiskSpaceError, with the numbers) when a file system lacks the bytes asked of it.
-
-    `needs` maps a directory to (bytes, what for); directories on one file system add up.
-    """
-    by_device: dict[int, list[tuple[Path, int, str]]] = {}
-    for folder, (n_bytes, why) in needs.items():
-        if n_bytes <= 0:
-            continue
-        existing = _nearest_existing(folder)
-        by_device.setdefault(existing.stat().st_dev, []).append((existing, n_bytes, why))
-    for items in by_device.values():
-        total = sum(n for _, n, _ in items)
-        free = shutil.disk_usage(items[0][0]).free
-        if total > free:
-            parts = " + ".join(f"{_size(n)} {why}" for _, n, why in items)
-            where = ", ".join(sorted({str(p) for p, _, _ in items}))
-            raise DiskSpaceError(
-                f"not enough disk space: need {_size(total)} ({parts}) on {where}, "
-                f"{_size(free)} free",
-                hint="free some space, or point HF_HOME / LOCALMIX_HOME at a larger disk",
-            )
 
 
 def pull(
@@ -258,7 +218,7 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
     if found := _existing(plan.name, quant):
         emit(Stage("done", f"{found.ref} is already installed"))
         return found
-    check_disk({hub.cache_dir(): (hub.bytes_to_fetch(listing, names), "download")})
+    disk.check_space({hub.cache_dir(): (hub.bytes_to_fetch(listing, names), "download")})
     emit(Stage("download", ", ".join(names)))
     download = hub.download(listing, names, progress=emit)
     first = download.files[0]
@@ -308,7 +268,7 @@ def _pull_checkpoint(
     # checkpoint makes it half: the estimate errs on the safe side), and n_params = bytes / 2.
     intermediate = weights
     output = weights if quant in _CONVERT_TYPES else quantize.estimate_size(weights // 2, quant)
-    check_disk(
+    disk.check_space(
         {
             hub.cache_dir(): (hub.bytes_to_fetch(listing, names), "download"),
             settings.tmp_dir(): (intermediate + output, "conversion and output"),
@@ -493,7 +453,7 @@ def import_gguf(
     if not copy:
         return store.add(manifest)
     with store.tmp_file(".gguf") as tmp:
-        check_disk({tmp.parent: (info.file_size, "copy")})
+        disk.check_space({tmp.parent: (info.file_size, "copy")})
         shutil.copyfile(path, tmp)
         with contextlib.suppress(OSError):
             os.chmod(tmp, 0o644)

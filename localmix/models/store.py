@@ -24,14 +24,13 @@ import os
 import re
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localmix import settings
-from localmix.errors import LocalmixError, ModelNotFound, OutputError, UsageError
+from localmix import disk, settings
+from localmix.errors import LocalmixError, ModelNotFound, UsageError
 from localmix.models import tags
 
 if TYPE_CHECKING:
@@ -116,37 +115,6 @@ def _manifest_path(name: str, quant: str) -> Path:
     return settings.manifests_dir() / slug(name) / f"{quant.upper()}.json"
 
 
-def _ensure_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot create {path}: {exc.strerror}", hint="check LOCALMIX_HOME"
-        ) from exc
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never half of it."""
-    _ensure_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 # Locks this thread holds (slug -> depth): flock is per open file, so taking the same lock twice
 # in one process would deadlock; holding it across check, work and register needs re-entry.
 _held = threading.local()
@@ -165,7 +133,7 @@ def lock(name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]
         finally:
             depth[key] -= 1
         return
-    path = _ensure_dir(settings.home() / "locks") / f"{key}.lock"
+    path = disk.ensure_dir(settings.home() / "locks") / f"{key}.lock"
     with open(path, "a+") as handle:
         try:
             import fcntl
@@ -186,16 +154,9 @@ def lock(name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def tmp_file(suffix: str = ".gguf", directory: Path | None = None) -> Iterator[Path]:
-    """A fresh path in tmp/ (or `directory`), removed unless the caller renamed it away."""
-    folder = _ensure_dir(directory or settings.tmp_dir())
-    path = folder / f"partial-{os.getpid()}-{time.monotonic_ns()}{suffix}"
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+def tmp_file(suffix: str = ".gguf") -> contextlib.AbstractContextManager[Path]:
+    """A fresh path in the store's tmp/, removed at the end unless `add` moved it into place."""
+    return disk.scratch(settings.tmp_dir(), "model" + suffix)
 
 
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
@@ -218,16 +179,10 @@ def add(manifest: Manifest, src: Path | None = None) -> Manifest:
         _check_folder_owner(manifest.name)
         if src is not None:
             dest = model_path(manifest.name, manifest.quant)
-            _ensure_dir(dest.parent)
-            try:
-                os.replace(src, dest)
-            except OSError:  # another file system: copy then rename, still atomic at the end
-                part = dest.with_name(dest.name + ".part")
-                shutil.copyfile(src, part)
-                os.replace(part, dest)
-                src.unlink()
+            disk.ensure_dir(dest.parent)
+            disk.publish(src, dest)
             manifest = _replace(manifest, path=str(dest), owned=True)
-        atomic_write_text(
+        disk.write_text(
             _manifest_path(manifest.name, manifest.quant),
             json.dumps(_encode(manifest), indent=2) + "\n",
         )
@@ -474,42 +429,11 @@ def du() -> Usage:
     return Usage(rows, owned, referenced, _tree_size(settings.tmp_dir()), free)
 
 
-# Every partial file in tmp/ names the process writing it: `partial-PID-...` (tmp_file, and
-# quantize's `.partial-PID-....partial` beside one) or `NAME.PID.HEX.partial` (convert).
-_PARTIAL_PID = re.compile(r"partial-(\d+)-|\.(\d+)\.[0-9a-f]+\.partial$")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (ours counts as gone: its own old leftovers)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists, and belongs to another user
-    return True
-
-
 def clean_tmp() -> int:
     """Remove leftovers in tmp/ of work whose process is gone (killed); returns bytes freed.
     A file of a process still running (another pull or convert) is left alone."""
-    freed = 0
     root = settings.tmp_dir()
-    if not root.is_dir():
-        return 0
-    for path in root.iterdir():
-        match = _PARTIAL_PID.search(path.name)
-        pid = int(match[1] or match[2]) if match else None
-        if pid is not None and pid_alive(pid):
-            continue
-        with contextlib.suppress(OSError):
-            if path.is_file():
-                size = path.stat().st_size
-                path.unlink()
-                freed += size
-    return freed
+    return disk.remove_stale(root.iterdir()) if root.is_dir() else 0
 
 
 @dataclass(frozen=True)

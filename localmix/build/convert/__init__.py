@@ -6,17 +6,14 @@ converter, stream the tensors into a temporary file, and move it into place only
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from localmix import disk, settings
 from localmix.build.convert.output import OUTTYPES, ConvertEvent
-from localmix.errors import CheckpointError, DiskSpaceError, OutputError
+from localmix.errors import CheckpointError, OutputError
 
 if TYPE_CHECKING:
     from localmix.build.convert.checkpoint import Checkpoint
@@ -124,6 +121,7 @@ def convert(
     from localmix.build.convert.checkpoint import open_checkpoint
     from localmix.build.convert.output import check_outtype, file_type, stream
     from localmix.build.convert.vocab import add_vocab
+    from localmix.models import store
 
     outtype = check_outtype(outtype)
     ckpt = open_checkpoint(Path(src))
@@ -131,20 +129,15 @@ def convert(
     tensors = conv.tensors(outtype)
     out = Path(out)
     _check_output(out)
-    tmp = _temp_path(out)
-    try:
+    store.clean_tmp()  # leftovers of a convert (or pull) that was killed
+    with disk.staged(out, directory=settings.tmp_dir()) as tmp:
         writer = gguf.GGUFWriter(None, conv.gguf_arch)
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, _f32(), t.nbytes, raw_dtype=t.qtype)
         conv.add_metadata(writer, file_type(outtype))
         add_vocab(writer, ckpt, conv.hp.vocab_size)
-        _check_space(tmp.parent, sum(t.nbytes for t in tensors))
+        disk.check_space({tmp.parent: (sum(t.nbytes for t in tensors), "the GGUF")})
         stream(writer, tmp, tensors, progress)
-        _move(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return out
 
 
@@ -168,46 +161,3 @@ def _check_output(out: Path) -> None:
         raise OutputError(
             f"cannot write {out}: permission denied", hint="choose another output path"
         )
-
-
-def _temp_path(out: Path) -> Path:
-    from localmix import settings
-    from localmix.models import store
-
-    tmp_dir = settings.tmp_dir()
-    try:
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {tmp_dir}: {exc.strerror or exc}") from None
-    store.clean_tmp()  # leftovers of a convert (or pull) that was killed
-    return tmp_dir / f"{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-
-
-def _check_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed + 64 * 2**20:
-        raise DiskSpaceError(
-            f"{folder}: {free / 2**30:.1f} GiB free, the GGUF needs {needed / 2**30:.1f} GiB",
-            hint="free some space or point LOCALMIX_HOME at a larger disk",
-        )
-
-
-def _move(tmp: Path, out: Path) -> None:
-    """Rename into place; across file systems, copy beside `out` first so the rename stays atomic."""
-    try:
-        os.replace(tmp, out)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    beside = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        shutil.copyfile(tmp, beside)
-        os.replace(beside, out)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            beside.unlink()
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()

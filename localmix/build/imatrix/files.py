@@ -9,14 +9,13 @@ legacy binary `.dat` (per entry: name, call count, sums; then an optional chunk 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from localmix import disk
 from localmix.errors import UsageError
 
 if TYPE_CHECKING:
@@ -64,8 +63,7 @@ def save(
             pass  # an imatrix file names no architecture
 
     path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with disk.staged(path) as partial:
         writer = Writer(partial, arch="")
         writer.add_type("imatrix")
         writer.add_array("imatrix.datasets", list(datasets))
@@ -83,12 +81,6 @@ def save(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(partial, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
     return path
 
 

@@ -228,12 +228,11 @@ def _check_out_dir(out_dir: Path) -> Path:
 @contextlib.contextmanager
 def _staging(out_dir: Path) -> Iterator[Path]:
     """A fresh hidden folder beside out_dir; removed, with any parents this made, on failure."""
-    import os
-
+    from localmix import disk
     from localmix.errors import from_os_error
 
     made = [p for p in (out_dir.parent, *out_dir.parent.parents) if not p.exists()]
-    stage = out_dir.parent / f".{out_dir.name}.{os.getpid()}.partial"
+    stage = disk.partial_path(out_dir)  # a folder, named as every partial file is
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         stage.mkdir()
