@@ -455,11 +455,11 @@ def test_gguf_template_gets_exactly_one_bos(tiny_mistral_gguf_f16: Path) -> None
     from localmix.llama.engine import Engine
     from localmix.llama.records import EngineConfig
 
-    with_bos = TemplateFormat("{{ bos_token }}" + _CHATML, bos_token="<s>", add_bos=True)
+    with_bos = TemplateFormat("{{ bos_token }}" + _CHATML, bos_token="<s>")
     msgs = [Message("user", "Hi")]
     with Engine(EngineConfig(tiny_mistral_gguf_f16, n_ctx=256, n_threads=1)) as engine:
         fmt = template.for_model({**engine.metadata, "tokenizer.chat_template": _CHATML})
-        assert isinstance(fmt, TemplateFormat) and fmt.add_bos  # the vocabulary adds BOS
+        assert isinstance(fmt, TemplateFormat) and engine.adds_bos  # the vocabulary adds BOS
         for f in (fmt, with_bos):
             tokens = template.encode(f, msgs, engine.tokenize)
             assert tokens[0] == engine.bos_id and tokens[1] != engine.bos_id

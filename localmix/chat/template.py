@@ -104,7 +104,8 @@ class Message:
 
 
 class Tokenize(Protocol):
-    """The engine's tokenizer: text → token ids (special=True parses control-token text)."""
+    """The engine's tokenizer: text → token ids (special=True parses control-token text;
+    add_bos=True puts BOS first where the vocabulary adds one, Engine.adds_bos)."""
 
     def __call__(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]: ...
 
@@ -143,7 +144,6 @@ class TemplateFormat:
     template: str
     bos_token: str = ""
     eos_token: str = ""
-    add_bos: bool = False  # the GGUF's tokenizer.ggml.add_bos_token
     name: str = "gguf-template"
     description: str = "the model's own chat template"
     prefix_stable: bool = False  # unknown: a template may rewrite earlier turns
@@ -449,8 +449,7 @@ def for_model(
             hint=f"name its chat format with --format ({', '.join(FORMATS)})",
         )
     if isinstance(template, str) and template.strip():
-        add_bos = str(metadata.get("tokenizer.ggml.add_bos_token", "")).lower() == "true"
-        return TemplateFormat(template, bos_token=bos_token, eos_token=eos_token, add_bos=add_bos)
+        return TemplateFormat(template, bos_token=bos_token, eos_token=eos_token)
     raise InvalidGGUF(
         "the model has no chat template and is not a known Mistral tokenizer",
         hint=f"name its chat format with --format ({', '.join(FORMATS)})",
@@ -466,7 +465,7 @@ def _encode_template(
     """Render, then tokenize with control tokens parsed; like llama.cpp's server, one BOS is
     prepended when the vocabulary asks for it and the template did not write it."""
     tokens = tokenize(render(fmt, messages), add_bos=False, special=True)
-    bos = tokenize("", add_bos=True, special=True) if fmt.add_bos else []
+    bos = tokenize("", add_bos=True, special=True)  # [] where the vocabulary adds none
     if bos and tokens[: len(bos)] != bos:
         tokens = bos + tokens
     return tokens

@@ -167,9 +167,9 @@ class Engine:
         self.n_layer = int(c.llama_model_n_layer(model))
         self.n_embd = int(c.llama_model_n_embd(model))
         self.bos_id = int(c.llama_vocab_bos(self._vocab))
-        self.add_bos = bool(c.llama_vocab_get_add_bos(self._vocab))  # the model's own choice
         self.eos_id = int(c.llama_vocab_eos(self._vocab))
-        # The vocabulary's own rule for a text's first token (llama.cpp's tools tokenize with it)
+        # The one BOS rule: the vocabulary's own (tokenizer.ggml.add_bos_token, else llama.cpp's
+        # default for the tokenizer type), as llama.cpp's tools tokenize with it.
         self.adds_bos = bool(c.llama_vocab_get_add_bos(self._vocab)) and self.bos_id >= 0
         self.size_bytes = int(c.llama_model_size(model))
         self.n_params = int(c.llama_model_n_params(model))
@@ -282,7 +282,9 @@ class Engine:
     # -- tokens --------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        """Token ids of text; special=True parses control tokens written as text ("[INST]")."""
+        """Token ids of text; special=True parses control tokens written as text ("[INST]").
+        add_bos: BOS first where the model's vocabulary adds one (`adds_bos`), as a text's
+        first token; never for a model whose vocabulary says no."""
         self._check_open()
         data = text.encode("utf-8")
         size = len(data) + 2
@@ -295,7 +297,7 @@ class Engine:
         if n < 0:
             raise EngineError("llama.cpp could not tokenize the text")
         tokens = buf[:n]
-        return [self.bos_id, *tokens] if add_bos and self.bos_id >= 0 else tokens
+        return [self.bos_id, *tokens] if add_bos and self.adds_bos else tokens
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of tokens, control tokens left out (as in a stream)."""

@@ -195,7 +195,7 @@ def tokenize(reference: Loaded, text: str) -> list[int]:
     """The text's tokens as llama-perplexity makes them: the vocabulary's own BOS rule, and
     control-token text (`[INST]`) left as text."""
     engine = reference.engine
-    return engine.tokenize(text, add_bos=engine.adds_bos, special=False)
+    return engine.tokenize(text, add_bos=True, special=False)
 
 
 def check_tokens(reference: Loaded, model: Loaded, text: str, tokens: Sequence[int]) -> None:

@@ -206,7 +206,7 @@ def compute(
         engine = loaded.engine
         # `-f` drops one trailing newline; BOS as llama_tokenize's add_special would put it.
         body = source.text[:-1] if source.text.endswith("\n") else source.text
-        tokens = engine.tokenize(body, add_bos=engine.add_bos, special=False)
+        tokens = engine.tokenize(body, add_bos=True, special=False)
         available = len(tokens) // chunk_size
         if available == 0:
             raise UsageError(
@@ -216,7 +216,7 @@ def compute(
         total = min(available, chunks) if chunks else available
         for index in range(total):
             chunk = tokens[index * chunk_size : (index + 1) * chunk_size]
-            if engine.add_bos:
+            if engine.adds_bos:
                 chunk[0] = engine.bos_id
             engine.clear()
             engine.process(chunk, every_output=True)
