@@ -37,7 +37,7 @@ RepsOpt = Annotated[
     int, typer.Option("-r", "--repetitions", min=1, help="Repetitions of each test.")
 ]
 ThreadsOpt = Annotated[Ints, typer.Option("-t", "--threads", help=f"CPU threads. {_LIST}")]
-NglOpt = Annotated[
+NglListOpt = Annotated[
     Ints, typer.Option("-ngl", "--n-gpu-layers", help=f"Layers on the GPU (-1: all). {_LIST}")
 ]
 BatchOpt = Annotated[Ints, typer.Option("-b", "--batch-size", help=f"Logical batch. {_LIST}")]
@@ -86,7 +86,7 @@ def bench_command(
     n_depth: DepthOpt = None,
     repetitions: RepsOpt = 5,
     threads: ThreadsOpt = None,
-    n_gpu_layers: NglOpt = None,
+    n_gpu_layers: NglListOpt = None,
     n_batch: BatchOpt = None,
     n_ubatch: UbatchOpt = None,
     flash_attn: FaOpt = None,

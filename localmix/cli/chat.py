@@ -17,7 +17,14 @@ from localmix.cli.options import (
     ThreadsOpt,
     number_in,
 )
-from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
+from localmix.cli.plan import (
+    CpuMoeOpt,
+    EstimateOpt,
+    NCpuMoeOpt,
+    NglOpt,
+    VramBudgetOpt,
+    cpu_moe_layers,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -80,12 +87,6 @@ CtxOpt = Annotated[
         "-c",
         min=0,
         help=f"Context size in tokens (0: the model's own; default: {DEFAULT_CTX} or less).",
-    ),
-]
-NglOpt = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option(
-        "-ngl", "--n-gpu-layers", min=-1, help="Layers on the GPU (-1: all; default: none)."
     ),
 ]
 OverflowOpt = Annotated[

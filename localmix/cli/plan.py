@@ -27,7 +27,11 @@ VramBudgetOpt = Annotated[
 NglOpt = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "-ngl", "--n-gpu-layers", min=-1, help="Layers on the GPU (-1: all; default: planned)."
+        "-ngl",
+        "--n-gpu-layers",
+        min=-1,
+        help="Layers on the GPU (-1: all; default: as many as fit where there is a GPU, "
+        "planned from its free memory; none on a CPU-only machine).",
     ),
 ]
 CpuMoeOpt = Annotated[

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from localmix.cli.options import JsonOpt, RepackOpt, ThreadsOpt
+from localmix.cli.plan import NglOpt
 
 if TYPE_CHECKING:
     from localmix.serve.client import Running
@@ -87,12 +88,6 @@ CtxOpt = Annotated[
         help="Context per request in tokens (0: the model's own; default: 4096 or less).",
     ),
 ]  # fmt: skip
-NglOpt = Annotated[
-    Optional[int],  # noqa: UP045
-    typer.Option(
-        "-ngl", "--n-gpu-layers", min=-1, help="Layers on the GPU (-1: all; default: planned)."
-    ),
-]
 UrlOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--url", help="The server's address (default: http://127.0.0.1:11434)."),
