@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from localmix.cli.options import JsonOpt, ModelArg
-
-if TYPE_CHECKING:
-    from localmix.gguffile import GGUFInfo
-    from localmix.models.store import Manifest
 
 
 def list_command(
@@ -46,53 +41,13 @@ def list_command(
 def show_command(name: ModelArg, json_out: JsonOpt = False) -> None:
     """Show a model's architecture, size, quant, context, tensor types, chat format and source."""
     from localmix.cli import render
-    from localmix.gguffile import inspect
     from localmix.models import store
 
-    if Path(name).expanduser().suffix == ".gguf" or Path(name).expanduser().is_file():
-        target = store.locate(name)  # a file outside the store: validated there
-        info = target.info
-        manifest = _unregistered(target.path, info)
-    else:
-        manifest = store.get(name)
-        info = inspect(manifest.file)
+    shown = store.show(name)
     if json_out:
-        render.print_json(
-            {
-                "manifest": manifest.to_json(),
-                "architecture": info.architecture,
-                "parameters": info.n_params,
-                "context_length": info.context_length,
-                "block_count": info.block_count,
-                "expert_count": info.expert_count,
-                "file_size": info.file_size,
-                "quant": info.quant,
-                "tensor_types": info.type_histogram(),
-            }
-        )
+        render.print_json(shown.to_json())
         return
-    render.console().print(render.show_panel(manifest, info))
-
-
-def _unregistered(path: Path, info: GGUFInfo) -> Manifest:
-    """What `show` says about a GGUF file that is not in the store."""
-    from localmix.models.pull import chat_format_of
-    from localmix.models.store import Manifest
-
-    return Manifest(
-        name=path.name,
-        quant=info.quant,
-        path=str(path),
-        size=info.file_size,
-        sha256="(not computed for a file outside the store)",
-        architecture=info.architecture,
-        chat_format=chat_format_of(info),
-        context_length=info.context_length,
-        parameters=info.n_params,
-        source=f"path:{path}",
-        created=0.0,
-        owned=False,
-    )
+    render.console().print(render.show_panel(shown.manifest, shown.info))
 
 
 def rm_command(

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,13 +97,6 @@ def _check_quant_name(quant: str | None) -> None:
             f"{quant!r} is not a quantization type",
             hint="e.g. Q4_K_M, Q5_K_M, Q8_0 (`localmix quantize --help`)",
         )
-
-
-def chat_format_of(info: GGUFInfo) -> str | None:
-    """The Mistral chat format a GGUF's metadata points to (None: its own template decides)."""
-    from localmix.chat import template
-
-    return template.detect(info.metadata)
 
 
 def _existing(name: str, quant: str | None) -> Manifest | None:
@@ -224,20 +216,15 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
     first = download.files[0]
     info = gguffile.inspect(first.path)
     emit(Stage("register", f"{plan.name}:{quant}"))
-    manifest = Manifest(
+    manifest = store.manifest_of(
+        first.path,
+        info,
         name=plan.name,
         quant=quant,
-        path=str(first.path),
-        size=info.file_size,
-        sha256=first.sha256 or store.sha256_file(first.path),
-        architecture=info.architecture,
-        chat_format=plan.chat_format or chat_format_of(info),
-        context_length=info.context_length,
-        parameters=info.n_params,
+        chat_format=plan.chat_format,
+        sha256=first.sha256,
         source=f"hf:{listing.repo}@{listing.commit}",
-        created=time.time(),
         owned=False,
-        extra_files=tuple(str(f.path) for f in download.files[1:]),
         hub_files=tuple(str(f.path) for f in download.files),
     )
     manifest = store.add(manifest)
@@ -357,18 +344,13 @@ def _register_owned(
 
     info = gguffile.inspect(path)
     emit(Stage("register", f"{plan.name}:{quant}"))
-    manifest = Manifest(
+    manifest = store.manifest_of(
+        path,
+        info,
         name=plan.name,
         quant=quant,
-        path=str(path),
-        size=info.file_size,
-        sha256=store.sha256_file(path),
-        architecture=info.architecture,
-        chat_format=plan.chat_format or chat_format_of(info),
-        context_length=info.context_length,
-        parameters=info.n_params,
+        chat_format=plan.chat_format,
         source=source,
-        created=time.time(),
         owned=True,
         hub_files=hub_files,
     )
@@ -435,20 +417,14 @@ def import_gguf(
             f"{path.name} is split into {len(info.files)} files; --copy takes single files",
             hint="import it by reference (without --copy)",
         )
-    manifest = Manifest(
+    manifest = store.manifest_of(
+        path,
+        info,
         name=name,
         quant=quant,
-        path=str(path),
-        size=info.file_size,
-        sha256=store.sha256_file(path),
-        architecture=info.architecture,
-        chat_format=chat_format or chat_format_of(info),
-        context_length=info.context_length,
-        parameters=info.n_params,
+        chat_format=chat_format,
         source=f"path:{path}",
-        created=time.time(),
         owned=copy,
-        extra_files=tuple(str(p) for p in info.files[1:]),
     )
     if not copy:
         return store.add(manifest)

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -85,6 +86,47 @@ class Manifest:
         for key in ("extra_files", "hub_files"):
             values[key] = tuple(values.get(key, ()) or ())  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
+
+
+def manifest_of(
+    path: Path,
+    info: GGUFInfo,
+    *,
+    name: str,
+    source: str,
+    owned: bool,
+    quant: str | None = None,
+    chat_format: str | None = None,
+    sha256: str | None = None,
+    hub_files: tuple[str, ...] = (),
+) -> Manifest:
+    """The one way to describe a GGUF as a store model: every fact from its header (the
+    architecture is the file's own, `llama` for a Mixtral as llama.cpp writes it; the quant the
+    file's unless a name says otherwise), the chat format given or detected from its tokenizer,
+    the sha256 computed unless known, its further shards from the header's split count."""
+    return Manifest(
+        name=name,
+        quant=(quant or info.quant).upper(),
+        path=str(path),
+        size=info.file_size,
+        sha256=sha256 or sha256_file(path),
+        architecture=info.architecture,
+        chat_format=chat_format or chat_format_of(info),
+        context_length=info.context_length,
+        parameters=info.n_params,
+        source=source,
+        created=time.time(),
+        owned=owned,
+        extra_files=tuple(str(p) for p in info.files[1:]),
+        hub_files=hub_files,
+    )
+
+
+def chat_format_of(info: GGUFInfo) -> str | None:
+    """The Mistral chat format a GGUF's tokenizer points to (None: its own template decides)."""
+    from localmix.chat import template
+
+    return template.detect(info.metadata)
 
 
 def slug(name: str) -> str:
@@ -434,6 +476,48 @@ def clean_tmp() -> int:
     A file of a process still running (another pull or convert) is left alone."""
     root = settings.tmp_dir()
     return disk.remove_stale(root.iterdir()) if root.is_dir() else 0
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What `show` says about a model: its manifest (for a file outside the store, one described
+    on the spot and not registered) and its header."""
+
+    manifest: Manifest
+    info: GGUFInfo
+
+    def to_json(self) -> dict[str, object]:
+        info = self.info
+        return {
+            "manifest": self.manifest.to_json(),
+            "architecture": info.architecture,
+            "parameters": info.n_params,
+            "context_length": info.context_length,
+            "block_count": info.block_count,
+            "expert_count": info.expert_count,
+            "file_size": info.file_size,
+            "quant": info.quant,
+            "tensor_types": info.type_histogram(),
+        }
+
+
+def show(reference: str) -> Shown:
+    """A store model, or a GGUF file anywhere (validated, not registered), with its header."""
+    from localmix import gguffile
+
+    if Path(reference).expanduser().suffix == ".gguf" or Path(reference).expanduser().is_file():
+        target = locate(reference)
+        manifest = manifest_of(
+            target.path,
+            target.info,
+            name=target.path.name,
+            sha256="(not computed for a file outside the store)",
+            source=f"path:{target.path}",
+            owned=False,
+        )
+        return Shown(manifest, target.info)
+    manifest = get(reference)
+    return Shown(manifest, gguffile.inspect(manifest.file))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ seconds: synth checkpoint -> convert (f16) -> quantize -> store. A rebuild reuse
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,18 +68,13 @@ def build(
             quantize.quantize(f16, quantized, quant, threads=threads, progress=on_progress)
             info = gguffile.inspect(quantized)
             stage(Stage("register", f"{spec.name}:{quant.upper()}"))
-            manifest = Manifest(
+            manifest = store.manifest_of(
+                quantized,
+                info,
                 name=spec.name,
-                quant=quant.upper(),
-                path=str(quantized),
-                size=info.file_size,
-                sha256=store.sha256_file(quantized),
-                architecture=spec.architecture,
                 chat_format=spec.chat_format,
-                context_length=info.context_length,
-                parameters=info.n_params,
                 source=f"synth:{spec.name}",
-                created=time.time(),
+                owned=True,
             )
             return store.add(manifest, src=quantized)
 
