@@ -1,5 +1,6 @@
 """How fast the CLI starts: `localmix --help`, `localmix chat --help` and `localmix list` against a
-bare `python -c "import typer, rich.console"` (the floor any Typer + rich CLI pays), in one run.
+bare `python -c "import typer, rich.console"` (the floor a Typer CLI with rich help pays; localmix's
+plain help imports no rich, so its --help may come in under it), in one run.
 
 Each command runs in a fresh process N times, alternating with the others so load on the machine
 hits all of them alike; the table shows the best and the median wall time, and each command's

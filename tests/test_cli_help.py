@@ -6,6 +6,7 @@ Regenerate the reference with:  LOCALMIX_WRITE_README=1 pytest tests/test_cli_he
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from localmix.cli.app import app
+from localmix.cli.app import COMMANDS, app
 from tests.cli_run import run_cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -92,14 +93,15 @@ def test_cli_imports_no_heavy_module() -> None:
 def test_help_and_list_import_neither_pydantic_nor_the_engine(
     argv: list[str], tmp_path: Path
 ) -> None:
-    # Typer builds a pydantic converter per processed parameter; options.plain_help defers it to
-    # values actually given, so help and list start as fast as the root help (benchmarks/startup.py).
+    # Typer builds a pydantic converter per processed parameter that is not already a bool;
+    # options.FalseHelp makes an unset --help False, so help and list need none
+    # (benchmarks/startup.py), and the plain help needs neither markdown-it nor pygments.
     code = (
         "import sys\nfrom localmix.cli.app import main\n"
         f"sys.argv = ['localmix', *{argv!r}]\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('pydantic', 'llama_cpp', 'numpy', 'huggingface_hub', 'mistral_common',"
-        " 'prompt_toolkit', 'markdown_it', 'pygments') if m in sys.modules]\n"
+        " 'prompt_toolkit', 'markdown_it', 'pygments', 'typer.rich_utils') if m in sys.modules]\n"
         "print(heavy, file=sys.stderr)\n"
     )
     env = {**os.environ, "LOCALMIX_HOME": str(tmp_path)}
@@ -107,26 +109,50 @@ def test_help_and_list_import_neither_pydantic_nor_the_engine(
     assert out.stderr.strip().splitlines()[-1] == "[]"
 
 
-def test_after_help_the_real_markdown_and_traceback_modules_import(
+def test_the_root_help_lists_every_command_with_its_own_first_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # Help imports typer's renderer with stand-ins for rich.markdown and rich.traceback; a reply
-    # rendered later in the same process (the REPL's markdown) must get the real modules.
-    import importlib
-    import sys
+    # The root help lists COMMANDS without building the commands: it must name every command a
+    # module registers, each where it is registered, with the first line of its own help.
+    registered: set[str | None] = set()
+    for module in {entry.module for entry in COMMANDS.values()}:
+        registrar = typer.Typer()
+        importlib.import_module(module).register(registrar)
+        registered |= {info.name for info in registrar.registered_commands}
+    assert registered == set(COMMANDS)
+    commands = _commands()
+    for name, entry in COMMANDS.items():
+        command = commands[name]
+        assert command.callback.__module__ == entry.module, name  # type: ignore[attr-defined]
+        first = (command.help or "").strip().splitlines()[0]  # type: ignore[attr-defined]
+        assert entry.help == ("" if command.hidden else first), name  # type: ignore[attr-defined]
+    out = " ".join(run_cli(capsys, "--help").out.split())
+    for name, entry in COMMANDS.items():
+        assert (f"{name} {entry.help}" in out) == bool(entry.help), name
 
-    for name in ("typer.rich_utils", "rich.markdown", "rich.traceback"):
-        sys.modules.pop(name, None)
-    assert run_cli(capsys, "chat", "--help").code == 0
-    assert "typer.rich_utils" in sys.modules and "rich.markdown" not in sys.modules
-    assert importlib.import_module("rich.markdown").Markdown.__name__ == "Markdown"
-    assert importlib.import_module("rich.traceback").Traceback.__name__ == "Traceback"
+
+def test_the_root_help_builds_no_command() -> None:
+    code = (
+        "import sys\nfrom localmix.cli.app import main\n"
+        "sys.argv = ['localmix', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('localmix.cli.')), file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    loaded = out.stderr.strip().splitlines()[-1]
+    assert loaded == "['localmix.cli.app', 'localmix.cli.options']", loaded
 
 
 def test_a_given_value_is_still_coerced_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
-    # The deferred converter still runs for a given value: a non-number is refused as before.
+    # Typer's converter still runs for a given value: a non-number is refused.
     result = run_cli(capsys, "chat", "x", "--top-k", "many")
     assert result.code == 2 and "--top-k" in result.err and "valid integer" in result.err
+
+
+def test_no_command_prints_the_help_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run_cli(capsys)
+    assert result.code == 2 and result.out.startswith("Usage: localmix ") and result.err == ""
+    assert "chat " in result.out
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

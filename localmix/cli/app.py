@@ -2,39 +2,160 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import typer
+import typer.main
+from typer.core import TyperGroup
 
 from localmix import __version__, settings
-from localmix.cli.options import name_values, plain_help
+from localmix.cli.options import Command, FalseHelp
 from localmix.errors import INTERRUPTED_EXIT_CODE, LocalmixError, from_os_error
+
+
+class Entry(NamedTuple):
+    module: str  # its register(app) adds the command
+    help: str  # the line the root help lists it with ("" for a hidden alias)
+
+
+# Every command, so that `localmix --help` lists them without importing a command module or
+# building a command: a command is built from its module when it runs or shows its own help.
+# tests/test_cli_help.py holds each line to the first line of the command's own help.
+COMMANDS = {
+    "pull": Entry(
+        "localmix.cli.pull",
+        "Download a model from the Hugging Face Hub (resumable, sha256-verified) into the store.",
+    ),
+    "import": Entry(
+        "localmix.cli.pull",
+        "Register a GGUF file already on disk (validated first); chats remember its --format.",
+    ),
+    "chat": Entry(
+        "localmix.cli.chat",
+        "Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply.",
+    ),
+    "run": Entry("localmix.cli.chat", ""),
+    "bench": Entry(
+        "localmix.cli.bench",
+        "Measure tokens/s the way llama-bench does: pp (prompt) and tg (generation), mean ± std.",
+    ),
+    "eval": Entry(
+        "localmix.cli.eval",
+        "Measure what a quant loses: PPL ratio, KL divergence and same top token against a "
+        "reference.",
+    ),
+    "list": Entry(
+        "localmix.cli.models", "List installed models (or, with --available, the catalog)."
+    ),
+    "show": Entry(
+        "localmix.cli.models",
+        "Show a model's architecture, size, quant, context, tensor types, chat format and source.",
+    ),
+    "rm": Entry(
+        "localmix.cli.models",
+        "Remove a model (all its quants unless NAME:QUANT) and the files localmix owns.",
+    ),
+    "du": Entry(
+        "localmix.cli.models",
+        "Disk used by the store: owned files, referenced files, leftovers, free space.",
+    ),
+    "convert": Entry(
+        "localmix.cli.build",
+        "Convert a Hugging Face or Mistral-native checkpoint to GGUF (streaming, bounded memory).",
+    ),
+    "quantize": Entry(
+        "localmix.cli.build",
+        "Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default.",
+    ),
+    "synth": Entry(
+        "localmix.cli.build",
+        "Write a random-weight checkpoint with a real Mistral tokenizer (for demos and tests).",
+    ),
+    "imatrix": Entry(
+        "localmix.cli.imatrix",
+        "Compute an importance matrix for the 1-3 bit quant types, as llama-imatrix does.",
+    ),
+    "doctor": Entry(
+        "localmix.cli.doctor",
+        "Show llama.cpp's backends and devices, free memory, threads, RAM and memory bandwidth.",
+    ),
+    "paths": Entry(
+        "localmix.cli.doctor",
+        "Show where models, manifests, tmp, bench history, chats and the HF cache live.",
+    ),
+    "demo": Entry(
+        "localmix.cli.demo",
+        "Build a small random-weight model, then convert, quantize, bench and chat with it "
+        "offline.",
+    ),
+    "serve": Entry(
+        "localmix.cli.serve",
+        "Serve models over HTTP: OpenAI's API under /v1, Ollama's under /api.",
+    ),
+    "ps": Entry("localmix.cli.serve", "List the models a running `localmix serve` has loaded."),
+}
+
+
+class _Registrar(typer.Typer):
+    """What a command module's register(app) adds its commands to: each one is an
+    options.Command, so its help reads like the rest."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+@functools.cache
+def _built(module: str) -> dict[str, Command]:
+    """The commands one module registers, built by typer (once)."""
+    registrar = _Registrar(rich_markup_mode=None, add_completion=False)
+    importlib.import_module(module).register(registrar)
+    return dict(typer.main.get_group(registrar).commands)
+
+
+class _LazyCommands(Mapping[str, Command]):
+    """The root group's commands by name: every name is known up front (COMMANDS), a command is
+    built on first use. Typer's group looks commands up here, and offers close names from its
+    keys for a mistyped one."""
+
+    def __getitem__(self, name: str) -> Command:
+        return _built(COMMANDS[name].module)[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(COMMANDS)
+
+    def __len__(self) -> int:
+        return len(COMMANDS)
+
+
+class LazyGroup(FalseHelp, TyperGroup):
+    """The root: lists every command from COMMANDS, builds only the one that runs."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.commands = _LazyCommands()  # type: ignore[assignment]
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def format_commands(self, ctx: typer.Context, formatter: Any) -> None:
+        rows = [(name, entry.help) for name, entry in COMMANDS.items() if entry.help]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="localmix",
+    cls=LazyGroup,
     help="Run Mistral and Mixtral locally: pull, convert, quantize, chat, bench.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # typer's plain help: see options.Command
     epilog="Environment: "
     + "; ".join(f"{name}: {text}" for name, text in settings.ENVIRONMENT.items()),
-)
-
-# Each command module has register(app); importing them is cheap (heavy imports live inside
-# the command functions), so `localmix --help` stays fast.
-COMMAND_MODULES = (
-    "localmix.cli.pull",
-    "localmix.cli.chat",
-    "localmix.cli.bench",
-    "localmix.cli.eval",
-    "localmix.cli.models",
-    "localmix.cli.build",
-    "localmix.cli.imatrix",
-    "localmix.cli.doctor",
-    "localmix.cli.demo",
-    "localmix.cli.serve",
 )
 
 
@@ -44,8 +165,9 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False,
         "--version",
@@ -56,12 +178,11 @@ def _root(
     ),
 ) -> None:
     """Run Mistral and Mixtral locally: pull, convert, quantize, chat, bench."""
-
-
-for _module in COMMAND_MODULES:
-    importlib.import_module(_module).register(app)
-name_values(app)
-plain_help()
+    # `localmix` alone: the help, and the status of a usage error (no_args_is_help would make
+    # the whole help the text of that error)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(2)
 
 
 # Every error line gets a hint line; where the raiser had nothing specific to add, this one.

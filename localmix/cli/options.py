@@ -1,13 +1,32 @@
-"""Option and argument types declared once and shared by the commands."""
+"""Option and argument types declared once and shared by the commands, and the Command class
+whose help shows them as placeholders (MODEL, N, PATH) rather than Python types.
+
+Only typer's and click's public extension points are used: a command class passed as `cls=`
+(app.py's registrar gives every command this one), overriding click's public methods
+(collect_usage_pieces, format_options, get_help_option) and setting metavars on the command's own
+parameters. Typer is pinned to 0.29: its help and error wording, which tests/test_cli_help.py
+and tests/test_bad_input.py check, changed between 0.28 and 0.29 (14 of those tests fail on
+0.28), and 0.30 is not out to try.
+
+Help is typer's plain one (rich_markup_mode=None in app.py): click's layout. Typer 0.29's rich
+help cannot read like this through any public hook: it prints an argument's Python type beside
+it whatever its metavar (MODEL <str>), and --help's (<bool>), from the parameter classes
+typer.main builds, which no `cls=` reaches; and its renderer, typer.rich_utils, imports
+rich.markdown (markdown-it) and rich.traceback (pygments) at its top, about 45 ms, which put
+`localmix --help` at or over its 150 ms budget. The plain help imports no part of rich.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 
 def number_in(low: float, high: float | None = None) -> Callable[[float | None], float | None]:
@@ -81,130 +100,80 @@ OutputOpt = Annotated[
 _METAVARS: dict[object, str] = {bool: "", int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
 
 
-def _metavar(name: str, annotation: object, info: object) -> str:
-    """The help placeholder for one parameter: its own name for an argument, else by type."""
-    import typing
-
-    if isinstance(info, typer.models.ArgumentInfo):
-        return name.upper()
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+def _metavar(annotation: object) -> str:
+    """The help placeholder for an option of this type (a flag has none)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _metavar(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) is list:
         return "LIST"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if args and typing.get_origin(annotation) is not None:  # Optional[X]
-        return _metavar(name, args[0], info)
+        return _metavar(args[0])
     return _METAVARS.get(annotation, "VALUE")
 
 
-def plain_help() -> None:
-    """Typer 0.29 prints Python types where help wants placeholders: `<bool>` beside flags and
-    --help, `<str>` beside arguments, and `{MODEL}` for a required argument in usage lines. Drop
-    the types (an argument's name in capitals already says what it is) and write usage as other
-    tools do: MODEL required, [PROMPT] optional. Typer is pinned below 0.30, where these hooks
-    live; tests/test_cli_help.py checks every command's help, so a change there shows."""
-    from typer import core
+class FalseHelp:
+    """A command or group whose --help is False when not given, as any flag of localmix is.
 
-    option_type = core.TyperOption.display_type_rich
+    Typer 0.29 coerces every parameter's value with a converter it builds from pydantic, except
+    a bool that already is one; click's --help is None when not given, so processing it imported
+    pydantic, about 35 ms of `localmix list` and of `localmix chat --help` (the root group's
+    --help is processed before the subcommand's). tests/test_cli_help.py checks the imports."""
 
-    def flag_or_option_type(self: Any, ctx: Any) -> str | None:
-        return None if self.is_flag and not self.metavar else option_type(self, ctx)
-
-    def usage_name(self: Any) -> str:
-        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
-        return name + ("..." if self.nargs != 1 else "")
-
-    core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
-    core.TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
-    core.TyperOption.display_type_rich = flag_or_option_type  # type: ignore[method-assign]
-    _coerce_lazily(core)
-    for cls in (core.TyperCommand, core.TyperGroup):
-        cls.format_help = _with_light_help_renderer(cls.format_help)  # type: ignore[method-assign]
+    def get_help_option(self, ctx: typer.Context) -> TyperOption | None:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.default = False
+        return option
 
 
-def _with_light_help_renderer(format_help: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapped(self: Any, ctx: Any, formatter: Any) -> Any:
-        _import_help_renderer()
-        return format_help(self, ctx, formatter)
+class Command(FalseHelp, TyperCommand):
+    """A command whose help reads the way other tools' does: `Usage: localmix chat [OPTIONS]
+    MODEL [PROMPT]`, an argument named in capitals, N or PATH beside an option, nothing beside a
+    flag (typer 0.29 writes a parameter with no metavar as its Python type, <str>, an argument
+    always so, and a required one as {MODEL} in usage)."""
 
-    return wrapped
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        callback = inspect.unwrap(self.callback) if self.callback else None
+        hints = typing.get_type_hints(callback, include_extras=True) if callback else {}
+        for param in self.params:
+            if param.metavar is None and param.name:
+                argument = param.param_type_name == "argument"
+                param.metavar = param.name.upper() if argument else _metavar(hints.get(param.name))
 
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_name(param, usage=True))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
 
-def _import_help_renderer() -> None:
-    """typer.rich_utils, the help renderer, imports rich.markdown (with markdown-it) and
-    rich.traceback (with pygments) at its top, a third of `localmix --help`'s time, for the
-    "markdown" markup mode and pretty tracebacks, neither of which localmix uses. Import it with
-    stand-ins for those two, then take the stand-ins away, so later imports get the real ones."""
-    import importlib
-    import sys
-    import types
-
-    if "typer.rich_utils" in sys.modules:
-        return
-    stand_ins = {
-        name: types.ModuleType(name)
-        for name in ("rich.markdown", "rich.traceback")
-        if name not in sys.modules
-    }
-    for name, module in stand_ins.items():
-        module.__dict__[name.rsplit(".", 1)[1].capitalize()] = None  # Markdown, Traceback
-        sys.modules[name] = module
-    try:
-        importlib.import_module("typer.rich_utils")
-    finally:
-        for name, module in stand_ins.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
-
-
-class _UnsetOrCoerced:
-    """A parameter's coercion that needs no converter for a value that was not given: typer's own
-    coerce() returns None (or () for a multi-value parameter) then, without using the converter."""
-
-    def __init__(self, build: Callable[[], Any]) -> None:
-        self._build = build
-
-    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
-        if value is None:
-            return () if (param.multiple or param.nargs == -1) else None
-        return self._build().coerce(value, param=param, ctx=ctx)
-
-
-def _coerce_lazily(core: Any) -> None:
-    """Typer 0.29 builds a pydantic converter for every parameter it processes, given or not, and
-    importing pydantic is most of the time `localmix chat --help` or `localmix list` takes
-    (the root group's unset --help is processed before the subcommand). Build it only for a
-    value that was given; the result is the same (tests/test_cli_help.py times the imports)."""
-    build = core.build_runtime_param
-
-    def get_runtime_param(self: Any) -> Any:
-        if self._runtime_param is not None:
-            return self._runtime_param
-
-        def real() -> Any:
-            self._runtime_param = build(self.type_descriptor)
-            return self._runtime_param
-
-        return _UnsetOrCoerced(real)
-
-    core._TyperParameter.get_runtime_param = get_runtime_param  # type: ignore[method-assign]
-
-
-def name_values(app: typer.Typer) -> None:
-    """Give every option and argument of app's commands a metavar that reads like help, where
-    its declaration has none (Typer would show the Python type: <str>, <list[str]>)."""
-    import typing
-
-    for command in app.registered_commands:
-        hints = typing.get_type_hints(command.callback, include_extras=True)
-        # Keep the evaluated annotations: under `from __future__ import annotations` an inline
-        # typer.Option(...) is re-created each time Typer evaluates the string.
-        command.callback.__annotations__ = hints  # type: ignore[union-attr]
-        for name, hint in hints.items():
-            if typing.get_origin(hint) is not Annotated:
+    def format_options(self, ctx: typer.Context, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
                 continue
-            annotation, *extras = typing.get_args(hint)
-            for info in extras:
-                if isinstance(info, typer.models.ParameterInfo) and info.metavar is None:
-                    info.metavar = _metavar(name, annotation, info)
+            if param.param_type_name == "argument":
+                # typer's record names an argument with its Python type: keep only its text
+                arguments.append((_argument_name(param, usage=False), record[1]))
+            else:
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(param: TyperArgument | TyperOption, *, usage: bool) -> str:
+    """MODEL, or [PROMPT] in a usage line where it may be left out; NAME... for several."""
+    name = param.metavar or (param.name or "").upper()
+    if usage and not param.required:
+        name = f"[{name}]"
+    return name + ("..." if param.nargs != 1 else "")
 
 
 ChatFormatOpt = Annotated[
