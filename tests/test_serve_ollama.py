@@ -158,7 +158,7 @@ def test_another_familys_model_gets_its_own_gguf_template(
         model = started.registry.find_loaded("chatml")
         prompt = reply.json()["prompt_token_ids"]
         text = model.engine.detokenize(prompt)
-    assert model.format.name == "gguf-template" and prompt[0] == BOS
+    assert model.profile.format.name == "gguf-template" and prompt[0] == BOS
     assert text.strip() == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant"
 
 

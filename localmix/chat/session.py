@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmix import disk
-from localmix.chat import reasoning, template
+from localmix.chat import reasoning
+from localmix.chat.profile import profile_for
 from localmix.chat.reasoning import Thought
 from localmix.chat.template import ChatFormat, Message, MistralFormat, Think
 from localmix.errors import ContextTooLong, LocalmixError, OutputError, UsageError
@@ -65,7 +66,7 @@ class Session:
         if max_tokens < 1:
             raise UsageError(f"max_tokens must be at least 1, not {max_tokens}")
         self.engine = engine
-        self.format = resolve_format(engine, chat_format)
+        self.profile = profile_for(engine, chat_format, model)
         self.system = system or None
         self.sampling = sampling or Sampling()
         self.max_tokens = max_tokens
@@ -74,45 +75,36 @@ class Session:
         self.messages: list[Message] = []
         self.last_stats: Stats | None = None
         self.last_thought_tokens = 0  # tokens the last reply spent thinking
-        # how thinking is switched ("prompt", "effort" or None) and the [THINK] / [/THINK] ids
-        self.think_mode = reasoning.mode(self.format, engine.tokenize)
-        self._think_ids = reasoning.markers(self.format, engine.tokenize)
         self.thinking = False
-        if thinking is not None:
-            self.set_thinking(thinking)
-        # SentencePiece vocabularies prepend "▁" to encoded text, and their decoders drop it again;
-        # a reply's first piece carries that space, which mistral-common's decoded text does not.
-        self._strip_space = adds_space_prefix(engine.metadata)
+        self.set_thinking(self.profile.thinks_by_default if thinking is None else thinking)
+
+    @property
+    def format(self) -> ChatFormat:
+        return self.profile.format
+
+    @property
+    def think_mode(self) -> str | None:
+        """How thinking is switched: "prompt", "effort" or None (no switch)."""
+        return self.profile.think_mode
 
     # --- the conversation -------------------------------------------------------------------
 
     def conversation(self, messages: Sequence[Message] | None = None) -> list[Message]:
         """The reasoning prompt (thinking on, "prompt" mode), the system prompt (if any), then the
         messages."""
-        head = [Message("system", self.system)] if self.system else []
-        if self.thinking and self.think_mode == "prompt":
-            head.insert(0, Message("system", reasoning.REASONING_PROMPT))
-        return head + list(self.messages if messages is None else messages)
+        chosen = self.messages if messages is None else messages
+        return self.profile.conversation(chosen, system=self.system, thinking=self.thinking)
 
     def prompt(self, messages: Sequence[Message] | None = None) -> list[int]:
         """The prompt token ids for the conversation, ready for the assistant's reply."""
-        effort = None
-        if self.think_mode == "effort":
-            effort = "high" if self.thinking else "none"
-        return template.encode(
-            self.format,
-            self.conversation(messages),
-            self.engine.tokenize,
-            reasoning_effort=effort,
+        chosen = self.messages if messages is None else messages
+        return self.profile.prompt(
+            chosen, self.engine.tokenize, thinking=self.thinking, system=self.system
         )
 
     def set_thinking(self, on: bool) -> None:
         """Turn thinking on or off; UsageError for a model without a thinking switch."""
-        if on and self.think_mode is None:
-            raise UsageError(
-                f"this model has no thinking switch (chat format {self.format.name})",
-                hint="reasoning models: Magistral, Ministral 3 Reasoning, Mistral Small 4",
-            )
+        self.profile.check_thinking(on)
         self.thinking = on
 
     def send(self, text: str) -> Iterator[Chunk | Thought | Stats | Notice]:
@@ -307,9 +299,9 @@ class Session:
     def _reply(
         self, prompt: list[int], max_tokens: int, restore: list[Message] | None
     ) -> Iterator[Chunk | Thought | Stats]:
-        split = reasoning.Splitter(self._think_ids)
+        split = reasoning.Splitter(self.profile.think_ids)
         stats: Stats | None = None
-        strip = self._strip_space
+        strip = self.profile.strip_space
         stream = self.engine.stream(prompt, sampling=self.sampling, max_tokens=max_tokens)
         try:
             for item in stream:
@@ -339,34 +331,6 @@ class Session:
         elif not finished:
             self._abandon(restore)  # interrupted before any text: as if never sent
         # finished with an empty reply: the user message stays; the next one is merged with it
-
-
-def resolve_format(engine: Engine, chat_format: str | ChatFormat | None) -> ChatFormat:
-    """The chat format to use: a name, a format, or None to detect it from the model."""
-    if isinstance(chat_format, str):
-        return template.get(chat_format)
-    if chat_format is not None:
-        return chat_format
-    return template.for_model(
-        engine.metadata,
-        engine.tokenize,
-        bos_token=_piece_text(engine, engine.bos_id),
-        eos_token=_piece_text(engine, engine.eos_id),
-    )
-
-
-def _piece_text(engine: Engine, token: int) -> str:
-    if token < 0:
-        return ""
-    return engine.token_piece(token).decode("utf-8", errors="replace")
-
-
-def adds_space_prefix(metadata: dict[str, str]) -> bool:
-    """Whether the vocabulary prepends "▁" to text, so a reply's first piece starts with a space
-    that mistral-common's decoded text does not have (chat clients drop it)."""
-    if metadata.get("tokenizer.ggml.model") != "llama":
-        return False
-    return str(metadata.get("tokenizer.ggml.add_space_prefix", "true")).lower() != "false"
 
 
 def _turn_starts(messages: Sequence[Message]) -> list[int]:

@@ -269,7 +269,6 @@ def open_session(
     from contextlib import nullcontext
 
     from localmix import load
-    from localmix.chat import reasoning
     from localmix.chat.session import Session
     from localmix.cli.render import err_console
 
@@ -285,8 +284,6 @@ def open_session(
             loaded.engine, chat_format or target.chat_format, system=system, sampling=sampling,
             max_tokens=max_tokens, overflow=overflow, model=target.name, thinking=thinking,
         )  # fmt: skip
-        if thinking is None:
-            session.thinking = reasoning.thinks_by_default(target.name, session.think_mode)
         return session
     except BaseException:
         loaded.close()

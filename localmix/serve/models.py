@@ -25,7 +25,7 @@ from localmix.errors import ModelNotFound, UsageError
 from localmix.serve.scheduler import Busy
 
 if TYPE_CHECKING:
-    from localmix.chat.template import ChatFormat
+    from localmix.chat.profile import ChatProfile
     from localmix.llama.engine import Engine
     from localmix.load import LoadSettings
     from localmix.models.store import Located, Manifest
@@ -73,10 +73,7 @@ class Model:
     target: Located
     engine: Engine  # vocab_only
     worker: Worker
-    format: ChatFormat
-    strip_space: bool  # drop the first reply piece's leading space (chat.session's rule)
-    think_mode: str | None  # a reasoning model's switch: "prompt", "effort" or None
-    think_ids: tuple[int, int] | None  # its [THINK] and [/THINK] ids
+    profile: ChatProfile  # its chat format and thinking, as every chat gets them (chat/profile)
     memory: int  # bytes counted against the budget: file and KV cache
     keep_alive: float | None
     loaded_at: float
@@ -314,16 +311,13 @@ class Registry:
     def _open(self, name: str, target: Located, need: int) -> Model:
         """Start the model's worker process (it loads through the door) and read its
         vocabulary here (in a worker thread of the server)."""
-        from localmix.chat import reasoning
-        from localmix.chat.session import adds_space_prefix, resolve_format
+        from localmix.chat.profile import profile_for
         from localmix.llama.engine import Engine, EngineConfig
         from localmix.serve.worker import Worker
 
         engine = Engine(EngineConfig(target.path, vocab_only=True))
         try:
-            fmt = resolve_format(engine, target.chat_format)
-            think_mode = reasoning.mode(fmt, engine.tokenize)
-            think_ids = reasoning.markers(fmt, engine.tokenize)
+            profile = profile_for(engine, target.chat_format, target.name)
             worker = Worker.start(
                 target.name, target, self.settings, parallel=self.options.parallel,
                 queue_limit=self.options.queue,
@@ -337,10 +331,7 @@ class Registry:
             target=target,
             engine=engine,
             worker=worker,
-            format=fmt,
-            strip_space=adds_space_prefix(engine.metadata),
-            think_mode=think_mode,
-            think_ids=think_ids,
+            profile=profile,
             memory=need,
             keep_alive=keep,
             loaded_at=time.time(),

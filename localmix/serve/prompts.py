@@ -35,25 +35,11 @@ def message(role: str, content: str) -> Message:
 def chat_tokens(model: Model, messages: Sequence[Message], think: bool | None = None) -> list[int]:
     """The exact prompt for a conversation, ready for the assistant's reply. think switches a
     reasoning model's thinking on or off (None: the model's default, as `localmix chat`)."""
-    from localmix.chat import reasoning
-
     if not messages:
         raise UsageError("messages is empty", hint="send at least one user message")
-    if think is None:
-        think = reasoning.thinks_by_default(model.target.name, model.think_mode)
-    if think and model.think_mode is None:
-        raise UsageError(
-            f"this model has no thinking switch (chat format {model.format.name})",
-            hint="ask without think / reasoning_effort",
-        )
-    head = []
-    if think and model.think_mode == "prompt":  # v13: the reasoning system prompt goes first
-        head.append(Message("system", reasoning.REASONING_PROMPT))
-    effort = ("high" if think else "none") if model.think_mode == "effort" else None
-    tokens = template.encode(
-        model.format, [*head, *messages], model.engine.tokenize, reasoning_effort=effort
-    )
-    return fits(model, tokens)
+    profile = model.profile
+    thinking = profile.thinks_by_default if think is None else think
+    return fits(model, profile.prompt(messages, model.engine.tokenize, thinking=thinking))
 
 
 def text_tokens(model: Model, text: str | Sequence[int]) -> list[int]:
@@ -87,8 +73,8 @@ class Reply:
     def __init__(self, model: Model, chat: bool) -> None:
         from localmix.chat.reasoning import Splitter
 
-        self._strip = model.strip_space and chat
-        self._split = Splitter(model.think_ids if chat else None)
+        self._strip = model.profile.strip_space and chat
+        self._split = Splitter(model.profile.think_ids if chat else None)
 
     @property
     def thought_tokens(self) -> int:
