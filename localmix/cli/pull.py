@@ -75,8 +75,8 @@ class _PullView:
         from rich.markup import escape
 
         from localmix.cli.render import human_size
-        from localmix.models.hub import DownloadEvent, RetryEvent, VerifyEvent
         from localmix.models.pull import Stage
+        from localmix.progress import Progress as Report
 
         if isinstance(event, Stage):
             if event.name in ("register", "done"):
@@ -87,14 +87,19 @@ class _PullView:
                 )
                 self._say(f"[dim]{label} {escape(event.detail)}[/]")
             return
-        if isinstance(event, RetryEvent):
+        stage = event.stage if isinstance(event, Report) else ""
+        if stage == "retry":
             at = human_size(event.done)
-            self._say(f"[yellow]{escape(event.file)}: {escape(event.reason)} at {at}; resuming[/]")
-        elif isinstance(event, DownloadEvent):
-            task = self._task("bytes", "get:" + event.file, f"↓ {event.file}", event.total)
+            self._say(
+                f"[yellow]{escape(event.subject)}: {escape(event.detail)} at {at}; resuming[/]"
+            )
+        elif stage == "download":
+            task = self._task("bytes", "get:" + event.subject, f"↓ {event.subject}", event.total)
             self._display("bytes").update(task, completed=event.done, total=event.total)
-        elif isinstance(event, VerifyEvent):
-            task = self._task("bytes", "sha:" + event.file, f"sha256 {event.file}", event.total)
+        elif stage == "verify":
+            task = self._task(
+                "bytes", "sha:" + event.subject, f"sha256 {event.subject}", event.total
+            )
             self._display("bytes").update(task, completed=event.done)
         else:
             self._step(event)
