@@ -28,7 +28,7 @@ from localmix.errors import (
     OfflineMiss,
     UsageError,
 )
-from localmix.progress import OnProgress, Progress
+from localmix.progress import OnProgress, Progress, ignore
 
 if TYPE_CHECKING:
     from huggingface_hub import CachedRevisionInfo, HfFileMetadata
@@ -433,9 +433,10 @@ def _url(listing: Listing, name: str, revision: str) -> str:
 
 def _headers(location: str, hub_url: str) -> dict[str, str]:
     """The token goes to the Hub only: a signed CDN URL (another origin) carries its own rights."""
-    from huggingface_hub import get_token
+    from huggingface_hub import constants, get_token
 
-    token = get_token()
+    # as huggingface_hub's own requests: no token unless asked for when implicit ones are off
+    token = None if constants.HF_HUB_DISABLE_IMPLICIT_TOKEN else get_token()
     if token and _origin(location) == _origin(hub_url):
         return {"authorization": f"Bearer {token}"}
     return {}
@@ -517,15 +518,15 @@ def _download_one(listing: Listing, remote: RemoteFile, emit: OnProgress) -> Loc
     )
     if _snapshot_of(entry, remote.name).name != listing.commit:
         raise _moved(listing)
-    if (
-        not fetched and remote.sha256
-    ):  # cached earlier, maybe by another tool: verified all the same
+    if not fetched:  # cached earlier, maybe by another tool: verified all the same
         _check_cached(listing, remote, entry, emit)
     return LocalFile(remote.name, entry, remote.size, remote.sha256, fetched)
 
 
 def _check_cached(listing: Listing, remote: RemoteFile, entry: Path, emit: OnProgress) -> None:
-    assert remote.sha256 is not None
+    """An LFS file found in the cache matches the Hub's sha256, or is deleted from it."""
+    if not remote.sha256:
+        return
     got = _sha256(entry, remote.name, emit)
     if got != remote.sha256:
         _remove_cached(listing.repo, entry)
@@ -545,8 +546,7 @@ def _cached_file(listing: Listing, remote: RemoteFile, emit: OnProgress) -> Loca
             hint="run the pull once online (without --offline / HF_HUB_OFFLINE)",
         )
     entry = Path(found)
-    if remote.sha256:
-        _check_cached(listing, remote, entry, emit)
+    _check_cached(listing, remote, entry, emit)
     return LocalFile(remote.name, entry, remote.size, remote.sha256, fetched=False)
 
 
@@ -555,8 +555,6 @@ def download(
 ) -> Download:
     """Bring files into the HF cache (resuming partial downloads) and verify every LFS file's
     sha256 against the Hub's; a listing from the cache (offline) is only verified."""
-    from localmix.progress import ignore
-
     emit = progress or ignore
     files = []
     for name in names:

@@ -21,10 +21,9 @@ hf_hub_download linking a blob already in place without transferring it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -75,54 +74,22 @@ def fetch(
     """Download `url` into `blob`, continuing what an earlier try left on disk. `accept` checks
     the complete file before it is moved in place (it raises, and deletes it, when it is bad).
     False when the blob was already there (nothing fetched)."""
+    from localmix.models import store
+
     if blob.exists():
         return False
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(blob)
-    with _locked(partial, blob) as handle:
-        if handle is None:
+    # Two localmix processes appending to one partial file would interleave their bytes: one
+    # fetches a repo's blobs at a time (huggingface_hub's own downloads use files of their own).
+    with store.lock("hf-" + blob.parent.parent.name):
+        if blob.exists():
             return False  # another process finished it while this one waited
-        _transfer(handle, url, headers, size, on_bytes, on_retry)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        partial = partial_path(blob)
+        with open(partial, "ab") as handle:
+            _transfer(handle, url, headers, size, on_bytes, on_retry)
         accept(partial)
         os.replace(partial, blob)
     return True
-
-
-# --- one process per partial file -----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _locked(partial: Path, blob: Path) -> Iterator[BinaryIO | None]:
-    """The partial file, open for appending and locked (two localmix processes fetching one blob
-    would interleave their bytes); None when the blob appeared while this one waited."""
-    while True:
-        with open(partial, "ab") as handle:
-            _lock(handle)
-            current = _same_file(handle, partial)
-            if blob.exists():
-                if current:
-                    partial.unlink()  # opened (created) just now: nothing of it is needed
-                yield None
-                return
-            if current:
-                yield handle
-                return
-        # the file waited on was deleted (it failed its check): take the one there now
-
-
-def _lock(handle: BinaryIO) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks (as store.lock)
-        return
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file is closed
-
-
-def _same_file(handle: BinaryIO, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(handle.fileno()), path.stat())
-    except FileNotFoundError:
-        return False
 
 
 # --- the transfer ------------------------------------------------------------------------------
