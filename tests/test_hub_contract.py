@@ -159,3 +159,16 @@ def test_hf_hub_download_reports_its_bytes_through_tqdm_class(hub: HubServer, ca
     size = hub.bytes_served(NAME)
     assert seen[0] == Progress("download", NAME, 0, size, "bytes")
     assert seen[-1] == Progress("download", NAME, size, size, "bytes")
+
+
+def test_a_server_that_ignores_the_range_sends_the_whole_file_again(
+    hub: HubServer, cache: Path, tmp_path: Path
+) -> None:
+    """A resumed GET answered 200 (the whole file) starts the partial over instead of appending."""
+    size = _meta(hub, NAME).size
+    assert size is not None
+    hub.fault(NAME, drop_after=size // 3)
+    hub.fault(NAME, ignore_range=True)
+    blob, fetched = _fetch(hub, cache)
+    assert fetched and blob.read_bytes() == (tmp_path / "repos" / "c" / NAME).read_bytes()
+    assert hub.bytes_served(NAME) == size // 3 + size

@@ -11,8 +11,9 @@ What: one file is downloaded into the name the cache documents for an interrupte
 `incomplete_files`), continued with HTTP Range requests after a drop or a kill, and renamed to
 `blobs/<etag>` once complete and accepted (sha256). The caller then calls hf_hub_download, which
 finds the blob and only links the snapshot entry and records the ref: snapshots, refs and
-huggingface_hub's locks stay its own. The bytes come through huggingface_hub's shared HTTP client
-(get_session), so its proxy and client settings hold.
+huggingface_hub's locks stay its own (its downloads write files of their own, never this one;
+localmix processes take turns through store.lock). The bytes come through huggingface_hub's
+shared HTTP client (get_session), so its client settings hold, and its errors are httpx2's.
 
 Relied on, and pinned by tests/test_hub_contract.py: the blob's place and name (the etag
 get_hf_file_metadata reports: the sha256 of an LFS file, the git blob id of others), and
