@@ -87,22 +87,21 @@ class _PullView:
                 )
                 self._say(f"[dim]{label} {escape(event.detail)}[/]")
             return
-        stage = event.stage if isinstance(event, Report) else ""
-        if stage == "retry":
+        if not isinstance(event, Report) or event.stage not in ("download", "verify", "retry"):
+            self._step(event)
+        elif event.stage == "retry":
             at = human_size(event.done)
             self._say(
                 f"[yellow]{escape(event.subject)}: {escape(event.detail)} at {at}; resuming[/]"
             )
-        elif stage == "download":
+        elif event.stage == "download":
             task = self._task("bytes", "get:" + event.subject, f"↓ {event.subject}", event.total)
             self._display("bytes").update(task, completed=event.done, total=event.total)
-        elif stage == "verify":
+        else:  # verify
             task = self._task(
                 "bytes", "sha:" + event.subject, f"sha256 {event.subject}", event.total
             )
             self._display("bytes").update(task, completed=event.done)
-        else:
-            self._step(event)
 
     def _step(self, event: object) -> None:
         """Convert and quantize events: (index, total, tensor name) by whatever names they use."""
