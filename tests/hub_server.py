@@ -63,6 +63,7 @@ class Fault:
     corrupt_at: int | None = None  # flip the byte at this offset of the file
     delay_s: float = 0.0  # wait before answering
     rate: float | None = None  # bytes per second while sending the body
+    ignore_range: bool = False  # answer a Range request with the whole file (200), as some CDNs do
     times: int = 1  # how many responses this fault affects (then it is gone)
 
 
@@ -369,7 +370,7 @@ def _handler(hub: HubServer, role: str) -> type[BaseHTTPRequestHandler]:
             size = hub_file.size
             start = 0
             status = 200
-            wanted = self.headers.get("Range", "")
+            wanted = "" if fault and fault.ignore_range else self.headers.get("Range", "")
             if wanted.startswith("bytes=") and not head:
                 first = wanted.removeprefix("bytes=").split("-", 1)[0]
                 start = int(first or 0)

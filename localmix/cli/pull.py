@@ -75,8 +75,8 @@ class _PullView:
         from rich.markup import escape
 
         from localmix.cli.render import human_size
-        from localmix.models.hub import DownloadEvent, RetryEvent, VerifyEvent
         from localmix.models.pull import Stage
+        from localmix.progress import Progress as Report
 
         if isinstance(event, Stage):
             if event.name in ("register", "done"):
@@ -87,17 +87,21 @@ class _PullView:
                 )
                 self._say(f"[dim]{label} {escape(event.detail)}[/]")
             return
-        if isinstance(event, RetryEvent):
-            at = human_size(event.done)
-            self._say(f"[yellow]{escape(event.file)}: {escape(event.reason)} at {at}; resuming[/]")
-        elif isinstance(event, DownloadEvent):
-            task = self._task("bytes", "get:" + event.file, f"↓ {event.file}", event.total)
-            self._display("bytes").update(task, completed=event.done, total=event.total)
-        elif isinstance(event, VerifyEvent):
-            task = self._task("bytes", "sha:" + event.file, f"sha256 {event.file}", event.total)
-            self._display("bytes").update(task, completed=event.done)
-        else:
+        if not isinstance(event, Report) or event.stage not in ("download", "verify", "retry"):
             self._step(event)
+        elif event.stage == "retry":
+            at = human_size(event.done)
+            self._say(
+                f"[yellow]{escape(event.subject)}: {escape(event.detail)} at {at}; resuming[/]"
+            )
+        elif event.stage == "download":
+            task = self._task("bytes", "get:" + event.subject, f"↓ {event.subject}", event.total)
+            self._display("bytes").update(task, completed=event.done, total=event.total)
+        else:  # verify
+            task = self._task(
+                "bytes", "sha:" + event.subject, f"sha256 {event.subject}", event.total
+            )
+            self._display("bytes").update(task, completed=event.done)
 
     def _step(self, event: object) -> None:
         """Convert and quantize events: (index, total, tensor name) by whatever names they use."""

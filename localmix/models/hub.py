@@ -1,20 +1,21 @@
 """The Hugging Face Hub: listing a repo, choosing files for a quant, downloading into the shared HF
 cache with resume, sha256 verification, offline lookups, and purging cache entries.
 
-Every call to huggingface_hub lives here, and so does the translation of its typed errors into
-localmix's. Files land in the shared cache (HF_HOME) where every other HF tool finds them.
+Every call to huggingface_hub lives here (its public API: HfApi.model_info, get_hf_file_metadata,
+hf_hub_download, try_to_load_from_cache, scan_cache_dir), and so does the translation of its typed
+errors into localmix's. Files land in the shared cache (HF_HOME) where every other HF tool finds
+them. The bytes of a file come through hubfetch, the one adapter, because hf_hub_download cannot
+continue an interrupted download (see there); hf_hub_download then links them into the snapshot.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from localmix import settings
@@ -27,17 +28,13 @@ from localmix.errors import (
     OfflineMiss,
     UsageError,
 )
+from localmix.progress import OnProgress, Progress, ignore
 
 if TYPE_CHECKING:
+    from huggingface_hub import CachedRevisionInfo, HfFileMetadata
+
     from localmix.models.store import Manifest
 
-# huggingface_hub's http_get gathers the body into chunks of this many bytes before writing;
-# None writes every piece as it arrives, so a dropped connection loses nothing already received
-# (a gathered chunk is lost with the connection, and fetched again).
-_CHUNK_BYTES = None
-# A dropped connection is resumed from the bytes on disk; give up after this many drops in a row
-# that brought no new byte (http_get itself already retried connect errors and timeouts).
-_STALLED_DROPS = 3
 # model_info has no retry of its own: attempts and the first wait (doubling) for a flaky network.
 _INFO_ATTEMPTS = 4
 _INFO_FIRST_WAIT_S = 0.5
@@ -74,35 +71,6 @@ class Listing:
 
 
 @dataclass(frozen=True)
-class DownloadEvent:
-    """Progress: `done` of `total` bytes of one file are on disk (total None when unknown)."""
-
-    file: str
-    done: int
-    total: int | None
-
-
-@dataclass(frozen=True)
-class VerifyEvent:
-    """Progress: sha256 of `done` of `total` bytes of one file computed."""
-
-    file: str
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class RetryEvent:
-    """Progress: the connection for one file dropped after `done` bytes; the download resumes
-    from there. `reason` is one line (huggingface_hub's own retry warning, shortened)."""
-
-    file: str
-    done: int
-    total: int | None
-    reason: str
-
-
-@dataclass(frozen=True)
 class LocalFile:
     """A file in the HF cache: `path` is its snapshot entry (a symlink to the blob)."""
 
@@ -119,9 +87,6 @@ class Download:
     commit: str
     snapshot: Path  # the snapshot folder: the repo's tree at `commit`
     files: tuple[LocalFile, ...]
-
-
-Progress = Callable[[object], None]
 
 
 def endpoint() -> str:
@@ -242,8 +207,6 @@ def _translate(exc: Exception, repo: str, revision: str | None) -> LocalmixError
         return _network_error(exc)
     if isinstance(exc, hf.LocalEntryNotFoundError | httpx2.HTTPError | TimeoutError):
         return _network_error(exc)
-    if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-        return _network_error(exc)  # the connection ended early; the partial file is kept
     return None
 
 
@@ -316,101 +279,103 @@ def repo_files(repo: str, revision: str | None = None, *, offline: bool = False)
     return Listing(repo, revision or "main", info.sha, files, gated=bool(info.gated))
 
 
-def _storage(repo: str) -> Path:
-    from huggingface_hub.file_download import repo_folder_name
+def _cached_revision(repo: str, revision: str) -> CachedRevisionInfo | None:
+    """The cache's snapshot of a repo at a revision (a branch or tag through its ref)."""
+    from huggingface_hub import CacheNotFound, scan_cache_dir
 
-    return cache_dir() / repo_folder_name(repo_id=repo, repo_type="model")
-
-
-def _cached_commit(repo: str, revision: str) -> str | None:
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    ref = _storage(repo) / "refs" / revision
-    with contextlib.suppress(OSError):
-        return ref.read_text().strip()
+    try:
+        info = scan_cache_dir(cache_dir())
+    except CacheNotFound:
+        return None
+    for cached in info.repos:
+        if cached.repo_id == repo and cached.repo_type == "model":
+            if _COMMIT.fullmatch(revision):
+                return next((r for r in cached.revisions if r.commit_hash == revision), None)
+            return cached.refs.get(revision)
     return None
 
 
 def _cached_listing(repo: str, revision: str) -> Listing:
     """What the local cache holds of a repo at a revision; no network."""
-    commit = _cached_commit(repo, revision)
-    snapshot = _storage(repo) / "snapshots" / (commit or "-")
-    if commit is None or not snapshot.is_dir():
+    cached = _cached_revision(repo, revision)
+    if cached is None or not cached.files:
         raise OfflineMiss(
             f"offline, and nothing of {repo}@{revision} is in the Hugging Face cache ({cache_dir()})",
             hint="run the pull once online (without --offline / HF_HUB_OFFLINE)",
         )
     files = []
-    for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):
-        blob = path.resolve()
-        name = path.relative_to(snapshot).as_posix()
-        lfs_hash = blob.name if _SHA256_RE.match(blob.name) else None
-        files.append(RemoteFile(name, blob.stat().st_size, sha256=lfs_hash))
-    return Listing(repo, revision, commit, tuple(files), cached=True)
+    for entry in sorted(cached.files, key=lambda f: f.file_path):
+        name = entry.file_path.relative_to(cached.snapshot_path).as_posix()
+        # the cache names an LFS file's blob by its sha256 (its etag on the Hub)
+        lfs_hash = entry.blob_path.name if _SHA256_RE.match(entry.blob_path.name) else None
+        files.append(RemoteFile(name, entry.size_on_disk, sha256=lfs_hash))
+    return Listing(repo, revision, cached.commit_hash, tuple(files), cached=True)
 
 
 # --- download -----------------------------------------------------------------------------------
 
 
-def _blob_for(listing: Listing, remote: RemoteFile) -> Path | None:
-    """Where the cache keeps this file's blob (the Hub's etag names it), if known without HEAD."""
-    etag = remote.sha256 or remote.blob_id
-    return _storage(listing.repo) / "blobs" / etag if etag else None
-
-
 def bytes_to_fetch(listing: Listing, names: Sequence[str]) -> int:
     """Bytes still to download for these files: cached blobs and partial downloads count off."""
+    from localmix.models import hubfetch
+
     if listing.cached:
         return 0
     needed = 0
     for name in names:
         remote = listing.file(name)
-        blob = _blob_for(listing, remote)
-        if blob is None:
+        etag = remote.sha256 or remote.blob_id  # what the Hub's ETag for the file will be
+        if etag is None:
             needed += remote.size
-        elif not blob.exists():
-            partial = blob.with_name(blob.name + ".incomplete")
-            have = partial.stat().st_size if partial.exists() else 0
-            needed += max(remote.size - have, 0)
+        else:
+            needed += hubfetch.missing_bytes(
+                hubfetch.blob_path(cache_dir(), listing.repo, etag), remote.size
+            )
     return needed
 
 
-class _Meter:
-    """Stands in for tqdm inside huggingface_hub's http_get, turning byte counts into events."""
-
-    def __init__(
-        self, *, emit: Progress, file: str, total: int | None = None, initial: int = 0, **_: Any
-    ) -> None:
-        self.emit, self.file, self.total, self.n = emit, file, total, initial
-        self.emit(DownloadEvent(file, initial, total))
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.emit(DownloadEvent(self.file, self.n, self.total))
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _Meter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+# Each progress record a download sends is made in one of these three.
 
 
-@contextlib.contextmanager
-def _small_chunks() -> Iterator[None]:
-    from huggingface_hub import constants
-
-    saved = constants.DOWNLOAD_CHUNK_SIZE
-    constants.DOWNLOAD_CHUNK_SIZE = _CHUNK_BYTES  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        constants.DOWNLOAD_CHUNK_SIZE = saved
+def _downloaded(file: str, done: int, total: int | None) -> Progress:
+    return Progress("download", subject=file, done=done, total=total, unit="bytes")
 
 
-def _sha256(path: Path, name: str, progress: Progress | None) -> str:
+def _verified(file: str, done: int, total: int) -> Progress:
+    return Progress("verify", subject=file, done=done, total=total, unit="bytes")
+
+
+def _resumed(file: str, done: int, total: int | None, reason: str) -> Progress:
+    return Progress("retry", subject=file, done=done, total=total, unit="bytes", detail=reason)
+
+
+def _meter(emit: OnProgress, file: str) -> type:
+    """A tqdm_class for hf_hub_download (the documented way to take over its progress bar): its
+    byte counts become download records instead of a bar of its own on stderr. It sees bytes
+    only if hf_hub_download has to transfer some, which hubfetch normally leaves it nothing of."""
+
+    class Meter:
+        def __init__(self, *, total: int | None = None, initial: int = 0, **_: Any) -> None:
+            self.total, self.n = total, initial
+            emit(_downloaded(file, initial, total))
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+            emit(_downloaded(file, self.n, self.total))
+
+        def close(self) -> None:
+            pass
+
+        def __enter__(self) -> Meter:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.close()
+
+    return Meter
+
+
+def _sha256(path: Path, name: str, emit: OnProgress) -> str:
     from localmix.models.store import sha256_file
 
     total = path.stat().st_size
@@ -419,11 +384,9 @@ def _sha256(path: Path, name: str, progress: Progress | None) -> str:
     def step(n: int) -> None:
         nonlocal done
         done += n
-        if progress:
-            progress(VerifyEvent(name, done, total))
+        emit(_verified(name, done, total))
 
-    if progress:
-        progress(VerifyEvent(name, 0, total))
+    emit(_verified(name, 0, total))
     return sha256_file(path, progress=step)
 
 
@@ -436,10 +399,11 @@ def _mismatch(name: str, expected: str, got: str) -> ChecksumMismatch:
     )
 
 
-def _remove_cached(repo: str, blob: Path) -> None:
-    """Delete a blob and every snapshot entry that links to it (huggingface_hub's cache API)."""
+def _remove_cached(repo: str, path: Path) -> None:
+    """Delete a snapshot entry and its blob, and every other entry that links to that blob."""
     from huggingface_hub import scan_cache_dir
 
+    blob = path.resolve()
     with contextlib.suppress(Exception):
         info = scan_cache_dir(cache_dir())
         entries = [
@@ -448,11 +412,10 @@ def _remove_cached(repo: str, blob: Path) -> None:
             if r.repo_id == repo
             for rev in r.revisions
             for f in rev.files
-            if f.blob_path == blob
+            if f.blob_path.resolve() == blob
         ]
         if entries:
             info.delete_files(*entries).execute()
-    blob.unlink(missing_ok=True)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -462,127 +425,30 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
-def _fetch_blob(
-    listing: Listing, remote: RemoteFile, blob: Path, meta: Any, progress: Progress | None
-) -> None:
-    """Download one file into `<blob>.incomplete`, resuming what is there, verify, move in place.
-
-    huggingface_hub >= 1.x downloads to a per-process temporary file and deletes it on failure,
-    so an interrupted pull would start from zero; we keep the cache's stable `<etag>.incomplete`
-    and let its http_get continue from the bytes already on disk (Range request).
-    """
-    from huggingface_hub.utils import build_hf_headers
-
-    partial = blob.with_name(blob.name + ".incomplete")
-    have = partial.stat().st_size if partial.exists() else 0
-    if meta.size is not None and have > meta.size:
-        partial.unlink()  # not ours to resume: larger than the file
-        have = 0
-    headers = build_hf_headers()
-    url = _url(listing, remote.name)
-    if _origin(meta.location) != _origin(url):
-        headers.pop("authorization", None)  # a signed CDN URL: the token stays on the Hub
-    emit = progress or (lambda _event: None)
-    meter = functools.partial(_Meter, emit=emit, file=remote.name)
-    retried = functools.partial(_retry_event, emit, remote.name, partial, meta.size)
-    with _small_chunks(), _retries_reported(retried), open(partial, "ab") as handle:
-        _get_resuming(
-            retried,
-            partial,
-            handle,
-            have,
-            url=meta.location,
-            headers=headers,
-            expected_size=meta.size,
-            displayed_filename=remote.name,
-            tqdm_class=meter,
-        )
-    if remote.sha256:
-        got = _sha256(partial, remote.name, progress)
-        if got != remote.sha256:
-            partial.unlink(missing_ok=True)
-            raise _mismatch(remote.name, remote.sha256, got)
-    os.replace(partial, blob)
-
-
-def _retry_event(emit: Progress, file: str, partial: Path, total: int | None, reason: str) -> None:
-    done = partial.stat().st_size if partial.exists() else 0
-    emit(RetryEvent(file, done, total, reason))
-
-
-def _short_reason(text: str) -> str:
-    """One clause of an httpx error: 'peer closed connection without sending complete message
-    body (received 2796266 bytes, expected 8388800)' -> its words before the parenthesis."""
-    line = (text.strip().splitlines() or ["connection lost"])[0]
-    return line.split(" (", 1)[0].rstrip(".: ") or "connection lost"
-
-
-@contextlib.contextmanager
-def _retries_reported(retried: Callable[[str], None]) -> Iterator[None]:
-    """huggingface_hub's http_get logs a warning with the URL and the raw error each time it
-    resumes a dropped download; printed to stderr, it tears through a progress display. While
-    we download, each such warning becomes a RetryEvent instead (and prints nothing)."""
-    import logging
-
-    hub_logger = logging.getLogger("huggingface_hub.file_download")
-
-    class ToEvents(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if not record.getMessage().startswith("Error while downloading from"):
-                return True
-            detail = str(record.args[1]) if isinstance(record.args, tuple) else ""
-            retried(_short_reason(detail))
-            return False  # reported as an event; not printed
-
-    catcher = ToEvents()
-    hub_logger.addFilter(catcher)
-    try:
-        yield
-    finally:
-        hub_logger.removeFilter(catcher)
-
-
-def _get_resuming(
-    retried: Callable[[str], None], partial: Path, handle: Any, have: int, **http_get_args: Any
-) -> None:
-    """huggingface_hub's http_get into `handle` from byte `have`, continued from the bytes on
-    disk whenever the connection drops. http_get resumes by itself after a protocol error, a
-    timeout or a refused connection, but a reset connection (ReadError) would end the pull; the
-    partial file always stays for the next run."""
-    import httpx2
-    from huggingface_hub.file_download import http_get
-
-    stalled = 0
-    while True:
-        try:
-            http_get(temp_file=handle, resume_size=have, **http_get_args)
-            return
-        except httpx2.TransportError as exc:
-            handle.flush()
-            now = partial.stat().st_size
-            stalled = 0 if now > have else stalled + 1
-            # no new byte after http_get's own retries of these: the network is down
-            given_up = isinstance(exc, httpx2.ConnectError | httpx2.TimeoutException)
-            if stalled >= _STALLED_DROPS or (stalled and given_up):
-                raise
-            retried(_short_reason(str(exc) or type(exc).__name__))
-            have = now
-
-
-def _url(listing: Listing, name: str) -> str:
+def _url(listing: Listing, name: str, revision: str) -> str:
     from huggingface_hub import hf_hub_url
 
-    return hf_hub_url(listing.repo, name, revision=listing.commit, endpoint=endpoint())
+    return hf_hub_url(listing.repo, name, revision=revision, endpoint=endpoint())
 
 
-def _download_one(listing: Listing, remote: RemoteFile, progress: Progress | None) -> LocalFile:
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download
-    from huggingface_hub.utils import WeakFileLock
+def _headers(location: str, hub_url: str) -> dict[str, str]:
+    """The token goes to the Hub only: a signed CDN URL (another origin) carries its own rights."""
+    from huggingface_hub import constants, get_token
 
-    storage = _storage(listing.repo)
-    pointer = storage / "snapshots" / listing.commit / remote.name
+    # as huggingface_hub's own requests: no token unless asked for when implicit ones are off
+    token = None if constants.HF_HUB_DISABLE_IMPLICIT_TOKEN else get_token()
+    if token and _origin(location) == _origin(hub_url):
+        return {"authorization": f"Bearer {token}"}
+    return {}
+
+
+def _metadata(listing: Listing, remote: RemoteFile) -> HfFileMetadata:
+    """The file's etag, size and download location at the listed revision, which must still be
+    the listed commit (a branch that moved since would mix two versions of the repo)."""
+    from huggingface_hub import constants, get_hf_file_metadata
+
     meta = get_hf_file_metadata(
-        _url(listing, remote.name),
+        _url(listing, remote.name, listing.revision),
         timeout=constants.HF_HUB_ETAG_TIMEOUT,
         endpoint=endpoint(),
         retry_on_errors=True,
@@ -591,66 +457,114 @@ def _download_one(listing: Listing, remote: RemoteFile, progress: Progress | Non
         raise NetworkError(
             f"{shown_endpoint()} sent no ETag for {remote.name}: not a Hub endpoint?"
         )
-    blob = storage / "blobs" / meta.etag
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    lock = cache_dir() / ".locks" / storage.name / f"{meta.etag}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fetched = False
-    with WeakFileLock(lock):  # the lock huggingface_hub takes for the same blob
-        if not blob.exists():
-            _fetch_blob(listing, remote, blob, meta, progress)
-            fetched = True
-        elif remote.sha256:  # cached earlier, maybe by another tool: verified all the same
-            got = _sha256(blob, remote.name, progress)
-            if got != remote.sha256:
-                _remove_cached(listing.repo, blob)
-                raise _mismatch(remote.name, remote.sha256, got)
-    # The blob is in place: hf_hub_download only links the snapshot entry, it transfers nothing.
-    hf_hub_download(
-        listing.repo,
-        remote.name,
-        revision=listing.commit,
-        cache_dir=cache_dir(),
-        endpoint=endpoint(),
+    if meta.commit_hash and meta.commit_hash != listing.commit:
+        raise _moved(listing)
+    return meta
+
+
+def _moved(listing: Listing) -> NetworkError:
+    return NetworkError(
+        f"{listing.repo}@{listing.revision} changed on the Hub during the pull",
+        hint="run the pull again: it takes the new commit (files already fetched stay)",
     )
-    return LocalFile(remote.name, pointer, remote.size, remote.sha256, fetched)
 
 
-def _record_ref(listing: Listing) -> None:
-    """refs/<revision> -> commit, so an offline pull of `main` finds this snapshot."""
-    if listing.revision == listing.commit or listing.cached:
+def _fetch(listing: Listing, remote: RemoteFile, emit: OnProgress) -> bool:
+    """The file's blob into the cache through hubfetch (resuming a partial one), verified."""
+    from localmix.models import hubfetch
+
+    meta = _metadata(listing, remote)
+    name = remote.name
+
+    def accept(partial: Path) -> None:
+        if remote.sha256 and (got := _sha256(partial, name, emit)) != remote.sha256:
+            partial.unlink(missing_ok=True)
+            raise _mismatch(name, remote.sha256, got)
+
+    return hubfetch.fetch(
+        hubfetch.blob_path(cache_dir(), listing.repo, meta.etag),
+        meta.location,
+        headers=_headers(meta.location, _url(listing, name, listing.revision)),
+        size=meta.size,
+        on_bytes=lambda done: emit(_downloaded(name, done, meta.size)),
+        on_retry=lambda done, why: emit(_resumed(name, done, meta.size, why)),
+        accept=accept,
+    )
+
+
+def _snapshot_of(path: Path, name: str) -> Path:
+    """The snapshot folder of an entry: the entry's path less the file's own path in the repo."""
+    return path.parents[len(PurePosixPath(name).parts) - 1]
+
+
+def _download_one(listing: Listing, remote: RemoteFile, emit: OnProgress) -> LocalFile:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(
+        listing.repo, remote.name, cache_dir=cache_dir(), revision=listing.commit
+    )
+    fetched = not isinstance(cached, str) and _fetch(listing, remote, emit)
+    # With the blob in place, hf_hub_download transfers nothing: it links the snapshot entry,
+    # and records the branch or tag asked for (refs/), which an offline pull later reads.
+    entry = Path(
+        hf_hub_download(
+            listing.repo,
+            remote.name,
+            revision=listing.revision,
+            cache_dir=cache_dir(),
+            endpoint=endpoint(),
+            tqdm_class=_meter(emit, remote.name),
+        )
+    )
+    if _snapshot_of(entry, remote.name).name != listing.commit:
+        raise _moved(listing)
+    if not fetched:  # cached earlier, maybe by another tool: verified all the same
+        _check_cached(listing, remote, entry, emit)
+    return LocalFile(remote.name, entry, remote.size, remote.sha256, fetched)
+
+
+def _check_cached(listing: Listing, remote: RemoteFile, entry: Path, emit: OnProgress) -> None:
+    """An LFS file found in the cache matches the Hub's sha256, or is deleted from it."""
+    if not remote.sha256:
         return
-    ref = _storage(listing.repo) / "refs" / listing.revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    if not ref.exists() or ref.read_text().strip() != listing.commit:
-        ref.write_text(listing.commit)
+    got = _sha256(entry, remote.name, emit)
+    if got != remote.sha256:
+        _remove_cached(listing.repo, entry)
+        raise _mismatch(remote.name, remote.sha256, got)
 
 
-def _cached_file(listing: Listing, remote: RemoteFile, progress: Progress | None) -> LocalFile:
-    pointer = _storage(listing.repo) / "snapshots" / listing.commit / remote.name
-    if remote.sha256:
-        got = _sha256(pointer, remote.name, progress)
-        if got != remote.sha256:
-            _remove_cached(listing.repo, pointer.resolve())
-            raise _mismatch(remote.name, remote.sha256, got)
-    return LocalFile(remote.name, pointer, remote.size, remote.sha256, fetched=False)
+def _cached_file(listing: Listing, remote: RemoteFile, emit: OnProgress) -> LocalFile:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(
+        listing.repo, remote.name, cache_dir=cache_dir(), revision=listing.commit
+    )
+    if not isinstance(found, str):
+        raise OfflineMiss(
+            f"offline, and {listing.repo}@{listing.commit[:12]} lacks {remote.name} in the "
+            "Hugging Face cache",
+            hint="run the pull once online (without --offline / HF_HUB_OFFLINE)",
+        )
+    entry = Path(found)
+    _check_cached(listing, remote, entry, emit)
+    return LocalFile(remote.name, entry, remote.size, remote.sha256, fetched=False)
 
 
 def download(
-    listing: Listing, names: Sequence[str], *, progress: Progress | None = None
+    listing: Listing, names: Sequence[str], *, progress: OnProgress | None = None
 ) -> Download:
     """Bring files into the HF cache (resuming partial downloads) and verify every LFS file's
     sha256 against the Hub's; a listing from the cache (offline) is only verified."""
+    emit = progress or ignore
     files = []
     for name in names:
         remote = listing.file(name)
         if listing.cached:
-            files.append(_cached_file(listing, remote, progress))
+            files.append(_cached_file(listing, remote, emit))
             continue
         with _hub_errors(listing.repo, listing.revision):
-            files.append(_download_one(listing, remote, progress))
-    _record_ref(listing)
-    snapshot = _storage(listing.repo) / "snapshots" / listing.commit
+            files.append(_download_one(listing, remote, emit))
+    snapshot = _snapshot_of(files[0].path, files[0].name)
     return Download(listing.repo, listing.commit, snapshot, tuple(files))
 
 

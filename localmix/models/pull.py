@@ -40,7 +40,7 @@ class Stage:
     detail: str = ""
 
 
-# Receives Stage, hub.DownloadEvent, hub.VerifyEvent and the convert / quantize events.
+# Receives Stage, progress.Progress (download, verify, retry) and the convert / quantize events.
 Progress = Callable[[object], None]
 
 

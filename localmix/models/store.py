@@ -4,7 +4,8 @@ Layout under settings.home():
     models/<slug>/<QUANT>.gguf      files localmix owns (converted, quantized, copied)
     models/<slug>/imatrix.gguf      the model's importance matrix, if computed (`localmix imatrix`)
     manifests/<slug>/<QUANT>.json   a model exists once (and only while) its manifest exists
-    locks/<slug>.lock               one lock per model name
+    locks/<slug>.lock               one lock per model name (and per HF cache repo being
+                                    downloaded into: hf-models--ORG--NAME.lock, models/hubfetch.py)
     tmp/                            partial outputs, renamed into place when complete
 A manifest may also point at a file localmix does not own (`import` by reference, a GGUF in the
 shared Hugging Face cache); `rm` deletes only what localmix owns.
