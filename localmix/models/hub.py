@@ -27,6 +27,7 @@ from localmix.errors import (
     OfflineMiss,
     UsageError,
 )
+from localmix.progress import OnProgress, Progress
 
 if TYPE_CHECKING:
     from localmix.models.store import Manifest
@@ -74,35 +75,6 @@ class Listing:
 
 
 @dataclass(frozen=True)
-class DownloadEvent:
-    """Progress: `done` of `total` bytes of one file are on disk (total None when unknown)."""
-
-    file: str
-    done: int
-    total: int | None
-
-
-@dataclass(frozen=True)
-class VerifyEvent:
-    """Progress: sha256 of `done` of `total` bytes of one file computed."""
-
-    file: str
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class RetryEvent:
-    """Progress: the connection for one file dropped after `done` bytes; the download resumes
-    from there. `reason` is one line (huggingface_hub's own retry warning, shortened)."""
-
-    file: str
-    done: int
-    total: int | None
-    reason: str
-
-
-@dataclass(frozen=True)
 class LocalFile:
     """A file in the HF cache: `path` is its snapshot entry (a symlink to the blob)."""
 
@@ -119,9 +91,6 @@ class Download:
     commit: str
     snapshot: Path  # the snapshot folder: the repo's tree at `commit`
     files: tuple[LocalFile, ...]
-
-
-Progress = Callable[[object], None]
 
 
 def endpoint() -> str:
@@ -379,14 +348,16 @@ class _Meter:
     """Stands in for tqdm inside huggingface_hub's http_get, turning byte counts into events."""
 
     def __init__(
-        self, *, emit: Progress, file: str, total: int | None = None, initial: int = 0, **_: Any
+        self, *, emit: OnProgress, file: str, total: int | None = None, initial: int = 0, **_: Any
     ) -> None:
         self.emit, self.file, self.total, self.n = emit, file, total, initial
-        self.emit(DownloadEvent(file, initial, total))
+        self.emit(Progress("download", subject=file, done=initial, total=total, unit="bytes"))
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        self.emit(DownloadEvent(self.file, self.n, self.total))
+        self.emit(
+            Progress("download", subject=self.file, done=self.n, total=self.total, unit="bytes")
+        )
 
     def close(self) -> None:
         pass
@@ -410,7 +381,7 @@ def _small_chunks() -> Iterator[None]:
         constants.DOWNLOAD_CHUNK_SIZE = saved
 
 
-def _sha256(path: Path, name: str, progress: Progress | None) -> str:
+def _sha256(path: Path, name: str, progress: OnProgress | None) -> str:
     from localmix.models.store import sha256_file
 
     total = path.stat().st_size
@@ -420,10 +391,10 @@ def _sha256(path: Path, name: str, progress: Progress | None) -> str:
         nonlocal done
         done += n
         if progress:
-            progress(VerifyEvent(name, done, total))
+            progress(Progress("verify", subject=name, done=done, total=total, unit="bytes"))
 
     if progress:
-        progress(VerifyEvent(name, 0, total))
+        progress(Progress("verify", subject=name, total=total, unit="bytes"))
     return sha256_file(path, progress=step)
 
 
@@ -463,7 +434,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def _fetch_blob(
-    listing: Listing, remote: RemoteFile, blob: Path, meta: Any, progress: Progress | None
+    listing: Listing, remote: RemoteFile, blob: Path, meta: Any, progress: OnProgress | None
 ) -> None:
     """Download one file into `<blob>.incomplete`, resuming what is there, verify, move in place.
 
@@ -505,9 +476,11 @@ def _fetch_blob(
     os.replace(partial, blob)
 
 
-def _retry_event(emit: Progress, file: str, partial: Path, total: int | None, reason: str) -> None:
+def _retry_event(
+    emit: OnProgress, file: str, partial: Path, total: int | None, reason: str
+) -> None:
     done = partial.stat().st_size if partial.exists() else 0
-    emit(RetryEvent(file, done, total, reason))
+    emit(Progress("retry", subject=file, done=done, total=total, unit="bytes", detail=reason))
 
 
 def _short_reason(text: str) -> str:
@@ -521,7 +494,7 @@ def _short_reason(text: str) -> str:
 def _retries_reported(retried: Callable[[str], None]) -> Iterator[None]:
     """huggingface_hub's http_get logs a warning with the URL and the raw error each time it
     resumes a dropped download; printed to stderr, it tears through a progress display. While
-    we download, each such warning becomes a RetryEvent instead (and prints nothing)."""
+    we download, each such warning becomes a retry Progress instead (and prints nothing)."""
     import logging
 
     hub_logger = logging.getLogger("huggingface_hub.file_download")
@@ -575,7 +548,7 @@ def _url(listing: Listing, name: str) -> str:
     return hf_hub_url(listing.repo, name, revision=listing.commit, endpoint=endpoint())
 
 
-def _download_one(listing: Listing, remote: RemoteFile, progress: Progress | None) -> LocalFile:
+def _download_one(listing: Listing, remote: RemoteFile, progress: OnProgress | None) -> LocalFile:
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download
     from huggingface_hub.utils import WeakFileLock
 
@@ -626,7 +599,7 @@ def _record_ref(listing: Listing) -> None:
         ref.write_text(listing.commit)
 
 
-def _cached_file(listing: Listing, remote: RemoteFile, progress: Progress | None) -> LocalFile:
+def _cached_file(listing: Listing, remote: RemoteFile, progress: OnProgress | None) -> LocalFile:
     pointer = _storage(listing.repo) / "snapshots" / listing.commit / remote.name
     if remote.sha256:
         got = _sha256(pointer, remote.name, progress)
@@ -637,7 +610,7 @@ def _cached_file(listing: Listing, remote: RemoteFile, progress: Progress | None
 
 
 def download(
-    listing: Listing, names: Sequence[str], *, progress: Progress | None = None
+    listing: Listing, names: Sequence[str], *, progress: OnProgress | None = None
 ) -> Download:
     """Bring files into the HF cache (resuming partial downloads) and verify every LFS file's
     sha256 against the Hub's; a listing from the cache (offline) is only verified."""
