@@ -228,7 +228,7 @@ def _quant_cost(manifest: Manifest, threads: int | None, on_progress: OnProgress
         manifest.name, REFERENCE_QUANT, threads=threads, on_progress=on_progress
     )
     result = evaluate(
-        manifest.file,
+        manifest.ref,
         reference.ref,
         settings=EvalSettings(max_chunks=EVAL_CHUNKS, threads=threads),
         progress=on_progress,
