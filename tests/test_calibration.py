@@ -21,6 +21,7 @@ from localmix.llama.engine import Engine, EngineConfig
 from localmix.llama.records import MatMul
 from localmix.load import LoadSettings
 from localmix.models import pull, store
+from localmix.progress import Progress
 from tests import llamacpp_reference
 from tests import reference_forward as ref
 
@@ -186,11 +187,14 @@ def test_auto_computes_a_missing_imatrix_beside_the_file(
 ) -> None:
     model = tmp_path / "model.F16.gguf"
     model.write_bytes(tiny_mistral_gguf_f16.read_bytes())
-    events: list[object] = []
+    events: list[Progress] = []
     path = calibration.ensure(model, events.append, text=text, chunk_size=CHUNK, chunks=1)
     assert path == tmp_path / "model.F16.imatrix.gguf" and path.is_file()
-    assert [e.chunk for e in events] == [1]  # type: ignore[attr-defined]
-    assert calibration.ensure(model, events.append) == path and len(events) == 1  # reused
+    assert events == [
+        Progress("imatrix", subject="model.F16.gguf"),  # the start, then each chunk
+        Progress("imatrix", subject="model.F16.gguf", done=1, total=1, unit="chunks"),
+    ]
+    assert calibration.ensure(model, events.append) == path and len(events) == 2  # reused
     out = quantize(model, tmp_path / "q.gguf", "IQ1_S", imatrix="auto")
     assert gguffile.inspect(out).metadata["quantize.imatrix.file"] == str(path)
 

@@ -3,7 +3,6 @@ gguf's own GGUFReader and, for the tokenizer, compared with mistral-common throu
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -16,11 +15,12 @@ import numpy as np
 import pytest
 
 from localmix import gguffile
-from localmix.build.convert import ConvertEvent, convert
+from localmix.build.convert import convert
 from localmix.build.convert import output as convert_output
 from localmix.build.convert.llama import undo_hf_permute
 from localmix.build.synth import checkpoints as synth
 from localmix.errors import CheckpointError, LocalmixError, OutputError, UsageError
+from localmix.progress import Progress
 from tests import reference_forward as ref
 
 TINY = synth.SIZES["tiny"]
@@ -287,21 +287,22 @@ def test_convert_sharded_checkpoint_equals_single_file(tmp_path: Path) -> None:
 
 
 def test_convert_reports_progress(tiny_mistral_ckpt: Path, tmp_path: Path) -> None:
-    events: list[ConvertEvent] = []
+    events: list[Progress] = []
     convert(tiny_mistral_ckpt, tmp_path / "m.gguf", outtype="f16", progress=events.append)
-    total = events[0].total
+    start, tensors = events[0], events[1:]
+    assert start == Progress("convert", subject="F16")  # the stage starts, then each tensor
+    total = tensors[0].total
     assert total == 3 + TINY.n_layers * 9
-    assert [e.index for e in events] == list(range(total + 1))
-    assert events[0].tensor_name == "token_embd.weight"
-    assert events[-1].bytes_done == events[-1].bytes_total > 0
-    assert all(a.bytes_done <= b.bytes_done for a, b in itertools.pairwise(events))
+    assert {(e.stage, e.unit, e.total) for e in tensors} == {("convert", "tensors", total)}
+    assert [e.done for e in tensors] == list(range(total + 1))
+    assert tensors[0].subject == "token_embd.weight"
 
 
 def test_convert_interrupted_leaves_nothing(
     tiny_mistral_ckpt: Path, tmp_path: Path, localmix_home: Path
 ) -> None:
-    def stop(event: ConvertEvent) -> None:
-        if event.index == 5:
+    def stop(event: Progress) -> None:
+        if event.done == 5:
             raise KeyboardInterrupt
 
     out = tmp_path / "m.gguf"

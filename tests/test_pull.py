@@ -341,7 +341,7 @@ def test_pull_checkpoint_with_imatrix_auto_calibrates_then_quantizes(
     env.hub.add_repo("org/tiny-mistral", tiny_checkpoint)
     result = env.cli("pull", "org/tiny-mistral:IQ2_XS", "--imatrix", "auto")
     assert result.returncode == 0, result.stderr
-    assert "calibrating" in result.stderr and "quantizing" in result.stderr
+    assert "computing the importance matrix" in result.stderr and "quantizing" in result.stderr
     (model,) = env.listed()
     assert (model["name"], model["quant"]) == ("org--tiny-mistral", "IQ2_XS")
     matrix = importance.load(env.home / "models" / "org--tiny-mistral" / "imatrix.gguf")

@@ -9,12 +9,13 @@ from localmix import gguffile
 from localmix.build import quantize
 from localmix.errors import UsageError
 from localmix.models import store
+from localmix.progress import Progress
 
 
 def test_quantize_q4_k_m_reports_every_tensor_and_leaves_no_partial(
     tiny_mistral_gguf_f16: Path, tmp_path: Path
 ) -> None:
-    events: list[quantize.QuantizeEvent] = []
+    events: list[Progress] = []
     out = quantize.quantize(
         tiny_mistral_gguf_f16, tmp_path / "q.gguf", "q4_k_m", progress=events.append
     )
@@ -23,8 +24,11 @@ def test_quantize_q4_k_m_reports_every_tensor_and_leaves_no_partial(
     assert info.quant == "Q4_K_M"
     assert "Q4_K" in info.type_histogram()
     assert sorted(t.name for t in info.tensors) == sorted(t.name for t in source.tensors)
-    assert [e.index for e in events] == list(range(1, len(source.tensors) + 1))
-    assert {e.total for e in events} == {len(source.tensors)}
+    assert events[0] == Progress("quantize", subject="Q4_K_M")  # the start, then each tensor
+    tensors = events[1:]
+    assert [e.done for e in tensors] == list(range(1, len(source.tensors) + 1))
+    assert {(e.unit, e.total) for e in tensors} == {("tensors", len(source.tensors))}
+    assert {e.subject for e in tensors} == {t.name for t in source.tensors}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf"]
 
 

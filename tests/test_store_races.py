@@ -25,11 +25,14 @@ def _quantize_child(home: str, said: Any, go: Any | None) -> None:
     first tensor (then, if given, waits for `go`), and ("done", tensors seen, created) at the end."""
     os.environ["LOCALMIX_HOME"] = home
     from localmix.build import quantize
+    from localmix.progress import Progress
 
     tensors = 0
 
-    def progress(_event: object) -> None:
+    def progress(event: Progress) -> None:
         nonlocal tensors
+        if event.unit != "tensors":
+            return  # the start of the stage, before any tensor
         tensors += 1
         if tensors == 1:
             said.put("working")

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from localmix import disk, settings
 from localmix.errors import EngineError, OutputError, UsageError
+from localmix.progress import OnProgress, Progress
 
 if TYPE_CHECKING:
-    from localmix.build.imatrix.compute import ImatrixEvent
     from localmix.build.imatrix.files import Imatrix
     from localmix.models.store import Manifest
 
@@ -89,13 +89,9 @@ def quant_type(name: str, *, imatrix: bool = False) -> QuantType:
     return qtype
 
 
-@dataclass(frozen=True)
-class QuantizeEvent:
-    """Progress: llama.cpp started tensor `index` of `total`."""
-
-    index: int
-    total: int
-    tensor: str
+def _tensor(name: str, index: int, total: int) -> Progress:
+    """llama.cpp started tensor `index` (from 1) of `total`."""
+    return Progress("quantize", subject=name, done=index, total=total, unit="tensors")
 
 
 def estimate_size(n_params: int, qtype: str) -> int:
@@ -109,7 +105,7 @@ def quantize(
     qtype: str = DEFAULT_TYPE,
     *,
     threads: int | None = None,
-    progress: Callable[[QuantizeEvent | ImatrixEvent], None] | None = None,
+    progress: OnProgress | None = None,
     allow_requantize: bool = False,
     imatrix: Path | str | Imatrix | None = None,
 ) -> Path:
@@ -118,7 +114,8 @@ def quantize(
     An already-quantized input needs allow_requantize (quality is lost twice, as llama-quantize
     warns). imatrix, an importance matrix (a file, or one already loaded), guides every type and is
     needed by the lowest-bit ones; "auto" takes src's own (SRC_STEM.imatrix.gguf beside it),
-    computed from src first when it is not there (progress then sees ImatrixEvents too).
+    computed from src first when it is not there (progress then hears the imatrix stage too).
+    progress hears the quantization start (subject: the type) and then each tensor.
     """
     from localmix import gguffile
     from localmix.build.imatrix import files as importance
@@ -150,13 +147,13 @@ def quantize(
                 n_threads,
                 allow_requantize=allow_requantize,
                 imatrix=matrix,
-                on_tensor=(lambda i, n, name: progress(QuantizeEvent(i, n, name)))
-                if progress
-                else None,
+                on_tensor=(lambda i, n, name: progress(_tensor(name, i, n))) if progress else None,
                 on_error=errors.append,
             )
         )
 
+    if progress:
+        progress(Progress("quantize", subject=kind.name))
     # llama_model_quantize cannot be interrupted; running it in a daemon thread keeps Ctrl-C
     # responsive: the main thread removes the partial file and the process exits.
     worker = threading.Thread(target=run, name="llama-quantize", daemon=True)
@@ -245,7 +242,7 @@ def quantize_model(
     qtype: str = DEFAULT_TYPE,
     *,
     threads: int | None = None,
-    progress: Callable[[QuantizeEvent | ImatrixEvent], None] | None = None,
+    progress: OnProgress | None = None,
     allow_requantize: bool = False,
     imatrix: Path | str | None = None,
     on_wait: Callable[[], None] | None = None,
@@ -292,7 +289,7 @@ def _quantize_and_register(
     source: Manifest,
     kind: QuantType,
     threads: int | None,
-    progress: Callable[[QuantizeEvent | ImatrixEvent], None] | None,
+    progress: OnProgress | None,
     imatrix: Path | str | None,
 ) -> Manifest:
     import dataclasses

@@ -23,22 +23,11 @@ def convert_command(
     """Convert a Hugging Face or Mistral-native checkpoint to GGUF (streaming, bounded memory)."""
     from localmix.build.convert import convert
     from localmix.cli import render
+    from localmix.cli.progress_view import ProgressView
 
     out = output or Path.cwd() / f"{src.resolve().name}.{outtype.upper()}.gguf"
-    with render.steps() as bar:
-        tasks: list[object] = []  # the bar appears with the first tensor, after the input checks
-
-        def show(event: object) -> None:
-            if not tasks:
-                tasks.append(bar.add_task("converting", total=None, detail=""))
-            bar.update(
-                tasks[0],  # type: ignore[arg-type]
-                completed=event.index,  # type: ignore[attr-defined]
-                total=event.total,  # type: ignore[attr-defined]
-                detail=event.tensor_name,  # type: ignore[attr-defined]
-            )
-
-        path = convert(src, out, outtype=outtype.lower(), progress=show)
+    with ProgressView() as view:  # bars appear with the first tensor, after the input checks
+        path = convert(src, out, outtype=outtype.lower(), progress=view)
     render.err_console().print(f"wrote {path} ({render.human_size(path.stat().st_size)})")
 
 
@@ -58,31 +47,13 @@ def quantize_command(
 ) -> None:
     """Quantize a GGUF file (or a store model) with llama.cpp, Q4_K_M by default."""
     from localmix.build import quantize as q
-    from localmix.build.imatrix.compute import ImatrixEvent
     from localmix.cli import render
+    from localmix.cli.progress_view import ProgressView
 
     kind = q.quant_type(qtype, imatrix=imatrix is not None)
-    with render.steps() as bar:
-        # a bar per stage, each appearing with its first event, after the input checks
-        tasks: dict[str, object] = {}
-
-        def show(event: q.QuantizeEvent | ImatrixEvent) -> None:
-            if isinstance(event, ImatrixEvent):
-                if "imatrix" not in tasks:
-                    tasks["imatrix"] = bar.add_task("computing the importance matrix", detail="")
-                bar.update(tasks["imatrix"], completed=event.chunk, total=event.total)  # type: ignore[arg-type]
-                return
-            if "quantize" not in tasks:
-                tasks["quantize"] = bar.add_task(
-                    f"quantizing to {kind.name}", total=None, detail=""
-                )
-            bar.update(
-                tasks["quantize"],  # type: ignore[arg-type]
-                completed=event.index,
-                total=event.total,
-                detail=event.tensor,
-            )
-
+    # bars appear with the work (an importance matrix first, if --imatrix auto needs one),
+    # after the input checks
+    with ProgressView() as view:
         path = Path(src)
         if not src.strip():
             raise UsageError("no model given: the name or path is empty", hint=_NAME_HINT)
@@ -93,7 +64,7 @@ def quantize_command(
                 out,
                 kind.name,
                 threads=threads,
-                progress=show,
+                progress=view,
                 allow_requantize=allow_requantize,
                 imatrix=imatrix,
             )
@@ -102,7 +73,7 @@ def quantize_command(
                 src,
                 kind.name,
                 threads=threads,
-                progress=show,
+                progress=view,
                 allow_requantize=allow_requantize,
                 imatrix=imatrix,
                 on_wait=render.waiting(src),

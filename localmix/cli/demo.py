@@ -1,37 +1,18 @@
-"""`localmix demo`: the whole product offline on a model localmix builds itself.
-
-synth -> convert -> quantize Q4_K_M -> store -> a short bench -> what the quant costs against the
-F16 file (localmix eval) -> one chat turn, with progress.
-"""
+"""`localmix demo`: the whole product offline on a model localmix builds itself (localmix.demo
+does the work; this shows each part as it comes: the build's stages, the bench table, what the
+quant costs, the chat reply, then a summary)."""
 
 from __future__ import annotations
 
-import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from localmix.cli.options import ThreadsOpt
 
-DEMO_PROMPT = "Explain in one sentence why the sky is blue."
-
-
-def _check_up_front(model: str, threads: int | None) -> None:
-    """What would fail minutes into the build fails before the banner: an unknown or downloadable
-    model, a thread count (or LOCALMIX_THREADS) the machine cannot run."""
-    from localmix import settings
-    from localmix.errors import UsageError
-    from localmix.models import catalog
-
-    spec = catalog.load().get(model)
-    if not spec.synthetic:
-        raise UsageError(
-            f"{spec.name} is not a built-in model", hint="use tiny-mistral or tiny-mixtral"
-        )
-    if threads is not None:
-        settings.check_threads(threads)
-    else:
-        settings.default_threads()
+if TYPE_CHECKING:
+    from localmix.cli.progress_view import ProgressView
+    from localmix.demo import DemoRun, QuantCost, Step
 
 
 def demo_command(
@@ -42,176 +23,111 @@ def demo_command(
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens in the chat reply.")] = 48,
 ) -> None:
     """Build a small random-weight model, then convert, quantize, bench and chat with it offline."""
+    from localmix import demo
+    from localmix.cli.progress_view import ProgressView
+
+    with ProgressView(transient=True) as view:
+        result = demo.run(
+            model,
+            threads=threads,
+            max_tokens=max_tokens,
+            on_progress=view,
+            on_step=_StepView(view),
+        )
+    _chat_end(result)
+    _summary(result)
+
+
+class _StepView:
+    """Shows each part of the demo as it is done; results on stdout, the rest on stderr."""
+
+    def __init__(self, view: ProgressView) -> None:
+        self._view = view
+
+    def __call__(self, step: Step) -> None:
+        from rich.markup import escape
+
+        from localmix import demo
+        from localmix.cli import render
+
+        if isinstance(step, demo.StageDone):
+            self._view.say(f"[green]✓[/] {step.stage} [dim]{step.seconds:.1f} s[/]")
+            return
+        if isinstance(step, demo.ChatText):
+            render.console().print(step.text, end="", markup=False, highlight=False)
+            return
+        self._view.close()  # a result follows the bars of the work it ends; stdout needs no live
+        if isinstance(step, demo.Starting):
+            _banner(step.model)
+        elif isinstance(step, demo.Stored):
+            size = render.human_size(step.manifest.size)
+            render.err_console().print(f"[green]✓[/] {step.manifest.ref} in the store ({size})")
+        elif isinstance(step, demo.Benched):
+            from localmix.bench import report
+
+            render.console().print(report.table(list(step.results)))
+        elif isinstance(step, demo.QuantCost):
+            heading = f"{step.quant} against {step.reference}:"
+            render.console().print(f"\n[bold]{heading}[/] {escape(_cost_line(step))}")
+        elif isinstance(step, demo.ChatStarts):
+            render.console().print(f"\n[bold]>>> {escape(step.prompt)}[/]")
+
+
+def _banner(model: str) -> None:
     from rich.panel import Panel
 
-    from localmix.build.synth import builtin
     from localmix.cli import render
 
-    _check_up_front(model, threads)
-    err = render.err_console()
-    err.print(
+    render.err_console().print(
         Panel.fit(
             f"localmix demo: {model}, built here from random weights with Mistral's real "
             "tokenizer.\nThe pipeline is real; the weights are random, so the words are noise.",
             border_style="cyan",
         )
     )
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    with render.steps(transient=True) as bar:
-        task = bar.add_task("building", total=None, detail="")
-        stage_start: list[object] = [time.perf_counter(), ""]
-
-        def finish_stage(now: float) -> None:
-            if stage_start[1]:
-                seconds = now - float(stage_start[0])  # type: ignore[arg-type]
-                timings[str(stage_start[1])] = seconds
-                bar.console.print(f"[green]✓[/] {stage_start[1]} [dim]{seconds:.1f} s[/]")
-
-        def on_stage(stage: builtin.Stage) -> None:
-            now = time.perf_counter()
-            finish_stage(now)
-            stage_start[:] = [now, stage.name]
-            verb = "reusing" if stage.reused else stage.name
-            bar.update(task, description=f"{verb} {stage.detail}".strip(), completed=0, total=None)
-
-        def on_progress(event: object) -> None:
-            total = getattr(event, "total", None)
-            bar.update(task, completed=getattr(event, "index", 0), total=total)
-
-        manifest = builtin.build(model, threads=threads, on_stage=on_stage, on_progress=on_progress)
-        finish_stage(time.perf_counter())
-    err.print(f"[green]✓[/] {manifest.ref} in the store ({render.human_size(manifest.size)})")
-
-    results = _bench(manifest, threads)
-    cost = _quant_cost(manifest, threads)
-    _, stats = _chat(manifest, threads, max_tokens)
-    _summary(manifest, timings, results, cost, stats, time.perf_counter() - started)
 
 
-def _bench(manifest: object, threads: int | None) -> list[object]:
-    from localmix.bench import report
-    from localmix.bench.params import BenchParams
-    from localmix.bench.run import run
-    from localmix.cli import render
-
-    params = BenchParams(
-        n_prompt=(256,),
-        n_gen=(64,),
-        repetitions=3,
-        n_threads=(threads,) if threads else (),
-    )
-    with render.steps(transient=True) as bar:
-        task = bar.add_task("benchmarking", total=None, detail="")
-
-        def show(event: object) -> None:
-            bar.update(
-                task,
-                completed=getattr(event, "index", 0) - 1,
-                total=getattr(event, "total", None),
-                detail=f"{getattr(event, 'test', '')} {getattr(event, 'stage', '')}",
-            )
-
-        results = run([manifest.file], params, progress=show)  # type: ignore[attr-defined]
-    render.console().print(report.table(results))
-    return list(results)
-
-
-def _quant_cost(manifest: object, threads: int | None) -> str:
-    """`localmix eval` in miniature: the Q4_K_M file against the model's F16 file (built here
-    too) over 4 chunks of the shipped text; one line of llama-perplexity's numbers."""
-    from localmix.build.synth import builtin
-    from localmix.cli import render
-    from localmix.quality.evaluate import EvalSettings, evaluate
-
-    name = manifest.name  # type: ignore[attr-defined]
-    with render.steps(transient=True) as bar:
-        task = bar.add_task("what Q4_K_M costs", total=None, detail="")
-
-        def show(event: object) -> None:
-            total = getattr(event, "total", None)
-            done = getattr(event, "done", None)
-            done = getattr(event, "index", 0) if done is None else done
-            bar.update(task, completed=done, total=total or None)
-
-        builtin.build(name, "F16", threads=threads, on_progress=show)
-        result = evaluate(
-            manifest.file,  # type: ignore[attr-defined]
-            f"{name}:F16",
-            settings=EvalSettings(max_chunks=4, threads=threads),
-            progress=show,
-        )
-    s = result.scores
-    line = (
+def _cost_line(cost: QuantCost) -> str:
+    s = cost.scores
+    return (
         f"PPL ratio {s.ppl_ratio:.4f} · mean KLD {s.kld_mean:.4f} · "
         f"same top token {100 * s.same_top:.1f}% ({s.n_tokens} tokens)"
     )
-    render.console().print(f"\n[bold]Q4_K_M against F16:[/] {line}")
-    return line
 
 
-def _chat(manifest: object, threads: int | None, max_tokens: int) -> tuple[str, object]:
-    from localmix import load
-    from localmix.chat.session import Session
+def _chat_end(result: DemoRun) -> None:
     from localmix.cli import render
-    from localmix.llama.engine import Chunk, Sampling, Stats
 
     console = render.console()
-    console.print(f"\n[bold]>>> {DEMO_PROMPT}[/]")
-    settings = load.LoadSettings(ctx=1024, threads=threads)
-    parts: list[str] = []
-    stats: Stats | None = None
-    with load.open_model(manifest.file, settings) as loaded:  # type: ignore[attr-defined]
-        session = Session(
-            loaded.engine,
-            manifest.chat_format,  # type: ignore[attr-defined]
-            sampling=Sampling(seed=42),
-            max_tokens=max_tokens,
-        )
-        for item in session.send(DEMO_PROMPT):
-            if isinstance(item, Chunk):
-                parts.append(item.text)
-                console.print(item.text, end="", markup=False, highlight=False)
-            elif isinstance(item, Stats):
-                stats = item
     console.print()
-    if stats is not None:
-        console.print(render.stats_line(stats), style="dim")
-    return "".join(parts), stats
+    if result.chat.stats is not None:
+        console.print(render.stats_line(result.chat.stats), style="dim")
 
 
-def _summary(
-    manifest: object,
-    timings: dict[str, float],
-    results: list[object],
-    cost: str,
-    stats: object,
-    total_s: float,
-) -> None:
+def _summary(result: DemoRun) -> None:
     from rich.table import Table
 
     from localmix.cli import render
 
+    manifest = result.manifest
     table = Table(title="demo summary", box=None, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("model", f"{manifest.ref}  {render.human_size(manifest.size)}")  # type: ignore[attr-defined]
-    table.add_row("file", manifest.path)  # type: ignore[attr-defined]
-    for stage, seconds in timings.items():
-        table.add_row(stage, f"{seconds:.1f} s")
-    for result in results:
-        table.add_row(
-            result.test,  # type: ignore[attr-defined]
-            f"{result.avg_ts:.1f} ± {result.stddev_ts:.1f} t/s",  # type: ignore[attr-defined]
-        )
-    table.add_row("vs F16", cost)
-    if stats is not None:
-        table.add_row("chat", render.stats_line(stats))
-    table.add_row("total", f"{total_s:.1f} s")
+    table.add_row("model", f"{manifest.ref}  {render.human_size(manifest.size)}")
+    table.add_row("file", manifest.path)
+    for stage in result.timings:
+        table.add_row(stage.stage, f"{stage.seconds:.1f} s")
+    for bench in result.bench:
+        table.add_row(bench.test, f"{bench.avg_ts:.1f} ± {bench.stddev_ts:.1f} t/s")
+    table.add_row(f"vs {result.cost.reference}", _cost_line(result.cost))
+    if result.chat.stats is not None:
+        table.add_row("chat", render.stats_line(result.chat.stats))
+    table.add_row("total", f"{result.seconds:.1f} s")
+    name = manifest.name
     table.add_row(
         "next",
-        f"localmix chat {manifest.name}  ·  localmix bench {manifest.name}  ·  "  # type: ignore[attr-defined]
-        f"localmix eval {manifest.name}  ·  localmix serve {manifest.name}",  # type: ignore[attr-defined]
+        f"localmix chat {name}  ·  localmix bench {name}  ·  "
+        f"localmix eval {name}  ·  localmix serve {name}",
     )
     render.console().print()
     render.console().print(table)

@@ -4,17 +4,12 @@ as llama-perplexity --kl-divergence reports them; with --quants, a table over se
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from localmix.cli.options import JsonOpt, ModelArg, RepackOpt, ThreadsOpt
 from localmix.cli.plan import NglOpt
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
-
-    from localmix.quality.evaluate import EvalEvent
 
 DEFAULT_CTX = 512  # quality.evaluate.DEFAULT_CTX, repeated so --help needs no import
 
@@ -86,11 +81,12 @@ def eval_command(
 
 def _single(model: str, against: str | None, text: Any, settings: Any, json_out: bool) -> None:
     from localmix.cli import render
+    from localmix.cli.progress_view import ProgressView
     from localmix.quality import report
     from localmix.quality.evaluate import evaluate
 
-    with render.steps(transient=True) as bar:
-        evaluation = evaluate(model, against, text, settings, progress=_Bar(bar))
+    with ProgressView(transient=True) as view:
+        evaluation = evaluate(model, against, text, settings, progress=view)
     if json_out:
         render.print_json(evaluation)
         return
@@ -104,11 +100,12 @@ def _table(
     model: str, quants: list[str], against: str | None, text: Any, settings: Any, json_out: bool
 ) -> None:
     from localmix.cli import render
+    from localmix.cli.progress_view import ProgressView
     from localmix.quality import report
     from localmix.quality.quants import quant_table
 
-    with render.steps(transient=True) as bar:
-        table = quant_table(model, quants, against, text, settings, progress=_Bar(bar))
+    with ProgressView(transient=True) as view:
+        table = quant_table(model, quants, against, text, settings, progress=view)
     if json_out:
         render.print_json(table)
         return
@@ -117,40 +114,6 @@ def _table(
     render.print_table(report.quants_table(table))
     out.print()
     out.print(report.plot(table), markup=False, highlight=False, end="")
-
-
-class _Bar:
-    """EvalEvents as one progress line per step: loading, making a quant (with localmix's own
-    quantize, tensor by tensor), scoring chunks, measuring speed."""
-
-    def __init__(self, bar: Progress) -> None:
-        self.bar = bar
-        self.tasks: dict[tuple[str, str], Any] = {}
-        self.open: list[Any] = []  # tasks with no count of their own, done when the next begins
-
-    def __call__(self, event: EvalEvent) -> None:
-        key = (event.stage, event.model)
-        if key not in self.tasks:
-            for earlier in self.open:
-                self.bar.update(earlier, total=1, completed=1)
-            self.tasks[key] = self.bar.add_task(self._describe(event), total=None, detail="")
-            self.open = [self.tasks[key]]
-        task = self.tasks[key]
-        if event.stage in ("chunk", "quantize") and event.total:
-            self.open = []
-            detail = event.detail if event.stage == "quantize" else ""
-            self.bar.update(task, completed=event.done, total=event.total, detail=detail)
-
-    @staticmethod
-    def _describe(event: EvalEvent) -> str:
-        what = {
-            "load": f"loading {event.model}",
-            "tokenize": "tokenizing the text",
-            "chunk": f"scoring {event.model}",
-            "quantize": f"making {event.model} with localmix quantize ({event.detail})",
-            "speed": f"measuring {event.model} {event.detail}",
-        }
-        return what.get(event.stage, event.stage)
 
 
 def register(app: typer.Typer) -> None:

@@ -45,17 +45,11 @@ def imatrix_command(
     finds it; a .gguf file's goes beside the file (FILE.imatrix.gguf)."""
     from localmix.build.imatrix import compute as calibration
     from localmix.cli import render
+    from localmix.cli.progress_view import ProgressView
     from localmix.load import LoadSettings
 
     settings = LoadSettings(threads=threads, n_gpu_layers=n_gpu_layers, repack=repack)
-    with render.steps() as bar:
-        tasks: list[object] = []  # the bar appears with the first chunk, after the model loads
-
-        def show(event: calibration.ImatrixEvent) -> None:
-            if not tasks:
-                tasks.append(bar.add_task("computing the importance matrix", detail=""))
-            bar.update(tasks[0], completed=event.chunk, total=event.total, detail="chunks")  # type: ignore[arg-type]
-
+    with ProgressView() as view:
         result = calibration.compute(
             model,
             text=text,
@@ -63,7 +57,7 @@ def imatrix_command(
             chunk_size=chunk_size,
             chunks=chunks,
             settings=settings,
-            progress=show,
+            progress=view,
         )
     if json_out:
         render.print_json(result)

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from localmix import disk, settings
 from localmix.errors import ModelNotFound, OfflineMiss, UsageError
 from localmix.models import catalog, hub, repofiles, store, tags
 from localmix.models.store import Manifest
+from localmix.progress import OnProgress, Progress, ignore
 
 if TYPE_CHECKING:
     from localmix.build.imatrix.files import Imatrix
@@ -29,19 +29,6 @@ if TYPE_CHECKING:
 # Output types convert writes directly (no quantize step).
 _CONVERT_TYPES = ("F16", "BF16", "F32")
 AUTO_IMATRIX = "auto"  # --imatrix auto: the model's own, computed from the converted checkpoint
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Progress: the pull entered a stage (resolve, wait, download, convert, quantize, register,
-    done)."""
-
-    name: str
-    detail: str = ""
-
-
-# Receives Stage, progress.Progress (download, verify, retry) and the convert / quantize events.
-Progress = Callable[[object], None]
 
 
 @dataclass(frozen=True)
@@ -117,12 +104,13 @@ def pull(
     keep_source: bool = False,
     offline: bool = False,
     imatrix: Path | str | None = None,
-    progress: Progress | None = None,
+    progress: OnProgress = ignore,
 ) -> Manifest:
     """Fetch a model (a ready GGUF, or a checkpoint converted and quantized here) into the store.
     imatrix, an importance-matrix file, guides the quantization of a converted checkpoint;
-    "auto" computes the model's own from the converted file first (`localmix imatrix`)."""
-    emit = progress or (lambda _event: None)
+    "auto" computes the model's own from the converted file first (`localmix imatrix`).
+    progress hears every stage: resolve, wait, download and verify (bytes), retry, convert,
+    imatrix, quantize (tensors, chunks), register, done."""
     store.clean_tmp()  # leftovers of a pull, convert or quantize that was killed
     matrix: Imatrix | str | None = None
     if imatrix == AUTO_IMATRIX:
@@ -139,8 +127,7 @@ def pull(
         return builtin.build(
             ref.spec.name,
             (quant or ref.quant or ref.spec.default_quant).upper(),
-            on_stage=lambda s: emit(Stage(s.name, s.detail)),
-            on_progress=emit,
+            on_progress=progress,
         )
     if quant is not None and not quant.strip():
         raise UsageError("--quant is empty", hint="e.g. -q Q4_K_M, or leave it out for the default")
@@ -150,12 +137,12 @@ def pull(
     if not offline:
         settings.hf_endpoint()  # a garbage HF_ENDPOINT fails here, before anything is printed
     if revision is None and (found := _existing(plan.name, plan.quant)):
-        emit(Stage("done", f"{found.ref} is already installed"))
+        progress(Progress("done", subject=found.ref, detail="already installed"))
         return found
     hub.check_repo(plan.repo)  # before anything is printed or becomes a path
     if revision is not None:
         hub.check_revision(revision)
-    emit(Stage("resolve", f"{plan.repo}@{revision or 'main'}"))
+    progress(Progress("resolve", subject=f"{plan.repo}@{revision or 'main'}"))
     listing = hub.repo_files(plan.repo, revision, offline=offline)
     if plan.convert and not _has_checkpoint(listing) and repofiles.gguf_quants(listing.names):
         if from_source:
@@ -168,11 +155,10 @@ def pull(
         )
     # "Already there?" and the registration under one lock: a second pull of the model waits and
     # finds the first one's result; an `rm` of it waits for this pull to finish.
-    waiting = f"another localmix process is working on {plan.name}"
-    with store.lock(plan.name, lambda: emit(Stage("wait", waiting))):
+    with store.lock(plan.name, lambda: progress(Progress("wait", subject=plan.name))):
         if plan.convert:
-            return _pull_checkpoint(plan, listing, keep_source, emit, matrix)
-        return _pull_gguf(plan, listing, emit)
+            return _pull_checkpoint(plan, listing, keep_source, progress, matrix)
+        return _pull_gguf(plan, listing, progress)
 
 
 def _has_checkpoint(listing: hub.Listing) -> bool:
@@ -193,7 +179,7 @@ def _offline_miss(exc: Exception, listing: hub.Listing) -> Exception:
     )
 
 
-def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
+def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: OnProgress) -> Manifest:
     from localmix import gguffile
 
     try:
@@ -208,14 +194,13 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
     if plan.file_quant:
         quant = plan.quant or quant  # registered under the catalog's name (Q6_K, not Q6)
     if found := _existing(plan.name, quant):
-        emit(Stage("done", f"{found.ref} is already installed"))
+        emit(Progress("done", subject=found.ref, detail="already installed"))
         return found
     disk.check_space({hub.cache_dir(): (hub.bytes_to_fetch(listing, names), "download")})
-    emit(Stage("download", ", ".join(names)))
     download = hub.download(listing, names, progress=emit)
     first = download.files[0]
     info = gguffile.inspect(first.path)
-    emit(Stage("register", f"{plan.name}:{quant}"))
+    emit(Progress("register", subject=f"{plan.name}:{quant}"))
     manifest = store.manifest_of(
         first.path,
         info,
@@ -228,7 +213,7 @@ def _pull_gguf(plan: _Plan, listing: hub.Listing, emit: Progress) -> Manifest:
         hub_files=tuple(str(f.path) for f in download.files),
     )
     manifest = store.add(manifest)
-    emit(Stage("done", manifest.ref))
+    emit(Progress("done", subject=manifest.ref))
     return manifest
 
 
@@ -236,7 +221,7 @@ def _pull_checkpoint(
     plan: _Plan,
     listing: hub.Listing,
     keep_source: bool,
-    emit: Progress,
+    emit: OnProgress,
     imatrix: Imatrix | str | None,
 ) -> Manifest:
     from localmix.build import quantize
@@ -246,7 +231,7 @@ def _pull_checkpoint(
         # an unknown type, or one that needs a missing imatrix, fails before any download
         quantize.quant_type(quant, imatrix=imatrix is not None)
     if found := _existing(plan.name, quant):
-        emit(Stage("done", f"{found.ref} is already installed"))
+        emit(Progress("done", subject=found.ref, detail="already installed"))
         return found
     names = repofiles.checkpoint_files(listing.names)
     _check_convertible(plan, listing, names, emit)
@@ -261,16 +246,17 @@ def _pull_checkpoint(
             settings.tmp_dir(): (intermediate + output, "conversion and output"),
         }
     )
-    emit(Stage("download", f"{len(names)} files"))
     download = hub.download(listing, names, progress=emit)
     manifest = _convert_and_quantize(plan, quant, download, keep_source, emit, imatrix)
     if not keep_source:
         hub.discard(download)  # the checkpoint served its purpose; files other tools had stay
-    emit(Stage("done", manifest.ref))
+    emit(Progress("done", subject=manifest.ref))
     return manifest
 
 
-def _check_convertible(plan: _Plan, listing: hub.Listing, names: list[str], emit: Progress) -> None:
+def _check_convertible(
+    plan: _Plan, listing: hub.Listing, names: list[str], emit: OnProgress
+) -> None:
     """Read the checkpoint's config first: a model localmix does not convert (Mistral Small 4,
     FP8 releases) is refused before gigabytes of weights come down, with the way to a GGUF."""
     from localmix.build.convert import check_config
@@ -298,7 +284,7 @@ def _convert_and_quantize(
     quant: str,
     download: hub.Download,
     keep_source: bool,
-    emit: Progress,
+    emit: OnProgress,
     imatrix: Imatrix | str | None = None,
 ) -> Manifest:
     from localmix.build import quantize
@@ -307,7 +293,6 @@ def _convert_and_quantize(
     source = f"hf:{download.repo}@{download.commit}"
     hub_files = tuple(str(f.path) for f in download.files) if keep_source else ()
     with store.tmp_file(".f16.gguf") as f16:
-        emit(Stage("convert", download.repo))
         outtype = quant if quant in _CONVERT_TYPES else "F16"
         convert(download.snapshot, f16, outtype=outtype.lower(), progress=emit)
         if quant in _CONVERT_TYPES:
@@ -315,7 +300,6 @@ def _convert_and_quantize(
         if imatrix == AUTO_IMATRIX:
             imatrix = _calibrate(plan, f16, emit)
         with store.tmp_file(".gguf") as out:
-            emit(Stage("quantize", quant))
             quantize.quantize(f16, out, quant, progress=emit, imatrix=imatrix)
             manifest = _register_owned(plan, quant, out, source, hub_files, emit)
         if keep_source:  # the f16 stays as NAME:F16, the best input for `localmix quantize`
@@ -323,7 +307,7 @@ def _convert_and_quantize(
     return manifest
 
 
-def _calibrate(plan: _Plan, f16: Path, emit: Progress) -> Imatrix:
+def _calibrate(plan: _Plan, f16: Path, emit: OnProgress) -> Imatrix:
     """--imatrix auto: the model's importance matrix from the converted file, kept in the
     model's folder (where `localmix imatrix` and `quantize --imatrix auto` look for it)."""
     from localmix.build.imatrix import compute as calibration
@@ -331,19 +315,18 @@ def _calibrate(plan: _Plan, f16: Path, emit: Progress) -> Imatrix:
 
     out = store.imatrix_path(plan.name)
     if not out.is_file():
-        emit(Stage("calibrate", plan.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         calibration.compute(f16, out=out, progress=emit)
     return importance.load(out)
 
 
 def _register_owned(
-    plan: _Plan, quant: str, path: Path, source: str, hub_files: tuple[str, ...], emit: Progress
+    plan: _Plan, quant: str, path: Path, source: str, hub_files: tuple[str, ...], emit: OnProgress
 ) -> Manifest:
     from localmix import gguffile
 
     info = gguffile.inspect(path)
-    emit(Stage("register", f"{plan.name}:{quant}"))
+    emit(Progress("register", subject=f"{plan.name}:{quant}"))
     manifest = store.manifest_of(
         path,
         info,

@@ -20,7 +20,7 @@ reference again for each quant instead of once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from localmix.build.quantize import SOURCE_PREFERENCE
 from localmix.errors import ReferenceNotFound, TextTooShort, UsageError, VocabularyMismatch
+from localmix.progress import OnProgress, Progress, ignore
 
 if TYPE_CHECKING:
     from localmix.corpus import Text
@@ -77,21 +78,6 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
-class EvalEvent:
-    """Progress: stage is load, tokenize, chunk (done of total chunks), and for a table of quants
-    also quantize (done of total tensors, detail: the tensor) and speed; model names the model."""
-
-    stage: str
-    done: int = 0
-    total: int = 0
-    model: str = ""
-    detail: str = ""
-
-
-Progress = Callable[[EvalEvent], None]
-
-
-@dataclass(frozen=True)
 class Evaluation:
     """One model against its reference over one text: the scores and how they were made.
     model_tps / reference_tps: tokens a second each model was run at (n_ctx per chunk)."""
@@ -115,7 +101,7 @@ def evaluate(
     against: str | Path | None = None,
     text: Text | None = None,
     settings: EvalSettings | None = None,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> Evaluation:
     """Run `model` and its reference over `text` (default: the shipped one) and score them.
 
@@ -133,13 +119,13 @@ def evaluate(
             f"{target.name} would be compared with itself",
             hint="give another file with --against",
         )
-    emit = progress or (lambda event: None)
+    emit = progress or ignore
     with ExitStack() as stack:
-        emit(EvalEvent("load", model=reference.name))
+        emit(Progress("load", subject=reference.name))
         ref = stack.enter_context(load.open_model(reference, settings.load_settings()))
-        emit(EvalEvent("load", model=target.name))
+        emit(Progress("load", subject=target.name))
         loaded = stack.enter_context(load.open_model(target, settings.load_settings()))
-        emit(EvalEvent("tokenize", model=reference.name))
+        emit(Progress("tokenize", subject=reference.name))
         tokens = tokenize(ref, text.text)
         check_tokens(ref, loaded, text.text, tokens)
         return score(ref, loaded, tokens, text.name, settings, emit)
@@ -236,7 +222,7 @@ def score(
     tokens: Sequence[int],
     text_name: str,
     settings: EvalSettings,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
 ) -> Evaluation:
     """Both loaded models over tokens, in lockstep, chunk by chunk (see the module's doc)."""
     import numpy as np
@@ -256,10 +242,12 @@ def score(
     ref, engine = reference.engine, model.engine
     bos = ref.bos_id if ref.adds_bos else None
     first, tally = n_ctx // 2, Tally()
-    emit = progress or (lambda event: None)
+    emit = progress or ignore
     ref_s = model_s = 0.0
     start = time.perf_counter()
-    emit(EvalEvent("chunk", 0, total, model.target.name))
+    name = model.target.name
+    emit(Progress("eval", subject=name))
+    emit(Progress("eval", subject=name, total=total, unit="chunks"))
     for index, (chunk, targets) in enumerate(chunks(tokens, n_ctx, bos, total), start=1):
         began = time.perf_counter()
         # views on each context's own output buffer: the reference's stays valid while the
@@ -271,7 +259,7 @@ def score(
         # the last position predicts past the chunk: computed (as llama.cpp does), not scored
         tally.add(ref_logits[:-1], logits[:-1], np.asarray(targets))
         del ref_logits, logits
-        emit(EvalEvent("chunk", index, total, model.target.name))
+        emit(Progress("eval", subject=name, done=index, total=total, unit="chunks"))
     return Evaluation(
         model=model.target.name,
         model_path=model.target.path,

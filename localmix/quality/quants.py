@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localmix.errors import UsageError
-from localmix.quality.evaluate import EvalEvent, EvalSettings, Progress
+from localmix.progress import OnProgress, Progress, ignore
+from localmix.quality.evaluate import EvalSettings
 
 if TYPE_CHECKING:
     from localmix.corpus import Text
@@ -71,7 +72,7 @@ def quant_table(
     against: str | Path | None = None,
     text: Text | None = None,
     settings: EvalSettings | None = None,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
     *,
     speed: bool = True,
 ) -> QuantTable:
@@ -83,7 +84,7 @@ def quant_table(
 
     settings = settings or EvalSettings()
     text = text or corpus.default()
-    emit = progress or (lambda event: None)
+    emit = progress or ignore
     wanted = _quant_names(model, quants)
     manifest = store.get(model)
     reference = _reference(manifest, against)
@@ -143,7 +144,9 @@ def _quant_of(target: Located) -> str:
     return target.info.quant
 
 
-def _ensure(name: str, quant: str, settings: EvalSettings, emit: Progress) -> tuple[Located, bool]:
+def _ensure(
+    name: str, quant: str, settings: EvalSettings, emit: OnProgress
+) -> tuple[Located, bool]:
     """The store's file of `name` at `quant`, made from the full-precision one when missing;
     (file, whether it was made now)."""
     from localmix import load
@@ -167,12 +170,13 @@ def _ensure(name: str, quant: str, settings: EvalSettings, emit: Progress) -> tu
             hint=f"make it first: `localmix quantize {name} -q {quant} --imatrix FILE`",
         )
     label = f"{name}:{quant}"
-    emit(EvalEvent("quantize", 0, 0, label, "from the full-precision file"))
+    emit(Progress("quantize", subject=quant, detail=f"making {label} with localmix quantize"))
     manifest = quantize_model(
         name,
         quant,
         threads=settings.threads,
-        progress=lambda e: emit(EvalEvent("quantize", e.index, e.total, label, e.tensor)),
+        # its tensors only: the start was announced above, naming the model
+        progress=lambda p: emit(p) if p.unit else None,
     )
     return load.locate(manifest.ref), True
 
@@ -182,7 +186,7 @@ def _evaluate_all(
     located: list[tuple[Located, bool]],
     text: Text,
     settings: EvalSettings,
-    emit: Progress,
+    emit: OnProgress,
 ) -> list[Evaluation | None]:
     """One Evaluation per quant (None for the reference itself), the reference loaded once."""
     from localmix import load
@@ -190,15 +194,15 @@ def _evaluate_all(
 
     results: list[Evaluation | None] = []
     with ExitStack() as stack:
-        emit(EvalEvent("load", model=reference.name))
+        emit(Progress("load", subject=reference.name))
         ref = stack.enter_context(load.open_model(reference, settings.load_settings()))
-        emit(EvalEvent("tokenize", model=reference.name))
+        emit(Progress("tokenize", subject=reference.name))
         tokens = tokenize(ref, text.text)
         for target, _ in located:
             if target.path.resolve() == reference.path.resolve():
                 results.append(None)
                 continue
-            emit(EvalEvent("load", model=target.name))
+            emit(Progress("load", subject=target.name))
             with load.open_model(target, settings.load_settings()) as loaded:
                 check_tokens(ref, loaded, text.text, tokens)
                 results.append(score(ref, loaded, tokens, text.name, settings, emit))
@@ -209,7 +213,7 @@ def _row(
     located: Located,
     scores: Scores | None,
     settings: EvalSettings,
-    emit: Progress,
+    emit: OnProgress,
     speed: bool,
     made: bool = False,
 ) -> QuantRow:
@@ -217,7 +221,7 @@ def _row(
     tensor_bytes = sum(t.n_bytes for t in info.tensors)
     gen = (0.0, 0.0)
     if speed:
-        emit(EvalEvent("speed", model=located.name, detail=f"tg{GEN_TOKENS}"))
+        emit(Progress("bench", subject=located.name, detail=f"tg{GEN_TOKENS}"))
         gen = generation_speed(located, settings)
     return QuantRow(
         quant=_quant_of(located),

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from localmix import disk, settings
-from localmix.build.convert.output import OUTTYPES, ConvertEvent
+from localmix.build.convert.output import OUTTYPES
 from localmix.errors import CheckpointError, OutputError
+from localmix.progress import OnProgress, Progress
 
 if TYPE_CHECKING:
     from localmix.build.convert.checkpoint import Checkpoint
 
 __all__ = [
-    "OUTTYPES", "ConvertEvent", "check_config", "convert", "converter_for", "register",
+    "OUTTYPES", "check_config", "convert", "converter_for", "register",
 ]  # fmt: skip
 
 _CONVERTERS: dict[str, type] = {}
@@ -109,12 +110,13 @@ def convert(
     out: Path,
     *,
     outtype: str = "f16",
-    progress: Callable[[ConvertEvent], None] | None = None,
+    progress: OnProgress | None = None,
 ) -> Path:
     """Convert a HF or Mistral-native checkpoint directory to one GGUF file at `out`; return `out`.
 
     outtype: f32, f16, bf16 or q8_0 (1-D tensors, norms and the MoE router stay F32). Peak memory
     follows one block of rows, not the model. Nothing appears at `out` unless the file is complete.
+    progress hears the conversion start (subject: the output type) and then each tensor.
     """
     import gguf
 
@@ -137,6 +139,8 @@ def convert(
         conv.add_metadata(writer, file_type(outtype))
         add_vocab(writer, ckpt, conv.hp.vocab_size)
         disk.check_space({tmp.parent: (sum(t.nbytes for t in tensors), "the GGUF")})
+        if progress:
+            progress(Progress("convert", subject=outtype.upper()))
         stream(writer, tmp, tensors, progress)
     return out
 

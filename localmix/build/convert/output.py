@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localmix.errors import UsageError
+from localmix.progress import OnProgress, Progress
 
 if TYPE_CHECKING:
     import gguf
@@ -24,18 +25,6 @@ OUTTYPES = {
 }
 # rows per block: about 4M elements (16 MiB as float32) whatever the row length
 BLOCK_ELEMENTS = 4 * 2**20
-
-
-@dataclass(frozen=True)
-class ConvertEvent:
-    """Progress: a tensor starts (index = tensors already written) or the last one ended
-    (index == total). Bytes count output tensor data."""
-
-    tensor_name: str
-    index: int
-    total: int
-    bytes_done: int
-    bytes_total: int
 
 
 @dataclass(frozen=True)
@@ -105,10 +94,13 @@ def stream(
     writer: gguf.GGUFWriter,
     path: Path,
     tensors: list[OutputTensor],
-    progress: Callable[[ConvertEvent], None] | None = None,
+    progress: OnProgress | None = None,
 ) -> None:
     """Write header, metadata and tensor infos through `writer`, then each tensor's data block by
-    block into the same file, padded to the writer's alignment the way GGUFWriter pads."""
+    block into the same file, padded to the writer's alignment the way GGUFWriter pads.
+
+    progress hears a tensor start (done: tensors already written) and the last one end (done ==
+    total)."""
     import gguf
 
     writer.write_header_to_file(path)
@@ -116,12 +108,10 @@ def stream(
     writer.write_ti_data_to_file()
     assert writer.fout is not None and len(writer.fout) == 1
     fout = writer.fout[0]
-    total = sum(t.nbytes for t in tensors)
-    done = 0
     try:
         for index, tensor in enumerate(tensors):
             if progress:
-                progress(ConvertEvent(tensor.name, index, len(tensors), done, total))
+                progress(_tensor(tensor.name, index, len(tensors)))
             writer.write_padding(fout, fout.tell())
             written = 0
             for block in tensor.blocks():
@@ -134,10 +124,13 @@ def stream(
                     f"{tensor.name}: wrote {written} bytes, planned {tensor.nbytes}"
                 )
             writer.write_padding(fout, written)
-            done += written
         fout.flush()
         os.fsync(fout.fileno())
     finally:
         writer.close()
     if progress and tensors:
-        progress(ConvertEvent(tensors[-1].name, len(tensors), len(tensors), done, total))
+        progress(_tensor(tensors[-1].name, len(tensors), len(tensors)))
+
+
+def _tensor(name: str, done: int, total: int) -> Progress:
+    return Progress("convert", subject=name, done=done, total=total, unit="tensors")

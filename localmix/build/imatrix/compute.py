@@ -16,12 +16,12 @@ llama-imatrix's rules, kept here so its files and ours hold the same values:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localmix.errors import EngineError, ModelNotFound, UsageError
+from localmix.progress import OnProgress, Progress
 
 if TYPE_CHECKING:
     import numpy
@@ -36,14 +36,6 @@ MIN_CHUNK = 16  # a smaller chunk feeds no dense product llama-imatrix collects
 AUTO = "auto"  # `--imatrix auto`: the model's own, computed first when missing
 _MIN_ROWS = 16  # llama-imatrix skips MUL_MAT with fewer input rows
 _MAX_BATCH = 2048  # llama-imatrix decodes a chunk in batches of at most this many tokens
-
-
-@dataclass(frozen=True)
-class ImatrixEvent:
-    """Progress: `chunk` of `total` chunks done."""
-
-    chunk: int
-    total: int
 
 
 @dataclass(frozen=True)
@@ -176,11 +168,12 @@ def compute(
     chunk_size: int = DEFAULT_CHUNK,
     chunks: int | None = None,
     settings: LoadSettings | None = None,
-    progress: Callable[[ImatrixEvent], None] | None = None,
+    progress: OnProgress | None = None,
 ) -> ImatrixResult:
     """Compute model's importance matrix over text (the default corpus if None) and write it in
     llama-imatrix's GGUF format to out (default: beside the model, see default_path). chunks
-    limits how many chunks of chunk_size tokens are run (default: all the text holds)."""
+    limits how many chunks of chunk_size tokens are run (default: all the text holds). progress
+    hears the computation start (subject: the model run) and then each chunk."""
     from localmix import corpus, load
     from localmix.build.imatrix.files import save
     from localmix.build.quantize import writable_dir
@@ -202,6 +195,8 @@ def compute(
         n_batch=min(chunk_size, _MAX_BATCH),
     )
     started = time.perf_counter()
+    if progress is not None:
+        progress(Progress("imatrix", subject=target.name))
     with load.open_model(target, settings, tap=collector) as loaded:
         engine = loaded.engine
         # `-f` drops one trailing newline; BOS as llama_tokenize's add_special would put it.
@@ -222,7 +217,11 @@ def compute(
             engine.process(chunk, every_output=True)
             collector.check_finite()
             if progress is not None:
-                progress(ImatrixEvent(index + 1, total))
+                progress(
+                    Progress(
+                        "imatrix", subject=target.name, done=index + 1, total=total, unit="chunks"
+                    )
+                )
     entries = collector.entries()
     if not entries:
         raise EngineError(f"{target.name}: llama.cpp ran no weight product that an imatrix covers")
@@ -287,7 +286,7 @@ def default_path(target: Located, name: str | None) -> Path:
 
 def ensure(
     model: str | Path,
-    progress: Callable[[ImatrixEvent], None] | None = None,
+    progress: OnProgress | None = None,
     *,
     text: Path | None = None,
     chunk_size: int = DEFAULT_CHUNK,

@@ -3,25 +3,14 @@ seconds: synth checkpoint -> convert (f16) -> quantize -> store. A rebuild reuse
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from localmix import settings
 from localmix.errors import UsageError
 from localmix.models.store import Manifest
+from localmix.progress import OnProgress, Progress, ignore
 
 _TOKENIZER_FOR_FORMAT = {"v1": "v1", "v2": "v1", "v3": "v3", "v3-tekken": "tekken", "v7": "v3"}
-
-
-@dataclass(frozen=True)
-class Stage:
-    """Progress: a build stage starts (`synth`, `convert`, `quantize`, `register`) or is reused."""
-
-    name: str
-    detail: str = ""
-    reused: bool = False
 
 
 def build(
@@ -29,10 +18,12 @@ def build(
     quant: str = "Q4_K_M",
     *,
     threads: int | None = None,
-    on_stage: Callable[[Stage], None] | None = None,
-    on_progress: Callable[[Any], None] | None = None,
+    on_progress: OnProgress = ignore,
 ) -> Manifest:
-    """Build (or reuse) a synthetic catalog model at a quant and return its manifest."""
+    """Build (or reuse) a synthetic catalog model at a quant and return its manifest.
+
+    on_progress hears the stages: synth, convert, quantize (each with its tensors), register; a
+    stage whose result exists already is announced once with reused=True."""
     from localmix import gguffile
     from localmix.build import quantize
     from localmix.build.convert import convert
@@ -42,17 +33,16 @@ def build(
     spec = catalog.load().get(name)
     if not spec.synthetic:
         raise UsageError(f"{spec.name} is not a built-in synthetic model", hint="pull it instead")
-    stage = on_stage or (lambda s: None)
     existing = [m for m in store.find(spec.name) if m.quant == quant.upper()]
     if existing:
-        stage(Stage("register", existing[0].ref, reused=True))
+        on_progress(Progress("register", subject=existing[0].ref, reused=True))
         return existing[0]
     with store.lock(f"build-{spec.name}"):
         ckpt = settings.synth_dir() / spec.name
         if (ckpt / ".complete").exists():
-            stage(Stage("synth", str(ckpt), reused=True))
+            on_progress(Progress("synth", subject=str(ckpt), reused=True))
         else:
-            stage(Stage("synth", f"{spec.architecture} {spec.synthetic}"))
+            on_progress(Progress("synth", subject=f"{spec.architecture} {spec.synthetic}"))
             synth.checkpoint(
                 ckpt,
                 arch=spec.architecture,
@@ -62,12 +52,10 @@ def build(
             )
             (ckpt / ".complete").write_text("ok\n")
         with store.tmp_file() as f16, store.tmp_file() as quantized:
-            stage(Stage("convert", "f16"))
             convert(ckpt, f16, outtype="f16", progress=on_progress)
-            stage(Stage("quantize", quant.upper()))
             quantize.quantize(f16, quantized, quant, threads=threads, progress=on_progress)
             info = gguffile.inspect(quantized)
-            stage(Stage("register", f"{spec.name}:{quant.upper()}"))
+            on_progress(Progress("register", subject=f"{spec.name}:{quant.upper()}"))
             manifest = store.manifest_of(
                 quantized,
                 info,
