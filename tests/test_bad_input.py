@@ -641,8 +641,16 @@ IMATRIX_CASES = [
 
 BUILD_CASES = [
     _c("convert no path", 2, "Missing argument", "convert"),
-    _c("convert empty path", 5, "", "convert", "", "-o", "WORK/o.gguf"),
-    _c("convert a file", 5, "", "convert", FILE, "-o", "WORK/o.gguf"),
+    _c(
+        "convert empty path",
+        5,
+        "neither config.json nor params.json",
+        "convert",
+        "",
+        "-o",
+        "WORK/o.gguf",
+    ),
+    _c("convert a file", 5, "not a directory", "convert", FILE, "-o", "WORK/o.gguf"),
     _c("convert empty outtype", 2, "outtype", "convert", "WORK", "--outtype", ""),
     _c("quantize no input", 2, "Missing argument", "quantize"),
     _c("quantize empty input", 2, "empty", "quantize", ""),
@@ -735,7 +743,7 @@ def _short_text(work: Path, gguf: Path) -> list[str]:
 EVAL_CASES = [
     _c("eval no model", 2, "Missing argument", "eval"),
     _c("eval unknown model", 3, "nothing", "eval", "nothing"),
-    _c("eval empty model", 3, "", "eval", ""),
+    _c("eval empty model", 3, "is not in the store", "eval", ""),
     _c("eval a file with no reference", 3, "--against", "eval", "GGUF"),
     _c("eval against itself", 2, "with itself", "eval", "GGUF", "--against", "GGUF"),
     _c(

@@ -200,8 +200,8 @@ def test_checkpoint_files_refuse_pickled_weights() -> None:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Mistral checkpoint (HF layout, v3 tokenizer), as a Hub repo serves it."""
-    synth = pytest.importorskip("localmix.build.synth.checkpoints")
-    pytest.importorskip("localmix.build.convert")
+    from localmix.build.synth import checkpoints as synth
+
     folder = tmp_path_factory.mktemp("hub-checkpoint")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LOCALMIX_HOME", str(folder / "home"))

@@ -96,14 +96,6 @@ class BenchParams:
         for value in self.n_threads:  # every combination would fail alike: say it once, first
             app_settings.check_threads(value, "-t")
 
-    def varied(self) -> tuple[str, ...]:
-        """The sweep fields given more than one value (what a plot puts on its axis)."""
-        return tuple(
-            f.name
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), tuple) and len(getattr(self, f.name)) > 1
-        )
-
 
 @dataclass(frozen=True)
 class BenchCase:

@@ -190,10 +190,6 @@ class Batch:
         slot.kv.clear()
         return stats
 
-    def cancel_all(self) -> list[tuple[int, Stats]]:
-        """Stop every generating sequence (before closing the engine)."""
-        return [(slot.seq, self.cancel(slot.seq)) for slot in self._slots if slot.busy]
-
     def clear_idle(self) -> int:
         """Free the KV cells that idle sequences keep for prefix reuse; returns how many."""
         return self._clear_idle(but=None)

@@ -3,8 +3,6 @@ seconds: synth checkpoint -> convert (f16) -> quantize -> store. A rebuild reuse
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from localmix import settings
 from localmix.errors import UsageError
 from localmix.models.store import Manifest
@@ -65,8 +63,3 @@ def build(
                 owned=True,
             )
             return store.add(manifest, src=quantized)
-
-
-def checkpoint_dir(name: str) -> Path:
-    """Where the synthetic checkpoint of a built-in model lives."""
-    return settings.synth_dir() / name
