@@ -46,7 +46,7 @@ def chunk_tokens(model: Path, text: Path) -> list[list[int]]:
     """The chunks llama-imatrix runs: the text tokenized once, each chunk starting with BOS."""
     with Engine(EngineConfig(model, n_ctx=256, n_threads=2)) as engine:
         body = text.read_text(encoding="utf-8").removesuffix("\n")
-        tokens = engine.tokenize(body, add_bos=engine.add_bos, special=False)
+        tokens = engine.tokenize(body, add_bos=True, special=False)
         bos = engine.bos_id
     return [[bos, *tokens[i * CHUNK + 1 : (i + 1) * CHUNK]] for i in range(CHUNKS)]
 
