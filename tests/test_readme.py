@@ -84,3 +84,34 @@ def test_every_readme_command_runs_as_written(env: Env, tmp_path: Path) -> None:
         )
         assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
         assert "Traceback" not in result.stderr
+
+
+BUILT = re.compile(r"## How it is built.*?```\n(?P<tree>localmix/\n.*?)```", re.S)
+
+
+def test_the_map_of_the_rooms_matches_the_code() -> None:
+    """Every package and top-level module of localmix/ is on the README's map, every name on the
+    map exists, and each package's line names each of its modules."""
+    tree = BUILT.search((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert tree, 'README.md has no "How it is built" tree'
+    lines = tree["tree"].splitlines()[1:]
+    rooms: dict[str, str] = {}  # room -> the text that describes it (continuation lines too)
+    last = ""
+    for line in lines:
+        for word in re.findall(r"\b([a-z_]+(?:\.py|/)) {2,}", line):  # the padded name columns
+            rooms[word] = ""
+            last = word
+        rooms[last] += line
+    package = ROOT / "localmix"
+    actual = {p.name + "/" for p in package.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    actual |= {p.name for p in package.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    assert set(rooms) == actual
+    for room, text in rooms.items():
+        if room.endswith("/") and room != "data/":
+            described = set(re.findall(r"[a-z_]+", text))
+            modules = {
+                p.stem if p.is_file() else p.name
+                for p in (package / room).iterdir()
+                if p.name not in ("__init__.py", "__pycache__", "models.toml")
+            }
+            assert modules <= described, f"{room}: {sorted(modules - described)} not on the map"

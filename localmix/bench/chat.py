@@ -84,11 +84,13 @@ def run_chat(
     params: BenchParams = BenchParams(),  # noqa: B008 - frozen, safe as a default
     *,
     chat_formats: dict[Path, str | None] | None = None,
+    names: dict[Path, str] | None = None,
     max_tokens: int = 128,
     message: str = MESSAGE,
     progress: Callable[[str], None] | None = None,
 ) -> list[ChatBenchResult]:
-    """One chat turn per repetition, for each model and each -t / -ngl value."""
+    """One chat turn per repetition, for each model and each -t / -ngl value; chat_formats and
+    names are what the store says of each model (its format, the name a chat opens it by)."""
     from localmix.llama.engine import Sampling
 
     machine = machine_info()
@@ -105,7 +107,7 @@ def run_chat(
             progress(f"{case.model.name}: loading")
         with open_case(case, 0) as engine:
             fmt = (chat_formats or {}).get(case.model)
-            prompt = chat_prompt(engine, fmt, message)
+            prompt = chat_prompt(engine, fmt, message, (names or {}).get(case.model))
             n_ctx_left = engine.n_ctx - len(prompt)
             budget = max(1, min(max_tokens, n_ctx_left))
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -154,14 +156,18 @@ def _turn(engine: Engine, prompt: list[int], sampling: Sampling, max_tokens: int
     return stats
 
 
-def chat_prompt(engine: Engine, chat_format: str | None, message: str) -> list[int]:
-    """The user message in the model's chat format (named, detected, or the GGUF's template);
-    the bare text after BOS for a model that has none."""
-    from localmix.chat import template
+def chat_prompt(
+    engine: Engine, chat_format: str | None, message: str, model: str | None = None
+) -> list[int]:
+    """The user message as `localmix chat` sends it (chat.profile: the named or detected format,
+    thinking as the model starts a chat); the bare text after BOS for a model with no format."""
+    from localmix.chat.profile import profile_for
+    from localmix.chat.template import Message
     from localmix.errors import InvalidGGUF
 
     try:
-        fmt = template.for_model(engine.metadata, engine.tokenize, name=chat_format)
+        profile = profile_for(engine, chat_format, model)
     except InvalidGGUF:
         return engine.tokenize(message, add_bos=True, special=False)
-    return list(template.encode(fmt, [template.Message("user", message)], engine.tokenize))
+    messages = [Message("user", message)]
+    return profile.prompt(messages, engine.tokenize, thinking=profile.thinks_by_default)

@@ -9,7 +9,7 @@ as possible and results line up with llama-bench's row for row.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -251,3 +251,41 @@ def parse_switches(values: Sequence[str], *, name: str) -> tuple[bool, ...]:
             raise UsageError(f"{name}: {word!r} is not 0 or 1", hint=f"use {name} 0,1")
         out.append(word == "1")
     return tuple(out)
+
+
+def _ints(flag: str, negative: bool = False) -> Callable[[Sequence[str]], tuple[object, ...]]:
+    return lambda values: parse_ints(values, name=flag, allow_negative=negative)
+
+
+def _words(flag: str) -> Callable[[Sequence[str]], tuple[object, ...]]:
+    return lambda values: parse_words(values, name=flag)
+
+
+# llama-bench's flags: the BenchParams field each sets, and how its values are read.
+OPTIONS: dict[str, tuple[str, Callable[[Sequence[str]], tuple[object, ...]]]] = {
+    "-p": ("n_prompt", _ints("-p")),
+    "-n": ("n_gen", _ints("-n")),
+    "-pg": ("n_pg", parse_pairs),
+    "-d": ("n_depth", _ints("-d")),
+    "-t": ("n_threads", _ints("-t")),
+    "-ngl": ("n_gpu_layers", _ints("-ngl", negative=True)),
+    "-b": ("n_batch", _ints("-b")),
+    "-ub": ("n_ubatch", _ints("-ub")),
+    "-fa": ("flash_attn", _words("-fa")),
+    "-ctk": ("type_k", _words("-ctk")),
+    "-ctv": ("type_v", _words("-ctv")),
+    "--repack": ("repack", lambda values: parse_switches(values, name="--repack")),
+}
+
+
+def from_options(
+    options: dict[str, Sequence[str] | None], *, repetitions: int = 5, warmup: bool = True
+) -> BenchParams:
+    """BenchParams from llama-bench's options as typed, keyed by flag ({"-p": ["512", "1-8"]});
+    a flag left out (None or empty) keeps BenchParams' default."""
+    sweep: dict[str, object] = {"repetitions": repetitions, "warmup": warmup}
+    for flag, values in options.items():
+        if values:
+            field, parse = OPTIONS[flag]
+            sweep[field] = parse(values)
+    return BenchParams(**sweep)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from localmix.bench.chat import ChatBenchResult
     from localmix.bench.history import Comparison
+    from localmix.errors import EngineError
 
 FORMATS = ("md", "csv", "json", "jsonl")
 
@@ -345,3 +346,43 @@ def compare_table(
             before, delta, noise, verdict, ", ".join(c.changed),
         )  # fmt: skip
     return grid
+
+
+def refusals(results: Sequence[BenchResult]) -> list[str]:
+    """One line per reason llama.cpp refused a combination, naming the settings it refused."""
+    failed = [r for r in results if r.error]
+    lines = []
+    for reason in dict.fromkeys(r.error for r in failed):
+        which = [r for r in failed if r.error == reason]
+        settings = {f"fa={r.flash_attn} ctk={r.type_k} ctv={r.type_v}" for r in which}
+        lines.append(f"{', '.join(sorted(settings))}: {reason}")
+    return lines
+
+
+def noisy_note(results: Sequence[BenchResult]) -> str | None:
+    """A note when some results spread too widely between repetitions to trust."""
+    from localmix.bench.result import NOISY_PCT
+
+    noisy = sum(r.noisy for r in results)
+    if not noisy:
+        return None
+    return (
+        f"{noisy} result(s) vary by more than {NOISY_PCT:g}% between repetitions; "
+        "more -r, fewer threads than cores or a quieter machine steadies them"
+    )
+
+
+def refused(results: Sequence[BenchResult]) -> EngineError | None:
+    """The error the run ends with when llama.cpp refused some combination (None: it ran all)."""
+    from localmix.errors import EngineError
+
+    failed = [r for r in results if r.error]
+    if not failed:
+        return None
+    v_quant = any(r.type_v not in ("f16", "f32", "bf16") and r.flash_attn != "on" for r in failed)
+    return EngineError(
+        f"llama.cpp refused {len(failed)} of {len(results)} tests; the others ran",
+        hint="a quantized V cache (-ctv) needs flash attention (-fa on)"
+        if v_quant
+        else "the reason is printed above",
+    )

@@ -48,13 +48,13 @@ class Machine:
     backends: str = "CPU"
 
 
-Progress = Callable[[BenchEvent], None]
+OnBenchEvent = Callable[[BenchEvent], None]
 
 
 def run(
     models: Sequence[Path],
     params: BenchParams = BenchParams(),  # noqa: B008 - frozen, safe as a default
-    progress: Progress | None = None,
+    progress: OnBenchEvent | None = None,
 ) -> list[BenchResult]:
     """Run every test of the sweep on every model; results in llama-bench's order.
 
@@ -131,7 +131,7 @@ def open_case(case: BenchCase, n_ctx: int) -> Engine:
 
 
 def _emit(
-    progress: Progress | None,
+    progress: OnBenchEvent | None,
     stage: str,
     index: int,
     total: int,
@@ -152,7 +152,7 @@ class _Tokens:
 
     def __init__(self, engine: Engine, seed: int) -> None:
         self.n_vocab = engine.n_vocab
-        self.bos = engine.bos_id if _adds_bos(engine) else None
+        self.bos = engine.bos_id if engine.adds_bos else None  # llama-bench's rule too
         self.rng = random.Random(seed)
 
     def prompt(self, n: int) -> list[int]:
@@ -166,11 +166,6 @@ class _Tokens:
         return [first, *(self.rng.randrange(self.n_vocab) for _ in range(n - 1))][:n]
 
 
-def _adds_bos(engine: Engine) -> bool:
-    flag = str(engine.metadata.get("tokenizer.ggml.add_bos_token", "true")).lower()
-    return engine.bos_id is not None and engine.bos_id >= 0 and flag not in ("false", "0")
-
-
 def _run_case(
     engine: Engine,
     case: BenchCase,
@@ -178,7 +173,7 @@ def _run_case(
     machine: Machine,
     index: int,
     total: int,
-    progress: Progress | None,
+    progress: OnBenchEvent | None,
 ) -> BenchResult:
     tokens = _Tokens(engine, params.seed)
     test_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

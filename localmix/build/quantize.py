@@ -285,6 +285,40 @@ def quantize_model(
         return _quantize_and_register(source, kind, threads, progress, imatrix)
 
 
+def quantize_any(
+    src: str,
+    qtype: str = DEFAULT_TYPE,
+    output: Path | None = None,
+    *,
+    threads: int | None = None,
+    progress: OnProgress | None = None,
+    allow_requantize: bool = False,
+    imatrix: Path | str | None = None,
+    on_wait: Callable[[], None] | None = None,
+) -> Path:
+    """What `localmix quantize SRC` makes: a .gguf path (or an existing file) is quantized to
+    output (default: beside it, named for the type), anything else is a store model that gets
+    another quant; returns the file written (or found)."""
+    kind = quant_type(qtype, imatrix=imatrix is not None)
+    if not src.strip():
+        raise UsageError(
+            "no model given: the name or path is empty",
+            hint="give a .gguf path or a name from `localmix list`",
+        )
+    path = Path(src)
+    if path.suffix == ".gguf" or path.exists():
+        out = output or path.with_name(f"{path.stem.rsplit('.', 1)[0]}.{kind.name}.gguf")
+        return quantize(
+            path, out, kind.name, threads=threads, progress=progress,
+            allow_requantize=allow_requantize, imatrix=imatrix,
+        )  # fmt: skip
+    manifest = quantize_model(
+        src, kind.name, threads=threads, progress=progress, allow_requantize=allow_requantize,
+        imatrix=imatrix, on_wait=on_wait,
+    )  # fmt: skip
+    return manifest.file
+
+
 def _quantize_and_register(
     source: Manifest,
     kind: QuantType,

@@ -30,6 +30,8 @@ from localmix.llama.records import Chunk, Sampling, Stats
 
 if TYPE_CHECKING:
     from localmix.llama.engine import Engine
+    from localmix.load import LoadSettings
+    from localmix.models.store import Located
 
 SAVE_FORMAT = "localmix-chat"
 SAVE_VERSION = 2  # 2: a reply's content may be a list with thinking parts
@@ -362,3 +364,32 @@ def _cut(old: Sequence[int], new: Sequence[int]) -> tuple[int, int] | None:
         return None
     keep = min(prefix, len(new))
     return keep, discard
+
+
+def open_session(
+    reference: str | Located,
+    settings: LoadSettings | None = None,
+    *,
+    chat_format: str | None = None,
+    system: str | None = None,
+    sampling: Sampling | None = None,
+    max_tokens: int = 512,
+    overflow: str = "shift",
+    thinking: bool | None = None,
+) -> tuple[Session, tuple[str, ...]]:
+    """Open a model through the door (load.open_model) and start a Session on it, with what the
+    user should know about how it was loaded; the caller closes session.engine. chat_format None:
+    the manifest's, else detected from the GGUF; thinking None: the model's own default."""
+    from localmix import load
+
+    target = load.locate(reference)
+    loaded = load.open_model(target, settings)
+    try:
+        session = Session(
+            loaded.engine, chat_format or target.chat_format, system=system, sampling=sampling,
+            max_tokens=max_tokens, overflow=overflow, model=target.name, thinking=thinking,
+        )  # fmt: skip
+    except BaseException:
+        loaded.close()
+        raise
+    return session, loaded.notices

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
     from localmix.bench.params import BenchParams
     from localmix.bench.result import BenchResult
-    from localmix.models.store import Located
 
 _LIST = "Comma list or range (1-8, 1-8+2, 1-16*2); repeatable."
 Ints = Optional[list[str]]  # noqa: UP045 - typer reads Optional at runtime on 3.10
@@ -105,103 +104,46 @@ def bench_command(
     n_cpu_moe: NCpuMoeOpt = None,
 ) -> None:
     """Measure tokens/s the way llama-bench does: pp (prompt) and tg (generation), mean ± std."""
-    from localmix.bench import params as bp
+    from localmix import load
+    from localmix.bench import plan as bench_plan
+    from localmix.bench.params import from_options
     from localmix.bench.report import FORMATS
+    from localmix.cli import render
+    from localmix.cli.plan import plan_table
     from localmix.errors import UsageError
 
     if output is not None and output not in FORMATS:
         raise UsageError(f"-o: unknown format {output!r}", hint=f"use one of {', '.join(FORMATS)}")
-    sweep: dict[str, object] = {"repetitions": repetitions, "warmup": warmup}
-    for name, values, parse in (
-        ("n_prompt", n_prompt, lambda v: bp.parse_ints(v, name="-p")),
-        ("n_gen", n_gen, lambda v: bp.parse_ints(v, name="-n")),
-        ("n_pg", n_pg, bp.parse_pairs),
-        ("n_depth", n_depth, lambda v: bp.parse_ints(v, name="-d")),
-        ("n_threads", threads, lambda v: bp.parse_ints(v, name="-t")),
-        (
-            "n_gpu_layers",
-            n_gpu_layers,
-            lambda v: bp.parse_ints(v, name="-ngl", allow_negative=True),
-        ),
-        ("n_batch", n_batch, lambda v: bp.parse_ints(v, name="-b")),
-        ("n_ubatch", n_ubatch, lambda v: bp.parse_ints(v, name="-ub")),
-        ("flash_attn", flash_attn, lambda v: bp.parse_words(v, name="-fa")),
-        ("type_k", cache_type_k, lambda v: bp.parse_words(v, name="-ctk")),
-        ("type_v", cache_type_v, lambda v: bp.parse_words(v, name="-ctv")),
-        ("repack", repack, lambda v: bp.parse_switches(v, name="--repack")),
-    ):
-        if values:
-            sweep[name] = parse(values)
-    params = bp.BenchParams(**sweep)  # type: ignore[arg-type]
-    from localmix import load
-
+    options = {
+        "-p": n_prompt, "-n": n_gen, "-pg": n_pg, "-d": n_depth, "-t": threads,
+        "-ngl": n_gpu_layers, "-b": n_batch, "-ub": n_ubatch, "-fa": flash_attn,
+        "-ctk": cache_type_k, "-ctv": cache_type_v, "--repack": repack,
+    }  # fmt: skip
+    params = from_options(options, repetitions=repetitions, warmup=warmup)
     targets = [load.locate(name) for name in models]  # each name walked once
-    formats = {t.path: t.chat_format for t in targets}
-    names = {str(t.path): t.name for t in targets}  # rows say which model they measured
-    moe = cpu_moe_layers(cpu_moe, n_cpu_moe)
-    planned = _planned(targets, params, estimate, vram_budget, moe, explicit_ngl=bool(n_gpu_layers))
-    if estimate:
-        return
-    for group, group_params in planned:
-        if chat:
-            _chat(group, formats, group_params, output)
-        else:
-            _bench(group, group_params, names, output=output, compare=compare, plot=plot,
-                   save=save)  # fmt: skip
-
-
-def _planned(
-    targets: list[Located],
-    params: BenchParams,
-    estimate: bool,
-    vram_budget: str | None,
-    cpu_moe: int | None,
-    *,
-    explicit_ngl: bool,
-) -> list[tuple[list[Path], BenchParams]]:
-    """Apply the offload plan per model where the door's rule (load.plan_for) makes one.
-
-    Without a plan, all models share one sweep, like llama-bench; with one, each model gets its
-    own GPU layers and expert overrides.
-    """
-    import dataclasses
-
-    from localmix import load
-    from localmix.cli import render
-    from localmix.cli.plan import plan_table
-
-    n_ctx = max(p + g for p in params.n_prompt for g in params.n_gen) + max(params.n_depth)
-    settings = load.LoadSettings(
-        ctx=max(n_ctx, 256),
-        n_gpu_layers=params.n_gpu_layers[0] if explicit_ngl else None,
-        vram_budget=vram_budget,
-        cpu_moe=cpu_moe,
-        n_ubatch=params.n_ubatch[0],
-        flash_attn=params.flash_attn[0],
-        type_k=params.type_k[0],
-        type_v=params.type_v[0],
-    )
+    settings = bench_plan.load_settings(
+        params, explicit_ngl=bool(n_gpu_layers), vram_budget=vram_budget,
+        cpu_moe=cpu_moe_layers(cpu_moe, n_cpu_moe),
+    )  # fmt: skip
     if not estimate:
         for notice in load.notices(settings):
             render.err_console().print(f"note: {notice}", style="dim", markup=False)
-    shared: list[Path] = []
-    groups: list[tuple[list[Path], BenchParams]] = []
-    for target in targets:
-        path = target.path
-        # a context past the model's fails here, before the bar (in a sweep it is a typo)
-        load.check(target, settings, beyond_trained=False)
-        plan = load.plan_for(target, settings, force=estimate)
-        if estimate and plan is not None:
-            render.console().print(f"[bold]{path.name}[/]")
-            render.console().print(plan_table(plan))
-        elif plan is None:
-            shared.append(path)
+    groups = bench_plan.groups(targets, params, settings, force=estimate)
+    if estimate:
+        for group in groups:
+            assert group.plan is not None  # forced
+            render.console().print(f"[bold]{group.paths[0].name}[/]")
+            render.console().print(plan_table(group.plan))
+        return
+    formats = {t.path: t.chat_format for t in targets}
+    names = {t.path: t.name for t in targets}
+    labels = {str(path): name for path, name in names.items()}  # rows say which model they measured
+    for group in groups:
+        if chat:
+            _chat(group.paths, formats, names, group.params, output)
         else:
-            planned = dataclasses.replace(
-                params, n_gpu_layers=(plan.n_gpu_layers,), tensor_overrides=plan.tensor_overrides
-            )
-            groups.append(([path], planned))
-    return ([(shared, params)] if shared else []) + groups
+            _bench(group.paths, group.params, labels, output=output, compare=compare, plot=plot,
+                   save=save)  # fmt: skip
 
 
 def _bench(paths: list[Path], params: BenchParams, names: dict[str, str], *,
@@ -243,43 +185,28 @@ def _bench(paths: list[Path], params: BenchParams, names: dict[str, str], *,
     if compare:
         extras.print()
         _print_table(extras, report.compare_table(comparisons, names))
-    _notes(results, output)
+    _notes(results)
 
 
-def _notes(results: list[BenchResult], output: str | None) -> None:
+def _notes(results: list[BenchResult]) -> None:
     """What the numbers need beside them: refused combinations, and spreads too wide to trust;
     exits non-zero (after printing everything) when llama.cpp refused a combination."""
-    from localmix.bench.result import NOISY_PCT
+    from localmix.bench import report
     from localmix.cli import render
-    from localmix.errors import EngineError
 
     err = render.err_console()
-    failed = [r for r in results if r.error]
-    for reason in dict.fromkeys(r.error for r in failed):  # one line per reason, not per row
-        which = [r for r in failed if r.error == reason]
-        settings = {f"fa={r.flash_attn} ctk={r.type_k} ctv={r.type_v}" for r in which}
-        err.print(f"{', '.join(sorted(settings))}: {reason}", markup=False, highlight=False)
-    noisy = sum(r.noisy for r in results)
+    for line in report.refusals(results):  # one line per reason, not per row
+        err.print(line, markup=False, highlight=False)
+    noisy = report.noisy_note(results)
     if noisy:
-        err.print(
-            f"note: {noisy} result(s) vary by more than {NOISY_PCT:g}% between repetitions; "
-            "more -r, fewer threads than cores or a quieter machine steadies them",
-            style="dim",
-        )
-    if failed:
-        v_quant = any(
-            r.type_v not in ("f16", "f32", "bf16") and r.flash_attn != "on" for r in failed
-        )
-        raise EngineError(
-            f"llama.cpp refused {len(failed)} of {len(results)} tests; the others ran",
-            hint="a quantized V cache (-ctv) needs flash attention (-fa on)"
-            if v_quant
-            else "the reason is printed above",
-        )
+        err.print(f"note: {noisy}", style="dim")
+    refused = report.refused(results)
+    if refused is not None:
+        raise refused
 
 
-def _chat(paths: list[Path], formats: dict[Path, str | None], params: BenchParams,
-          output: str | None) -> None:  # fmt: skip
+def _chat(paths: list[Path], formats: dict[Path, str | None], names: dict[Path, str],
+          params: BenchParams, output: str | None) -> None:  # fmt: skip
     from localmix.bench import report
     from localmix.bench.chat import run_chat
     from localmix.cli import render
@@ -287,7 +214,7 @@ def _chat(paths: list[Path], formats: dict[Path, str | None], params: BenchParam
     max_tokens = params.n_gen[0] if params.n_gen and params.n_gen[0] > 0 else 128
     with render.err_console().status("chat bench") as status:
         results = run_chat(
-            paths, params, chat_formats=formats, max_tokens=max_tokens,
+            paths, params, chat_formats=formats, names=names, max_tokens=max_tokens,
             progress=lambda text: status.update(text),
         )  # fmt: skip
     if output == "json":

@@ -8,9 +8,6 @@ from typing import Annotated
 import typer
 
 from localmix.cli.options import ImatrixOpt, OutputOpt, QuantOpt, ThreadsOpt
-from localmix.errors import UsageError
-
-_NAME_HINT = "give a .gguf path or a name from `localmix list`"
 
 
 def convert_command(
@@ -50,35 +47,13 @@ def quantize_command(
     from localmix.cli import render
     from localmix.cli.progress_view import ProgressView
 
-    kind = q.quant_type(qtype, imatrix=imatrix is not None)
-    # bars appear with the work (an importance matrix first, if --imatrix auto needs one),
-    # after the input checks
+    q.quant_type(qtype, imatrix=imatrix is not None)  # a bad type is said before any bar
+    # bars appear with the work (an importance matrix first, if --imatrix auto needs one)
     with ProgressView() as view:
-        path = Path(src)
-        if not src.strip():
-            raise UsageError("no model given: the name or path is empty", hint=_NAME_HINT)
-        if path.suffix == ".gguf" or path.exists():
-            out = output or path.with_name(f"{path.stem.rsplit('.', 1)[0]}.{kind.name}.gguf")
-            result = q.quantize(
-                path,
-                out,
-                kind.name,
-                threads=threads,
-                progress=view,
-                allow_requantize=allow_requantize,
-                imatrix=imatrix,
-            )
-        else:
-            manifest = q.quantize_model(
-                src,
-                kind.name,
-                threads=threads,
-                progress=view,
-                allow_requantize=allow_requantize,
-                imatrix=imatrix,
-                on_wait=render.waiting(src),
-            )
-            result = manifest.file
+        result = q.quantize_any(
+            src, qtype, output, threads=threads, progress=view, allow_requantize=allow_requantize,
+            imatrix=imatrix, on_wait=render.waiting(src),
+        )  # fmt: skip
     render.err_console().print(f"wrote {result} ({render.human_size(result.stat().st_size)})")
 
 

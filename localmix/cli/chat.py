@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from localmix.chat.session import Session
-    from localmix.llama.records import Sampling, Stats
-    from localmix.load import LoadSettings
+    from localmix.llama.records import Stats
     from localmix.models.store import Located
 
 DEFAULT_CTX = 4096  # load.DEFAULT_CTX, repeated here so --help needs no import
@@ -156,6 +155,7 @@ def chat_command(
 
     `localmix run` is the same command (Ollama's name for it)."""
     from localmix import load
+    from localmix.chat.session import open_session
     from localmix.llama.records import Sampling
 
     picked = {
@@ -179,10 +179,13 @@ def chat_command(
     message = _message(prompt)
 
     def open_chat(reference: str | Located, status: bool = False) -> Session:
-        return open_session(
-            reference, settings, chat_format=chat_format, system=system, sampling=sampling,
-            max_tokens=max_tokens, overflow=overflow, status=status, thinking=think,
-        )  # fmt: skip
+        def opener(target: Located) -> tuple[Session, tuple[str, ...]]:
+            return open_session(
+                target, settings, chat_format=chat_format, system=system, sampling=sampling,
+                max_tokens=max_tokens, overflow=overflow, thinking=think,
+            )  # fmt: skip
+
+        return _opened(reference, opener, status=status)
 
     resumed = _resumed(target.name) if resume else None
     session = open_chat(target, status=message is None)
@@ -251,43 +254,25 @@ def _read_stdin() -> str:
     return buffer.read().decode("utf-8", "replace")
 
 
-def open_session(
+def _opened(
     reference: str | Located,
-    settings: LoadSettings | None = None,
+    opener: Callable[[Located], tuple[Session, tuple[str, ...]]],
     *,
-    chat_format: str | None = None,
-    system: str | None = None,
-    sampling: Sampling | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    overflow: str = "shift",
-    status: bool = False,
-    thinking: bool | None = None,
+    status: bool,
 ) -> Session:
-    """Open a model through the door (load.open_model) and start a chat Session on it; the
-    caller closes session.engine. status shows a spinner while it loads. thinking None: the
-    model's own default (chat.reasoning.thinks_by_default)."""
+    """The session opener gives, with a spinner while it loads (status) and its notices shown."""
     from contextlib import nullcontext
 
     from localmix import load
-    from localmix.chat.session import Session
     from localmix.cli.render import err_console
 
     target = load.locate(reference)
     spinner = err_console().status(f"loading {target.name}") if status else nullcontext()
     with spinner:
-        loaded = load.open_model(target, settings)
-    for notice in loaded.notices:
+        session, notices = opener(target)
+    for notice in notices:
         err_console().print(f"note: {notice}", style="dim", markup=False, highlight=False)
-    try:
-        # the manifest's format, else Session detects it from the GGUF's metadata
-        session = Session(
-            loaded.engine, chat_format or target.chat_format, system=system, sampling=sampling,
-            max_tokens=max_tokens, overflow=overflow, model=target.name, thinking=thinking,
-        )  # fmt: skip
-        return session
-    except BaseException:
-        loaded.close()
-        raise
+    return session
 
 
 def _interactive(
