@@ -169,7 +169,7 @@ def own_cost(model: Path, threads: int, seed: int, reps: int = 3) -> dict[str, f
                 engine.clear()
                 session = Session(engine, "v1", sampling=sampling, max_tokens=n)
                 with contextlib.redirect_stdout(io.StringIO()):
-                    _one_shot(session, PROMPT, json_out=True, show_stats=False)
+                    _one_shot(session, PROMPT, json_out=True, show_stats=False, show_thoughts=False)
                 stats = engine.last_stats
                 assert stats is not None and stats.generated_tokens > 1
                 best = min(best, stats.gen_s / (stats.generated_tokens - 1))

@@ -7,16 +7,21 @@ loop does only what C cannot."""
 from __future__ import annotations
 
 import ctypes
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, suppress
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmix import settings
 from localmix.errors import ContextTooLong, EngineError, UsageError
 from localmix.llama.backend import LOG, llama
+from localmix.llama.generation import (
+    Generating,
+    Generation,
+    check_tokens,
+    checked_prompt,
+    common_prefix,
+)
 from localmix.llama.records import (
     FLASH_ATTN,
     KV_CACHE_TYPES,
@@ -25,15 +30,13 @@ from localmix.llama.records import (
     Sampling,
     Stats,
 )
-from localmix.llama.sampler import PenalizedGreedy, sampler_chain
-from localmix.llama.textstream import TextStream
 
 if TYPE_CHECKING:
     import numpy
 
     from localmix.llama.tap import Tap
 
-__all__ = ["Chunk", "Engine", "EngineConfig", "Sampling", "Stats"]
+__all__ = ["Chunk", "Engine", "EngineConfig", "Generation", "Sampling", "Stats"]
 
 _LOAD_MODE_NONE, _LOAD_MODE_AUTO = 0, -1  # enum llama_load_mode
 _DECODE_ERRORS = {1: "no free KV cache slot", 2: "aborted", -1: "invalid batch"}
@@ -66,8 +69,15 @@ def logits_rows(ctx: Any, n_vocab: int) -> Callable[[int], numpy.ndarray]:
     return view
 
 
+def _no_logits(index: int) -> numpy.ndarray:
+    raise EngineError("this engine has no context (vocab_only)")
+
+
 class Engine:
-    """A loaded GGUF and its context (seq 0). Use as a context manager; close() is idempotent."""
+    """A loaded GGUF and its context (seq 0). Use as a context manager; close() is idempotent.
+
+    Drivers of many sequences (llama/batch.py) use the context through lib, context, memory,
+    n_batch, logits_at, piece, is_end and on_close; Engine's own loop drives sequence 0."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -76,6 +86,7 @@ class Engine:
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._live: Iterator[Chunk | Stats] | None = None
+        self.logits_at: Callable[[int], numpy.ndarray] = _no_logits
         self._closed = False
         self._tap: Tap | None = None
         self._stack = ExitStack()
@@ -157,6 +168,7 @@ class Engine:
         self._one.logits[0] = 1
         # Field access on a ctypes struct builds a new pointer object: keep these once.
         self._one_token, self._one_pos = self._one.token, self._one.pos
+        self.logits_at = logits_rows(ctx, self.n_vocab)
 
     def _read_model(self, model: Any) -> None:
         """The model's own facts and vocabulary (all a vocab_only engine has)."""
@@ -250,6 +262,44 @@ class Engine:
             meta[key] = val
         return meta
 
+    # -- what a driver of the context uses ------------------------------------------------------
+
+    @property
+    def lib(self) -> Any:
+        """llama-cpp-python's ctypes bindings (llama_cpp)."""
+        return self._c
+
+    @property
+    def context(self) -> Any:
+        """The llama_context; one thread at a time may decode on it."""
+        return self._ctx
+
+    @property
+    def memory(self) -> Any:
+        """The context's KV cache (llama_memory_t)."""
+        return self._mem
+
+    @property
+    def n_batch(self) -> int:
+        """The most tokens one llama_decode takes."""
+        return self._n_batch
+
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Call back when the engine closes, before the context is freed (e.g. a batch's free)."""
+        self._stack.callback(callback)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to generated text (control tokens add none), remembered."""
+        data = self._pieces.get(token)
+        return self._piece(token) if data is None else data
+
+    def is_end(self, token: int) -> bool:
+        """Whether the token ends a generation (llama_vocab_is_eog), remembered."""
+        end = self._eog.get(token)
+        if end is None:
+            end = self._eog[token] = bool(self._c.llama_vocab_is_eog(self._vocab, token))
+        return end
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -331,8 +381,7 @@ class Engine:
         return piece
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
-        if tokens and (min(tokens) < 0 or max(tokens) >= self.n_vocab):
-            raise UsageError(f"token ids must be in [0, {self.n_vocab})")
+        check_tokens(tokens, self.n_vocab)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -490,10 +539,7 @@ class Engine:
 
     def _reuse_prefix(self, prompt: list[int]) -> int:
         """Keep the longest common prefix of the cache and the prompt; returns its length."""
-        kv, n = self._kv, 0
-        limit = min(len(kv), len(prompt) - 1)  # the last prompt token is decoded again for logits
-        while n < limit and kv[n] == prompt[n]:
-            n += 1
+        kv, n = self._kv, common_prefix(self._kv, prompt)
         if n < len(kv):
             if not self._c.llama_memory_seq_rm(self._mem, 0, n, -1):
                 self._c.llama_memory_clear(self._mem, True)  # e.g. a sliding-window cache
@@ -511,137 +557,68 @@ class Engine:
         max_tokens: int = 512,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        logprobs: int | None = None,
     ) -> Iterator[Chunk | Stats]:
         """Generate after prompt: Chunks of text, then Stats last. ignore_eos keeps going past
-        end-of-generation tokens (benchmarks). Raises ContextTooLong if the prompt alone does not fit.
-        A token is in the KV cache by the time its Chunk is handed out (the last one excepted)."""
+        end-of-generation tokens (benchmarks); logprobs gives each Chunk its token's
+        log-probability with that many alternatives. Raises ContextTooLong if the prompt alone
+        does not fit. A token is in the KV cache by the time its Chunk is handed out (the last
+        one excepted)."""
+        gen = Generation(prompt, sampling, max_tokens, tuple(stop), ignore_eos, logprobs)
+        return self.generate(gen)
+
+    def generate(self, gen: Generation) -> Iterator[Chunk | Stats]:
+        """stream() for a Generation record."""
         self._check()
-        prompt = list(prompt)
-        if not prompt:
-            raise UsageError("the prompt has no tokens")
-        self._check_tokens(prompt)
-        if len(prompt) > self.n_ctx:
-            raise ContextTooLong(
-                f"the prompt is {len(prompt)} tokens; the context holds {self.n_ctx}",
-                hint="shorten the conversation or use a larger context size",
-            )
-        if max_tokens < 0:
-            raise UsageError(f"max_tokens must be 0 or more, not {max_tokens}")
-        self._live = self._generate(prompt, sampling, max_tokens, tuple(stop), ignore_eos)
+        prompt = checked_prompt(
+            gen, self.n_vocab, self.n_ctx,
+            hint="shorten the conversation or use a larger context size",
+        )  # fmt: skip
+        self._live = self._generate(gen, prompt)
         return self._live
 
-    def _logits_view(self) -> Callable[[], numpy.ndarray]:
-        """The last logits as a numpy array over llama.cpp's own buffer (valid until the next
-        decode)."""
-        rows = logits_rows(self._ctx, self.n_vocab)
-        return lambda: rows(-1)
-
-    def _argmax_picker(self) -> Callable[[], int]:
-        """Greedy picks from the last logits: the token llama.cpp's greedy sampler would choose
-        (the first maximum), without building its candidate array (~30 us a token)."""
-        view = self._logits_view()
-        return lambda: int(view().argmax())
-
-    def _penalized_greedy_picker(self, sampling: Sampling, history: list[int]) -> Callable[[], int]:
-        """Greedy picks after the repeat penalty: llama.cpp's penalties → greedy chain, computed
-        over only the penalized tokens (sampler.PenalizedGreedy)."""
-        view = self._logits_view()
-        penalized = PenalizedGreedy(self.n_ctx, sampling, history)
-        return lambda: penalized.pick(view())
-
-    def _is_end(self, token: int) -> bool:
-        """llama_vocab_is_eog, remembered in self._eog (the decode loop looks there first)."""
-        known = self._eog[token] = bool(self._c.llama_vocab_is_eog(self._vocab, token))
-        return known
-
-    def _generate(
-        self,
-        prompt: list[int],
-        sampling: Sampling,
-        max_tokens: int,
-        stop: tuple[str, ...],
-        ignore_eos: bool,
-    ) -> Iterator[Chunk | Stats]:
-        c, clock = self._c, time.perf_counter
-        start = clock()
-        t_prompt = t_first = t_last = start
-        cached = n_gen = n_samples = 0
-        finish, chain = "interrupted", None
+    def _generate(self, gen: Generation, prompt: list[int]) -> Iterator[Chunk | Stats]:
+        """Drive the generation core (llama/generation.py) on sequence 0."""
+        state: Generating | None = None
         try:
-            cached = self._reuse_prefix(prompt)
+            state = Generating(
+                self, gen, prompt, cached=self._reuse_prefix(prompt), n_ctx=self.n_ctx
+            )
             # The last prompt token is decoded alone, as it is when the rest comes from the
             # cache: a quantized matmul rounds differently in a batch of one than of many, so
             # this keeps a seeded reply the same whether its prompt was cached or not.
-            ahead = prompt[cached:-1]
+            ahead = state.pending[:-1]
             self._decode(ahead, outputs_from=len(ahead))
-            self._step(prompt[-1])
-            c.llama_synchronize(self._ctx)
-            t_prompt = clock()
-            if sampling.is_plain_greedy:
-                pick = self._argmax_picker()
-            elif sampling.is_greedy:
-                pick = self._penalized_greedy_picker(sampling, prompt)
-            else:
-                chain = sampler_chain(c, self._ctx, sampling, prompt)
-                pick = partial(c.llama_sampler_sample, chain, self._ctx, -1)
-            text = TextStream(stop)
-            # Locals for the loop: each token costs one decode, one sample and a dict lookup.
-            eog, is_end, kv, n_ctx = self._eog, self._is_end, self._kv, self.n_ctx
-            pieces, piece, step = self._pieces, self._piece, self._step
-            finish = "length"
-            while n_gen < max_tokens:
-                token = pick()
-                t_last = clock()
-                n_samples += 1
-                if n_samples == 1:
-                    t_first = t_last
-                end = eog.get(token)
-                if end is None:
-                    end = is_end(token)
-                if end and not ignore_eos:
-                    finish = "stop"
-                    break
-                n_gen += 1
+            state.decoded(len(ahead))
+            step, sample, decoded = self._step, state.sample, state.decoded
+            step(state.pending[0])
+            decoded(1)
+            self._c.llama_synchronize(self._ctx)
+            while True:
+                chunks = sample(-1)
                 # Decode the token before handing out its text: on a GPU llama_decode only queues
                 # the work, so the caller's time with the text (rendering, printing) overlaps it.
                 # On the CPU, where llama_decode returns when done, the order changes nothing.
-                more = n_gen < max_tokens and len(kv) < n_ctx
-                if more:
-                    step(token)
-                data = pieces.get(token)
-                yield Chunk(text.feed(piece(token) if data is None else data), token)
-                if text.stopped:
-                    finish = "stop_string"
+                if not state.done:
+                    step(state.pending[0])
+                    decoded(1)
+                yield from chunks
+                if state.done:
                     break
-                if not more:
-                    break
-            tail = text.flush()
-            if tail:
-                yield Chunk(tail, -1)
-        except BaseException:
-            finish = "interrupted"
-            raise
         finally:
-            if chain is not None:
-                c.llama_sampler_free(chain)
             if not self._closed:
                 self._sync_kv()
-            processed = len(prompt) - cached
-            if t_prompt == start:
-                # interrupted while reading the prompt: count what reached the cache, until now
-                t_prompt = clock()
-                processed = max(0, len(self._kv) - cached) if not self._closed else 0
-            prompt_s = t_prompt - start
-            gen_s = t_last - t_first
-            self.last_stats = Stats(
-                prompt_tokens=processed,
-                cached_tokens=cached,
-                generated_tokens=n_gen,
-                ttft_s=t_first - start if n_samples else 0.0,
-                prompt_s=prompt_s,
-                prompt_tps=processed / prompt_s if prompt_s > 0 else 0.0,
-                gen_s=gen_s,
-                gen_tps=(n_samples - 1) / gen_s if gen_s > 0 else 0.0,
-                finish_reason=finish,
-            )
+            if state is None:
+                self.last_stats = _no_stats()
+            else:
+                state.close()
+                if state.prompt_left and not self._closed:
+                    # interrupted while reading the prompt: count what reached the cache
+                    state.decoded(max(0, len(self._kv) - state.kv_len))
+                self.last_stats = state.stats()
         yield self.last_stats
+
+
+def _no_stats() -> Stats:
+    """The Stats of a stream that failed before it started (e.g. no sampler chain)."""
+    return Stats(0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, "interrupted")

@@ -125,8 +125,14 @@ class Sampling:
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
+        # a saved chat reads it back as lists of lists
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        object.__setattr__(self, "logit_bias", bias)
+        if any(b != b or b == float("inf") for _, b in bias):  # -inf bans a token; NaN, +inf no
+            raise UsageError("a logit bias must be a number or -inf", hint=_SAMPLING_HINT)
         if not self.temperature >= 0:
             raise UsageError(
                 f"temperature must be 0 or more, not {self.temperature}", hint=_SAMPLING_HINT
@@ -164,12 +170,24 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability (natural log, over the whole vocabulary, after any
+    logit bias and before sampling's cuts), and the most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+@dataclass(frozen=True)
 class Chunk:
     """Generated text for one token. text never splits a UTF-8 character, so it may be empty while
-    a character or a possible stop string is incomplete; token is -1 for the text flushed at the end."""
+    a character or a possible stop string is incomplete; token is -1 for the text flushed at the end.
+    logprob: the token's, when the generation asked for them."""
 
     text: str
     token: int
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
