@@ -166,6 +166,25 @@ def test_ollama_names_with_latest_resolve(client: ollama.Client) -> None:
     assert client.chat(model="scripted:latest", messages=HI, options=GREEDY).message.content
 
 
+def test_logprobs_streamed_and_not(client: ollama.Client) -> None:
+    options = {**GREEDY, "num_predict": 6}
+    whole = client.chat(model="tiny", messages=HI, options=options, logprobs=True, top_logprobs=2)
+    assert whole.logprobs is not None and len(whole.logprobs) == whole.eval_count == 6
+    for entry in whole.logprobs:
+        assert entry.logprob <= 0 and entry.top_logprobs is not None
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+    parts = client.chat(
+        model="tiny", messages=HI, options=options, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [e for p in parts for e in p.logprobs or []]
+    assert [e.token for e in streamed] == [e.token for e in whole.logprobs]
+    made = client.generate(model="scripted", prompt="x", raw=True, options=GREEDY, logprobs=True)
+    assert made.logprobs is not None
+    assert len(made.logprobs) == made.eval_count
+    plain = client.chat(model="tiny", messages=HI, options=options)
+    assert plain.logprobs is None
+
+
 BAD = [
     # (route, body, status, text in the error)
     ("/api/chat", {"model": "nope", "messages": HI}, 404, "nope"),
@@ -185,6 +204,9 @@ BAD = [
     ("/api/chat", {"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, 400,
      "tools"),
     ("/api/generate", {"model": "tiny", "prompt": "x", "context": [1, 2]}, 400, "context"),
+    ("/api/chat", {"model": "tiny", "messages": HI, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/api/chat", {"model": "tiny", "messages": HI, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
     ("/api/generate", {"model": "tiny", "prompt": "x", "template": "{{ .Prompt }}"}, 400,
      "template"),
     ("/api/chat", {"model": "tiny", "messages": HI, "options": {"mirostat": 2}}, 400,

@@ -16,7 +16,17 @@ import pytest
 
 from localmix.serve.server import Server
 
-from .served import BOS, LOOP, eventually, make_store, scripted_chat_gguf, serving, shared_home  # noqa: F401 (autouse fixture)
+from .served import (  # noqa: F401 (autouse fixture)
+    BANG,
+    BOS,
+    HELLO,
+    LOOP,
+    eventually,
+    make_store,
+    scripted_chat_gguf,
+    serving,
+    shared_home,
+)
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
@@ -108,6 +118,60 @@ def test_completions_take_text_or_token_ids(client: Any) -> None:
         model="scripted", prompt=[BOS, LOOP[0]], max_tokens=6, stream=True, **GREEDY
     )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == loop.choices[0].text
+
+
+def test_chat_logprobs_streamed_and_not(client: Any) -> None:
+    _, whole = chat_text(client, max_tokens=8, logprobs=True, top_logprobs=3, **GREEDY)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the pick is the most likely
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    _, chunks = stream_text(client, max_tokens=8, logprobs=True, top_logprobs=3, **GREEDY)
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
+        (e.token, round(e.logprob, 4)) for e in content
+    ]
+    _, plain = chat_text(client, max_tokens=2, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_scripted_logprobs_are_certain(client: Any) -> None:
+    _, whole = chat_text(client, "scripted", logprobs=True, **GREEDY)
+    content = whole.choices[0].logprobs.content
+    assert [e.token for e in content] == [" Hello", " world", "!"]
+    assert all(e.logprob == pytest.approx(0.0, abs=1e-3) and e.top_logprobs == [] for e in content)
+
+
+def test_logit_bias_changes_the_reply(client: Any) -> None:
+    text, _ = chat_text(client, "scripted", **GREEDY)
+    assert text == "Hello world!"
+    gen = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0, "ignore_eos": True}}
+    banned, _ = chat_text(client, "scripted", max_tokens=3, logit_bias={str(HELLO): -100}, **gen)
+    assert not banned.startswith("Hello")
+    forced, _ = chat_text(client, "scripted", max_tokens=3, logit_bias={str(BANG): 100}, **gen)
+    assert forced == "!!!"
+
+
+def test_completion_logprobs_in_the_legacy_shape(client: Any) -> None:
+    got = client.completions.create(
+        model="scripted", prompt=[BOS, LOOP[0]], max_tokens=4, logprobs=2, **GREEDY
+    )
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == got.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    assert all(len(top) == 2 and max(top.values()) == pytest.approx(p, abs=1e-3)
+               for top, p in zip(lp.top_logprobs, lp.token_logprobs, strict=True))  # fmt: skip
+    streamed = client.completions.create(
+        model="scripted", prompt=[BOS, LOOP[0]], max_tokens=4, logprobs=2, stream=True, **GREEDY
+    )
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == lp.tokens
+    assert [o for p in pieces for o in p.text_offset] == lp.text_offset
 
 
 def test_token_ids_come_back_when_asked(client: Any) -> None:
@@ -213,7 +277,9 @@ BAD = [
     ({"model": "tiny", "messages": HI, "temperature": 3}, 400, None, "temperature"),
     ({"model": "tiny", "messages": HI, "max_tokens": -1}, 400, None, "max_tokens"),
     ({"model": "tiny", "messages": HI, "n": 2}, 400, None, "n must be 1"),
-    ({"model": "tiny", "messages": HI, "logprobs": True}, 400, None, "logprobs"),
+    ({"model": "tiny", "messages": HI, "logprobs": 3}, 400, None, "true or false"),
+    ({"model": "tiny", "messages": HI, "logprobs": True, "top_logprobs": 21}, 400, None,
+     "top_logprobs"),
     ({"model": "tiny", "messages": HI, "presence_penalty": 0.5}, 400, None, "presence_penalty"),
     ({"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, 400, None, "tools"),
     ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, None, "role"),
@@ -222,7 +288,10 @@ BAD = [
     ({"model": "tiny", "messages": HI, "max_tokens": 0}, 400, None, "max_tokens"),
     ({"model": "tiny", "messages": HI, "max_completion_tokens": 0}, 400, None,
      "max_completion_tokens"),
-    ({"model": "tiny", "messages": HI, "logit_bias": {"22557": -100}}, 400, None, "logit_bias"),
+    ({"model": "tiny", "messages": HI, "logit_bias": {"hello": -100}}, 400, None, "logit_bias"),
+    ({"model": "tiny", "messages": HI, "logit_bias": {"32000": 1}}, 400, None, "token id"),
+    ({"model": "tiny", "messages": HI, "logit_bias": {"5": 101}}, 400, None, "[-100, 100]"),
+    ({"model": "tiny", "messages": HI, "logit_bias": {"5": "x"}}, 400, None, "logit_bias.5"),
     ({"model": "tiny", "messages": HI, "top_logprobs": 2}, 400, None, "top_logprobs"),
     ({"model": "tiny", "messages": HI, "tool_choice": "auto"}, 400, None, "tool_choice"),
     ({"model": "tiny", "messages": HI, "functions": [{"name": "f"}]}, 400, None, "functions"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Union
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from localmix import __version__
 from localmix.errors import LocalmixError, UsageError
 from localmix.llama.records import Chunk, Stats
-from localmix.serve import app, prompts
+from localmix.serve import app, logprobs, prompts
 from localmix.serve.models import UNSET, Unset
 
 if TYPE_CHECKING:
@@ -64,6 +64,8 @@ class Base(_Body):
     options: Union[Options, None] = None  # noqa: UP007
     keep_alive: Union[str, float, None] = None  # noqa: UP007
     format: Union[str, dict[str, Any], None] = None  # noqa: UP007
+    logprobs: bool = False
+    top_logprobs: Union[int, None] = Field(None, ge=0, le=20)  # noqa: UP007
 
 
 class ChatRequest(Base):
@@ -120,7 +122,7 @@ NEUTRAL_OPTIONS = {
     "frequency_penalty": 0.0, "penalize_newline": None,
 }  # fmt: skip
 # top-level fields Ollama defines that localmix does not honour (yet)
-UNHONOURED = ("tools", "template", "context", "logprobs", "top_logprobs")
+UNHONOURED = ("tools", "template", "context")
 
 
 def _refuse_unsupported(req: Base) -> None:
@@ -138,6 +140,8 @@ def _refuse_unsupported(req: Base) -> None:
                 hint="localmix samples with temperature, top_k, top_p, min_p, repeat_penalty, "
                 "repeat_last_n, seed, num_predict and stop",
             )  # fmt: skip
+    if req.top_logprobs is not None and not req.logprobs:
+        raise app.BadField("top_logprobs", "top_logprobs needs logprobs: true")
     if req.format:
         raise UsageError("format (structured output) is not supported")
     images = getattr(req, "images", None) or any(
@@ -168,6 +172,7 @@ def generation(req: Base, model: Model, prompt: list[int]) -> Generation:
     return Generation(
         prompt, sampling, max_tokens=room if limit is None or limit < 0 else min(limit, room),
         stop=tuple(s for s in opts.stop or () if s),
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
     )  # fmt: skip
 
 
@@ -189,7 +194,9 @@ class Reply:
         self.req, self.run, self.chat, self.started = req, run, chat, started
         self.reply = prompts.Reply(run.model, chat or not getattr(req, "raw", False))
 
-    def piece(self, text: str, done: bool, thinking: str = "") -> dict[str, Any]:
+    def piece(
+        self, text: str, done: bool, thinking: str = "", scored: Sequence[Chunk] = ()
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.req.model, "created_at": _now()}
         if self.chat:
             body["message"] = {"role": "assistant", "content": text}
@@ -199,11 +206,20 @@ class Reply:
             body["response"] = text
             if thinking:
                 body["thinking"] = thinking
+        if self.req.logprobs and scored:
+            body["logprobs"] = logprobs.entries(scored, self.run.model.engine.token_piece)
         body["done"] = done
         return body
 
-    def final(self, text: str, thinking: str, stats: Stats, tokens: list[int]) -> dict[str, Any]:
-        body = self.piece(text, done=True, thinking=thinking)
+    def final(
+        self,
+        text: str,
+        thinking: str,
+        stats: Stats,
+        tokens: list[int],
+        scored: Sequence[Chunk] = (),
+    ) -> dict[str, Any]:
+        body = self.piece(text, done=True, thinking=thinking, scored=scored)
         ns = 1e9
         body.update(
             done_reason=FINISH[stats.finish_reason],
@@ -220,23 +236,28 @@ class Reply:
 
     async def stream(self) -> AsyncIterator[bytes]:
         tokens: list[int] = []
+        scored: list[Chunk] = []  # tokens whose logprobs go out with the next line
         try:
             async for item in self.run.events():
                 if isinstance(item, Chunk):
                     if item.token >= 0:
                         tokens.append(item.token)
+                    if item.logprob is not None:
+                        scored.append(item)
                     text, thinking = self.reply.feed(item)
                     if text or thinking:
-                        yield app.dumps(self.piece(text, False, thinking)) + b"\n"
+                        yield app.dumps(self.piece(text, False, thinking, scored)) + b"\n"
+                        scored = []
                 else:
-                    yield app.dumps(self.final("", "", item, tokens)) + b"\n"
+                    yield app.dumps(self.final("", "", item, tokens, scored)) + b"\n"
         except LocalmixError as error:
             yield app.dumps({"error": error.message}) + b"\n"
 
     def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
         parts = [self.reply.feed(c) for c in chunks]
         text, thinking = "".join(a for a, _ in parts), "".join(t for _, t in parts)
-        return self.final(text, thinking, stats, [c.token for c in chunks if c.token >= 0])
+        tokens = [c.token for c in chunks if c.token >= 0]
+        return self.final(text, thinking, stats, tokens, chunks)
 
 
 def routes(registry: Registry) -> list[Route]:

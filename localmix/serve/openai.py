@@ -1,9 +1,9 @@
 """OpenAI's API: /v1/chat/completions, /v1/completions (each streamed over SSE or not) and
 /v1/models, with usage counts in every response and errors in OpenAI's error body.
 
-Fields OpenAI defines and localmix cannot honour (n > 1, logprobs, tools, a JSON response format,
-presence and frequency penalties other than the clients' default 0) are refused with 400 rather
-than ignored.
+Fields OpenAI defines and localmix cannot honour (n > 1, tools, a JSON response format, presence
+and frequency penalties other than the clients' default 0) are refused with 400 rather than
+ignored. logprobs / top_logprobs and logit_bias come from the generation core (serve/logprobs.py).
 Extensions that llama-server and vLLM accept too: top_k, min_p, repeat_penalty, ignore_eos, and
 return_token_ids (the prompt's token ids and the reply's in the response).
 """
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from localmix import __version__
 from localmix.errors import LocalmixError, UsageError
 from localmix.llama.records import Chunk, Stats
-from localmix.serve import app, prompts
+from localmix.serve import app, logprobs, prompts
 from localmix.serve.models import UNSET
 
 if TYPE_CHECKING:
@@ -66,7 +66,9 @@ class Sampled(_Body):
     stop: Union[str, list[str], None] = None  # noqa: UP007
     seed: Union[int, None] = None  # noqa: UP007
     n: int = 1
-    logprobs: Union[bool, int, None] = None  # noqa: UP007
+    logprobs: Union[bool, int, None] = None  # noqa: UP007 - chat: a bool; completions: 0-5
+    top_logprobs: Union[int, None] = Field(None, ge=0, le=20)  # noqa: UP007 - chat only
+    logit_bias: Union[dict[str, float], None] = None  # noqa: UP007
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     # extensions (llama-server, vLLM)
@@ -109,14 +111,11 @@ def _refuse_unsupported(req: Sampled) -> None:
     bad = app.BadField
     if req.n != 1:
         raise bad("n", "n must be 1: localmix generates one choice per request")
-    if req.logprobs:
-        raise bad("logprobs", "logprobs are not supported")
+    _check_logprobs(req)
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise bad(name, f"{name} is not supported", hint="use repeat_penalty, e.g. 1.1")
     extra = {k: v for k, v in (req.model_extra or {}).items() if v is not None}
-    if extra.get("logit_bias") == {}:
-        del extra["logit_bias"]  # an empty bias is honoured by doing nothing
     if isinstance(req, ChatRequest):
         if req.tools:
             raise bad("tools", "tools are not supported")
@@ -135,9 +134,30 @@ def _refuse_unsupported(req: Sampled) -> None:
             raise bad(name, f"{name} is not supported", hint=hint)
 
 
+def _check_logprobs(req: Sampled) -> None:
+    """OpenAI's rules: chat takes logprobs true/false and top_logprobs 0-20 beside it;
+    completions take logprobs as the number of alternatives, 0-5."""
+    bad = app.BadField
+    if isinstance(req, ChatRequest):
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise bad("logprobs", "logprobs must be true or false", hint="top_logprobs: 0-20")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
+        return
+    if req.top_logprobs is not None:
+        raise bad("top_logprobs", "top_logprobs is a chat field", hint="use logprobs: 0-5")
+    if isinstance(req.logprobs, bool) or not 0 <= (req.logprobs or 0) <= 5:
+        raise bad("logprobs", "logprobs must be a number of alternatives, 0 to 5")
+
+
+def logprobs_asked(req: Sampled) -> int | None:
+    """How many alternatives each token's logprobs carry, or None: none asked."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return None if req.logprobs is None else int(req.logprobs)
+
+
 _UNSUPPORTED = {
-    "logit_bias": "localmix cannot bias tokens yet; leave logit_bias out",
-    "top_logprobs": "it needs logprobs, which localmix does not return",
     "tool_choice": "it needs tools, which localmix does not support yet",
     "functions": "legacy functions are not supported; neither are tools yet",
     "function_call": "legacy functions are not supported; neither are tools yet",
@@ -162,6 +182,7 @@ def generation(req: Sampled, model: Model, prompt: list[int]) -> Generation:
         "temperature": req.temperature, "top_p": req.top_p or None, "top_k": req.top_k,
         "min_p": req.min_p, "repeat_penalty": req.repeat_penalty,
         "seed": req.seed if req.seed is None or req.seed >= 0 else None,
+        "logit_bias": logprobs.bias("logit_bias", req.logit_bias, model.engine.n_vocab) or None,
     }  # fmt: skip
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
     if req.top_p == 0:  # OpenAI allows 0: only the most likely token is left
@@ -172,7 +193,7 @@ def generation(req: Sampled, model: Model, prompt: list[int]) -> Generation:
     room = model.worker.seq_ctx - len(prompt)
     return Generation(
         prompt, sampling, max_tokens=room if limit is None else min(limit, room),
-        stop=_stops(req.stop), ignore_eos=req.ignore_eos,
+        stop=_stops(req.stop), ignore_eos=req.ignore_eos, logprobs=logprobs_asked(req),
     )  # fmt: skip
 
 
@@ -225,6 +246,9 @@ class Reply:
         self.created = int(time.time())
         self.reply = prompts.Reply(run.model, chat)
         self.object = "chat.completion" if chat else "text_completion"
+        self.logprobs = logprobs_asked(req) is not None
+        self._piece_of = run.model.engine.token_piece
+        self._offset = 0  # completions' text_offset: characters of text before the next token
 
     def head(self, chunk: bool) -> dict[str, Any]:
         obj = self.object + (".chunk" if chunk and self.chat else "")
@@ -234,7 +258,13 @@ class Reply:
         }  # fmt: skip
 
     def choice(
-        self, text: str | None, finish: str | None, *, delta: bool, thinking: str = ""
+        self,
+        text: str | None,
+        finish: str | None,
+        *,
+        delta: bool,
+        thinking: str = "",
+        scored: Sequence[Chunk] = (),
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0}
         if not self.chat:
@@ -247,9 +277,19 @@ class Reply:
             choice["message"] = {"role": "assistant", "content": text or ""}
             if thinking:
                 choice["message"]["reasoning_content"] = thinking
-        choice["logprobs"] = None
+        choice["logprobs"] = self._logprobs(scored)
         choice["finish_reason"] = finish
         return choice
+
+    def _logprobs(self, chunks: Sequence[Chunk]) -> dict[str, Any] | None:
+        """The choice's logprobs for these chunks' tokens (None when not asked)."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": logprobs.entries(chunks, self._piece_of), "refusal": None}
+        laid = logprobs.legacy(chunks, self._piece_of, self._offset)
+        self._offset += sum(len(t) for t in laid["tokens"])
+        return laid
 
     def usage(self, stats: Stats) -> dict[str, Any]:
         counts = usage(self.run.prompt, stats)
@@ -262,7 +302,7 @@ class Reply:
         text, thinking = "".join(a for a, _ in parts), "".join(t for _, t in parts)
         body = self.head(chunk=False)
         finish = FINISH[stats.finish_reason]
-        body["choices"] = [self.choice(text, finish, delta=False, thinking=thinking)]
+        body["choices"] = [self.choice(text, finish, delta=False, thinking=thinking, scored=chunks)]
         body["usage"] = self.usage(stats)
         self._token_ids(body, [c.token for c in chunks if c.token >= 0])
         return body
@@ -285,17 +325,22 @@ class Reply:
             ]  # fmt: skip
             yield _event(first)
         tokens: list[int] = []
+        scored: list[Chunk] = []  # tokens whose logprobs go out with the next event
         try:
             async for item in self.run.events():
                 if isinstance(item, Chunk):
                     text, thinking = self.reply.feed(item)
                     if item.token >= 0:
                         tokens.append(item.token)
+                    if item.logprob is not None:
+                        scored.append(item)
                     if text or thinking:
-                        yield self._piece(text, thinking)
+                        yield self._piece(text, thinking, scored)
+                        scored = []
                     continue
                 last = self.head(chunk=True)
-                last["choices"] = [self.choice(None, FINISH[item.finish_reason], delta=True)]
+                finish = FINISH[item.finish_reason]
+                last["choices"] = [self.choice(None, finish, delta=True, scored=scored)]
                 self._token_ids(last, tokens)
                 if include_usage:
                     yield _event(last)
@@ -307,9 +352,9 @@ class Reply:
             yield _event(error_body(error, app.status_of(error)))
         yield b"data: [DONE]\n\n"
 
-    def _piece(self, text: str, thinking: str) -> bytes:
+    def _piece(self, text: str, thinking: str, scored: Sequence[Chunk]) -> bytes:
         body = self.head(chunk=True)
-        body["choices"] = [self.choice(text, None, delta=True, thinking=thinking)]
+        body["choices"] = [self.choice(text, None, delta=True, thinking=thinking, scored=scored)]
         return _event(body)
 
 
