@@ -64,7 +64,7 @@ def test_a_lone_surrogate_is_a_400_in_the_apis_shape(
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        ({"logit_bias": {"1": -100}}, "logit_bias"),
+        ({"logit_bias": {"99999": -100}}, "logit_bias"),  # no such token
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
         ({"tool_choice": "required"}, "tool_choice"),  # without tools
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
