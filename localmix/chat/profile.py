@@ -9,8 +9,8 @@ one switched by effort (v15), the user's system prompt, then the messages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from localmix.chat import reasoning, template
@@ -30,6 +30,13 @@ class ChatProfile:
     think_ids: tuple[int, int] | None  # [THINK] and [/THINK], when the reply can hold thinking
     thinks_by_default: bool  # a chat starts with thinking on (catalog reasoning models)
     strip_space: bool  # drop the first reply piece's leading space (SentencePiece vocabularies)
+    tool_syntax: str | None = None  # how the model calls tools (chat.toolcalls.SYNTAX), if it can
+    tool_ids: Mapping[str, int] = field(default_factory=dict)  # [TOOL_CALLS], [ARGS], [CALL_ID]
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model's format and vocabulary have tool calls."""
+        return self.tool_syntax is not None
 
     def check_thinking(self, on: bool) -> None:
         """UsageError when thinking is asked of a model that has no switch for it."""
@@ -75,13 +82,33 @@ def profile_for(
     model is the name it was opened by (catalog reasoning models think by default)."""
     fmt = resolve_format(engine, chat_format)
     think_mode = reasoning.mode(fmt, engine.tokenize)
+    syntax, ids = tool_tokens(fmt, engine.tokenize)
     return ChatProfile(
         format=fmt,
         think_mode=think_mode,
         think_ids=reasoning.markers(fmt, engine.tokenize),
         thinks_by_default=reasoning.thinks_by_default(model, think_mode),
         strip_space=adds_space_prefix(engine.metadata),
+        tool_syntax=syntax,
+        tool_ids=ids,
     )
+
+
+def tool_tokens(fmt: ChatFormat, tokenize: Tokenize) -> tuple[str | None, dict[str, int]]:
+    """The tool-call syntax of a Mistral format whose vocabulary has the control tokens it
+    needs ([TOOL_CALLS], and [ARGS] from v11), and their ids; (None, {}) for any other."""
+    from localmix.chat.toolcalls import SYNTAX
+
+    syntax = SYNTAX.get(fmt.name) if isinstance(fmt, template.MistralFormat) else None
+    if syntax is None:
+        return None, {}
+    ids = {
+        piece: template.control_token(tokenize, piece)
+        for piece in ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+        if template.has_control_token(tokenize, piece)
+    }
+    needed = ("[TOOL_CALLS]", "[ARGS]") if syntax == "args" else ("[TOOL_CALLS]",)
+    return (syntax, ids) if all(p in ids for p in needed) else (None, {})
 
 
 def resolve_format(engine: Engine, chat_format: str | ChatFormat | None) -> ChatFormat:

@@ -558,13 +558,14 @@ class Engine:
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
         logprobs: int | None = None,
+        grammar: str | None = None,
     ) -> Iterator[Chunk | Stats]:
         """Generate after prompt: Chunks of text, then Stats last. ignore_eos keeps going past
         end-of-generation tokens (benchmarks); logprobs gives each Chunk its token's
-        log-probability with that many alternatives. Raises ContextTooLong if the prompt alone
-        does not fit. A token is in the KV cache by the time its Chunk is handed out (the last
-        one excepted)."""
-        gen = Generation(prompt, sampling, max_tokens, tuple(stop), ignore_eos, logprobs)
+        log-probability with that many alternatives; grammar constrains the reply
+        (llama/constraint.py). Raises ContextTooLong if the prompt alone does not fit. A token
+        is in the KV cache by the time its Chunk is handed out (the last one excepted)."""
+        gen = Generation(prompt, sampling, max_tokens, tuple(stop), ignore_eos, logprobs, grammar)
         return self.generate(gen)
 
     def generate(self, gen: Generation) -> Iterator[Chunk | Stats]:

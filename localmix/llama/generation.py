@@ -35,6 +35,7 @@ from localmix.llama.textstream import TextStream
 if TYPE_CHECKING:
     import numpy
 
+    from localmix.llama.constraint import Constraint
     from localmix.llama.engine import Engine
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
@@ -44,7 +45,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 class Generation:
     """What one sequence is asked to do: continue `prompt` (token ids) with at most max_tokens
     tokens, picked as `sampling` says, until an end-of-generation token or a stop string.
-    logprobs: None for none, else each token's log-probability with that many alternatives."""
+    logprobs: None for none, else each token's log-probability with that many alternatives.
+    grammar: the reply must match it (JSON schemas, tool calls); the logits are masked to it."""
 
     prompt: Sequence[int]
     sampling: Sampling = field(default_factory=Sampling)
@@ -52,6 +54,7 @@ class Generation:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: str | None = None  # a constraint on the reply (llama/constraint.py): Lark text
 
 
 def checked_prompt(gen: Generation, n_vocab: int, n_ctx: int, *, hint: str) -> list[int]:
@@ -120,6 +123,7 @@ class Generating:
         self.t_prompt: float | None = None
         self._text = TextStream(gen.stop)
         self._bias = _bias_arrays(gen.sampling.logit_bias)
+        self._constraint = _constraint(engine, gen.grammar)
         self._pick, self._chain = picker(engine, gen.sampling, prompt)
 
     @property
@@ -145,6 +149,8 @@ class Generating:
             return []
         logprob = self._adjust(index)
         token = self._pick(index)
+        if self._constraint is not None:
+            self._constraint.accept(token)
         self.t_last = clock()
         self.n_samples += 1
         if self.n_samples == 1:
@@ -169,14 +175,17 @@ class Generating:
         return [chunk, Chunk(tail, -1)] if tail else [chunk]
 
     def _adjust(self, index: int) -> Callable[[int], TokenLogprob] | None:
-        """Apply the logit bias to the logits in place (every picker reads them there) and, when
-        asked, read the log-probabilities of this position, for the token still to be picked."""
-        if self._bias is None and self.gen.logprobs is None:
+        """Apply the logit bias and the constraint's mask to the logits in place (every picker
+        reads them there) and, when asked, read the log-probabilities of this position, for the
+        token still to be picked."""
+        if self._bias is None and self._constraint is None and self.gen.logprobs is None:
             return None
         row = self.engine.logits_at(index)
         if self._bias is not None:
             ids, values = self._bias
             row[ids] += values
+        if self._constraint is not None:
+            self._constraint.mask(row)
         if self.gen.logprobs is None:
             return None
         return partial(token_logprob, _log_softmax(row), top=self.gen.logprobs)
@@ -206,6 +215,14 @@ class Generating:
         chain, self._chain = self._chain, None
         if chain is not None:
             self.engine.lib.llama_sampler_free(chain)
+
+
+def _constraint(engine: Engine, grammar: str | None) -> Constraint | None:
+    if grammar is None:
+        return None
+    from localmix.llama.constraint import compile_grammar
+
+    return compile_grammar(engine, grammar)
 
 
 def _bias_arrays(bias: Sequence[tuple[int, float]]) -> tuple[numpy.ndarray, numpy.ndarray] | None:

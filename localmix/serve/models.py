@@ -308,6 +308,18 @@ class Registry:
                 )
             await self._unload(min(idle, key=lambda m: m.last_used))
 
+    def profile_of(self, target: Located) -> ChatProfile:
+        """How the model chats (what /api/show's capabilities say): a loaded model's profile,
+        else read from its vocabulary alone (blocking: call it in a thread)."""
+        loaded = self._models.get(target.path.resolve())
+        if loaded is not None and not loaded.retired:
+            return loaded.profile
+        from localmix.chat.profile import profile_for
+        from localmix.llama.engine import Engine, EngineConfig
+
+        with Engine(EngineConfig(target.path, vocab_only=True)) as engine:
+            return profile_for(engine, target.chat_format, target.name)
+
     def _open(self, name: str, target: Located, need: int) -> Model:
         """Start the model's worker process (it loads through the door) and read its
         vocabulary here (in a worker thread of the server)."""

@@ -6,6 +6,7 @@ and `ollama stop` use them. Errors are Ollama's {"error": "..."} with the status
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.routing import Route
 
+    from localmix.chat.toolcalls import Call
     from localmix.llama.batch import Generation
     from localmix.models.store import Located
     from localmix.serve.models import Model, Registry
@@ -192,7 +194,9 @@ class Reply:
 
     def __init__(self, req: Base, run: app.Run, chat: bool, started: float) -> None:
         self.req, self.run, self.chat, self.started = req, run, chat, started
-        self.reply = prompts.Reply(run.model, chat or not getattr(req, "raw", False))
+        tools = bool(getattr(req, "tools", None))
+        self.reply = prompts.Reply(run.model, chat or not getattr(req, "raw", False), tools)
+        self._sent = 0  # tool calls already streamed
 
     def piece(
         self, text: str, done: bool, thinking: str = "", scored: Sequence[Chunk] = ()
@@ -244,20 +248,63 @@ class Reply:
                         tokens.append(item.token)
                     if item.logprob is not None:
                         scored.append(item)
-                    text, thinking = self.reply.feed(item)
-                    if text or thinking:
-                        yield app.dumps(self.piece(text, False, thinking, scored)) + b"\n"
+                    shown = self.reply.feed(item)
+                    if shown.text or shown.thinking:
+                        piece = self.piece(shown.text, False, shown.thinking, scored)
+                        yield app.dumps(piece) + b"\n"
                         scored = []
-                else:
-                    yield app.dumps(self.final("", "", item, tokens, scored)) + b"\n"
+                    line = self._whole_calls(final=False) if shown.calls else b""
+                    if line:
+                        yield line
+                    continue
+                shown = self.reply.finish()
+                if shown.text:
+                    yield app.dumps(self.piece(shown.text, False, "", scored)) + b"\n"
+                    scored = []
+                line = self._whole_calls(final=True)
+                if line:
+                    yield line
+                yield app.dumps(self.final("", "", item, tokens, scored)) + b"\n"
         except LocalmixError as error:
             yield app.dumps({"error": error.message}) + b"\n"
 
+    def _whole_calls(self, *, final: bool) -> bytes:
+        """A line with the calls completed since the last one (Ollama sends each call whole):
+        every call but the one still streaming, or all of them at the end."""
+        calls = self.reply.calls
+        done = calls if final else calls[:-1]
+        new = done[self._sent :]
+        self._sent = len(done)
+        if not new:
+            return b""
+        body = self.piece("", False)
+        body["message"]["tool_calls"] = tool_calls(new, self._sent - len(new))
+        return app.dumps(body) + b"\n"
+
     def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
-        parts = [self.reply.feed(c) for c in chunks]
-        text, thinking = "".join(a for a, _ in parts), "".join(t for _, t in parts)
+        shown = [self.reply.feed(c) for c in chunks] + [self.reply.finish()]
+        text, thinking = "".join(s.text for s in shown), "".join(s.thinking for s in shown)
         tokens = [c.token for c in chunks if c.token >= 0]
-        return self.final(text, thinking, stats, tokens, chunks)
+        body = self.final(text, thinking, stats, tokens, chunks)
+        if self.reply.calls and self.chat:
+            body["message"]["tool_calls"] = tool_calls(self.reply.calls, 0)
+        return body
+
+
+def tool_calls(calls: Sequence[Call], first: int) -> list[dict[str, Any]]:
+    """Ollama's message.tool_calls: arguments as an object, each call's index in the reply."""
+    return [
+        {"id": c.id, "function": {"index": first + i, "name": c.name,
+                                  "arguments": _arguments(c.arguments)}}
+        for i, c in enumerate(calls)
+    ]  # fmt: skip
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text) if text.strip() else {}
+    except ValueError:
+        return text  # cut off mid-arguments: what there is, as text
 
 
 def routes(registry: Registry) -> list[Route]:
@@ -281,7 +328,8 @@ def routes(registry: Registry) -> list[Route]:
             name = data.get("model") or data.get("name")
             if not isinstance(name, str):
                 raise UsageError("model: Field required")
-            return _json(_show(registry.locate(name)))
+            target = registry.locate(name)
+            return _json(_show(target, await _capabilities(registry, target)))
         except LocalmixError as error:
             return error_response(error)
 
@@ -431,7 +479,20 @@ def _running(model: Model) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _show(target: Located) -> dict[str, Any]:
+async def _capabilities(registry: Registry, target: Located) -> list[str]:
+    """What Ollama's clients look for (Continue, Zed): completion, tools, thinking."""
+    import asyncio
+
+    try:
+        profile = await asyncio.to_thread(registry.profile_of, target)
+    except LocalmixError:
+        return ["completion"]  # no chat format: text completion still works
+    return (
+        ["completion"] + ["tools"] * profile.calls_tools + ["thinking"] * bool(profile.think_mode)
+    )
+
+
+def _show(target: Located, capabilities: list[str]) -> dict[str, Any]:
     info = target.info
     model_info = {
         "general.architecture": info.architecture,
@@ -442,6 +503,6 @@ def _show(target: Located) -> dict[str, Any]:
         "modelfile": "", "parameters": "",
         "template": target.chat_format or "", "details": _details(
             info.architecture, info.n_params, _quant(target)),
-        "model_info": model_info, "capabilities": ["completion"],
+        "model_info": model_info, "capabilities": capabilities,
         "modified_at": _iso(target.path.stat().st_mtime),
     }  # fmt: skip

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.routing import Route
 
+    from localmix.chat.toolcalls import CallArgs, CallStart
     from localmix.llama.batch import Generation
     from localmix.serve.models import Model, Registry
 
@@ -244,7 +245,7 @@ class Reply:
         self.req, self.run, self.chat = req, run, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.reply = prompts.Reply(run.model, chat)
+        self.reply = prompts.Reply(run.model, chat, tools=bool(getattr(req, "tools", None)))
         self.object = "chat.completion" if chat else "text_completion"
         self.logprobs = logprobs_asked(req) is not None
         self._piece_of = run.model.engine.token_piece
@@ -297,12 +298,26 @@ class Reply:
             counts["completion_tokens_details"] = {"reasoning_tokens": self.reply.thought_tokens}
         return counts
 
-    def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
-        parts = [self.reply.feed(c) for c in chunks]
-        text, thinking = "".join(a for a, _ in parts), "".join(t for _, t in parts)
-        body = self.head(chunk=False)
+    def finish_reason(self, stats: Stats) -> str:
+        """OpenAI's finish_reason: "tool_calls" when the reply called tools and was not cut off."""
         finish = FINISH[stats.finish_reason]
-        body["choices"] = [self.choice(text, finish, delta=False, thinking=thinking, scored=chunks)]
+        return "tool_calls" if self.reply.calls and finish == "stop" else finish
+
+    def whole(self, chunks: list[Chunk], stats: Stats) -> dict[str, Any]:
+        shown = [self.reply.feed(c) for c in chunks] + [self.reply.finish()]
+        text, thinking = "".join(s.text for s in shown), "".join(s.thinking for s in shown)
+        body = self.head(chunk=False)
+        finish = self.finish_reason(stats)
+        choice = self.choice(text, finish, delta=False, thinking=thinking, scored=chunks)
+        calls = self.reply.calls
+        if calls:
+            choice["message"]["content"] = text or None
+            choice["message"]["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls
+            ]  # fmt: skip
+        body["choices"] = [choice]
         body["usage"] = self.usage(stats)
         self._token_ids(body, [c.token for c in chunks if c.token >= 0])
         return body
@@ -329,17 +344,20 @@ class Reply:
         try:
             async for item in self.run.events():
                 if isinstance(item, Chunk):
-                    text, thinking = self.reply.feed(item)
+                    shown = self.reply.feed(item)
                     if item.token >= 0:
                         tokens.append(item.token)
                     if item.logprob is not None:
                         scored.append(item)
-                    if text or thinking:
-                        yield self._piece(text, thinking, scored)
+                    for event in self._events(shown, scored):
+                        yield event
                         scored = []
                     continue
+                for event in self._events(self.reply.finish(), scored):
+                    yield event
+                    scored = []
                 last = self.head(chunk=True)
-                finish = FINISH[item.finish_reason]
+                finish = self.finish_reason(item)
                 last["choices"] = [self.choice(None, finish, delta=True, scored=scored)]
                 self._token_ids(last, tokens)
                 if include_usage:
@@ -352,10 +370,40 @@ class Reply:
             yield _event(error_body(error, app.status_of(error)))
         yield b"data: [DONE]\n\n"
 
+    def _events(self, shown: prompts.Shown, scored: Sequence[Chunk]) -> list[bytes]:
+        """The SSE events for what a chunk added: its text, then its tool-call deltas (each
+        call's id, type and whole name first, then fragments of its arguments)."""
+        out = []
+        if shown.text or shown.thinking:
+            out.append(self._piece(shown.text, shown.thinking, scored))
+        if shown.calls and self.chat:
+            body = self.head(chunk=True)
+            choice = self.choice(None, None, delta=True, scored=() if out else scored)
+            choice["delta"] = {"tool_calls": tool_call_deltas(shown.calls)}
+            body["choices"] = [choice]
+            out.append(_event(body))
+        return out
+
     def _piece(self, text: str, thinking: str, scored: Sequence[Chunk]) -> bytes:
         body = self.head(chunk=True)
         body["choices"] = [self.choice(text, None, delta=True, thinking=thinking, scored=scored)]
         return _event(body)
+
+
+def tool_call_deltas(events: Sequence[CallStart | CallArgs]) -> list[dict[str, Any]]:
+    """delta.tool_calls entries, one per call index, in order: a start carries id, type and the
+    whole name (arguments ""), later fragments only arguments."""
+    from localmix.chat.toolcalls import CallStart
+
+    entries: dict[int, dict[str, Any]] = {}
+    for event in events:
+        entry = entries.setdefault(event.index, {"index": event.index, "function": {}})
+        if isinstance(event, CallStart):
+            entry.update(id=event.id, type="function")
+            entry["function"].update(name=event.name, arguments="")
+        else:
+            entry["function"]["arguments"] = entry["function"].get("arguments", "") + event.text
+    return list(entries.values())
 
 
 def _event(data: dict[str, Any]) -> bytes:

@@ -7,6 +7,7 @@ SentencePiece space."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from localmix.chat import template
@@ -15,6 +16,7 @@ from localmix.errors import ContextTooLong, UsageError
 from localmix.llama.records import Chunk
 
 if TYPE_CHECKING:
+    from localmix.chat.toolcalls import Call, CallArgs, CallStart, Event
     from localmix.serve.models import Model
 
 # OpenAI's newer name for the system role; the prompt is the same.
@@ -66,28 +68,60 @@ def fits(model: Model, tokens: list[int]) -> list[int]:
     return tokens
 
 
+@dataclass(frozen=True)
+class Shown:
+    """What one Chunk of a reply adds: answer text, thinking text, tool-call events."""
+
+    text: str = ""
+    thinking: str = ""
+    calls: tuple[CallStart | CallArgs, ...] = ()
+
+
 class Reply:
-    """A chat reply as it streams, split the way the REPL shows it: feed() each Chunk and get
-    (answer text, thinking text). A raw completion (chat=False) is all answer, as generated."""
+    """A chat reply as it streams, split the way the REPL shows it: feed() each Chunk and get what
+    it adds (answer, thinking, and with tools offered, tool calls read from the token ids), then
+    finish() once the reply ends. A raw completion (chat=False) is all answer, as generated."""
 
-    def __init__(self, model: Model, chat: bool) -> None:
+    def __init__(self, model: Model, chat: bool, tools: bool = False) -> None:
         from localmix.chat.reasoning import Splitter
+        from localmix.chat.toolcalls import CallParser
 
-        self._strip = model.profile.strip_space and chat
-        self._split = Splitter(model.profile.think_ids if chat else None)
+        profile = model.profile
+        self._strip = profile.strip_space and chat
+        self._split = Splitter(profile.think_ids if chat else None)
+        syntax = profile.tool_syntax if chat and tools else None
+        self.parser = CallParser(syntax, dict(profile.tool_ids)) if syntax else None
 
     @property
     def thought_tokens(self) -> int:
         return self._split.thought_tokens
 
-    def feed(self, chunk: Chunk) -> tuple[str, str]:
+    @property
+    def calls(self) -> list[Call]:
+        """The tool calls read so far (whole ones, once finish() has run)."""
+        return self.parser.calls if self.parser else []
+
+    def feed(self, chunk: Chunk) -> Shown:
         if self._strip and chunk.text:
             self._strip = False
             if chunk.text.startswith(" "):
-                chunk = Chunk(chunk.text[1:], chunk.token)
+                chunk = Chunk(chunk.text[1:], chunk.token, chunk.logprob)
         from localmix.chat.reasoning import Thought
 
         shown = self._split.feed(chunk)
         if shown is None:
-            return "", ""
-        return ("", shown.text) if isinstance(shown, Thought) else (shown.text, "")
+            return Shown()
+        if isinstance(shown, Thought):
+            return Shown(thinking=shown.text)
+        if self.parser is None:
+            return Shown(text=shown.text)
+        return _shown(self.parser.feed(shown))
+
+    def finish(self) -> Shown:
+        """What the end of the reply settles (tool calls a "list" syntax held until now)."""
+        return _shown(self.parser.finish()) if self.parser else Shown()
+
+
+def _shown(events: Sequence[Event]) -> Shown:
+    text = "".join(e for e in events if isinstance(e, str))
+    return Shown(text=text, calls=tuple(e for e in events if not isinstance(e, str)))
