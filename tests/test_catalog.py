@@ -242,3 +242,12 @@ def test_list_available_shows_every_entry_in_gib_with_whole_repo_ids(
 
     assert not re.search(r"\d\.\d GB", text) and "4.1 GiB" in text  # 7B's 4.37 GB file, in GiB
     assert "gated (accept its license on the Hub)" in " ".join(text.split())
+
+
+def test_the_catalog_knows_which_models_call_tools() -> None:
+    cat = catalog.load()
+    tools = {name for name, spec in cat.models.items() if spec.calls_tools}
+    assert "mistral:v0.3" in tools
+    assert not {"mistral:v0.1", "mistral:v0.2"} & tools  # v1: no tool tokens
+    assert all(cat.models[n].chat_format != "v1" for n in tools)
+    assert any(cat.models[n].chat_format in ("v13", "v15") for n in tools)

@@ -240,8 +240,9 @@ def catalog_table(specs: list[Any]) -> Any:
         # the catalog keeps published GB (10^9 bytes); shown in GiB like every size localmix prints
         size = human_size(s.size_q4_k_m * 1e9) if s.size_q4_k_m else "-"
         purpose = s.purpose or s.description
-        if s.reasoning:
-            purpose += " (thinks)"
+        skills = [word for word, has in (("thinks", s.reasoning), ("tools", s.calls_tools)) if has]
+        if skills:
+            purpose += f" ({', '.join(skills)})"
         if s.gated:
             purpose += " · gated (accept its license on the Hub)"
         table.add_row(

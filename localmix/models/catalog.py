@@ -52,6 +52,13 @@ class ModelSpec:
     license: str = ""
     quant_files: dict[str, str] = field(default_factory=dict)  # quant -> the tag its files carry
 
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model is trained to call tools: its format has tool tokens (v2 on)."""
+        from localmix.chat.toolcalls import SYNTAX
+
+        return self.chat_format in SYNTAX
+
     def file_quant(self, quant: str) -> str:
         """The quant tag the repo's file names carry for `quant` (MaziyarPanahi's 8x22B names
         its Q6_K files "Q6")."""
