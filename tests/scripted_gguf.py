@@ -30,23 +30,30 @@ def v1_tokenizer_path() -> Path:
     return Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
 
 
+def v3_tokenizer_path() -> Path:
+    """Mistral 7B v0.3's sentencepiece model ([TOOL_CALLS] and friends as control tokens)."""
+    return v1_tokenizer_path().with_name("mistral_instruct_tokenizer_240323.model.v3")
+
+
 def write_scripted_gguf(
     path: Path,
     successors: dict[int, int],
     *,
     n_ctx: int = 512,
     tekken: Path | None = None,
+    spm: Path | None = None,
     chat_template: str | None = None,
 ) -> Path:
     """Write the model; successors maps token -> the token greedy decoding emits after it.
-    tekken: a tekken.json whose vocabulary replaces Mistral's v1 sentencepiece one.
+    tekken: a tekken.json whose vocabulary replaces Mistral's v1 sentencepiece one; spm: another
+    sentencepiece model (v3's, with tool-call control tokens).
     chat_template: a jinja template to store as tokenizer.chat_template."""
     import gguf
     import numpy as np
 
     if len(successors) > N_EMBD:
         raise ValueError(f"at most {N_EMBD} scripted tokens")
-    vocab = _tekken_vocab(tekken) if tekken is not None else _v1_vocab()
+    vocab = _tekken_vocab(tekken) if tekken is not None else _spm_vocab(spm or v1_tokenizer_path())
     tokens, scores, types, tokenizer_keys = vocab
     n_vocab = len(tokens)
 
@@ -103,10 +110,10 @@ def write_scripted_gguf(
 Vocab = tuple[list[bytes], list[float], list[int], Callable[[Any], None]]
 
 
-def _v1_vocab() -> Vocab:
+def _spm_vocab(model: Path) -> Vocab:
     import sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(v1_tokenizer_path()))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i).encode())
@@ -145,3 +152,29 @@ def _tekken_vocab(tekken: Path) -> Vocab:
         writer.add_token_merges(merges)
 
     return tokens, scores, types, keys
+
+
+def write_scripted_reply(
+    path: Path,
+    reply: list[str | int],
+    *,
+    after: int,
+    tekken: Path | None = None,
+    spm: Path | None = None,
+    eos: int = 2,
+) -> list[int]:
+    """A scripted model whose greedy answer to a prompt ending in token `after` is `reply` (text
+    parts in the model's own vocabulary, ints as token ids), then `eos`; returns the reply's ids.
+    ValueError when a token repeats: a scripted model follows each token with one successor."""
+    from localmix.llama.engine import Engine, EngineConfig
+
+    write_scripted_gguf(path, {}, tekken=tekken, spm=spm)
+    ids: list[int] = []
+    with Engine(EngineConfig(path, vocab_only=True)) as engine:
+        for part in reply:
+            ids += [part] if isinstance(part, int) else engine.tokenize(part, special=False)
+    chain = [after, *ids, eos]
+    if len(set(chain)) != len(chain):
+        raise ValueError(f"a token repeats in the reply: {chain}")
+    write_scripted_gguf(path, dict(zip(chain, chain[1:])), tekken=tekken, spm=spm)
+    return ids
