@@ -10,6 +10,7 @@ end of sequence) on real llama.cpp.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Callable
@@ -176,5 +177,5 @@ def write_scripted_reply(
     chain = [after, *ids, eos]
     if len(set(chain)) != len(chain):
         raise ValueError(f"a token repeats in the reply: {chain}")
-    write_scripted_gguf(path, dict(zip(chain, chain[1:])), tekken=tekken, spm=spm)
+    write_scripted_gguf(path, dict(itertools.pairwise(chain)), tekken=tekken, spm=spm)
     return ids

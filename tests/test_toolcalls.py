@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from localmix.chat.toolcalls import CallArgs, CallParser, CallStart, Event, new_id
+from localmix.chat.toolcalls import CallArgs, CallParser, CallStart, Event
 from localmix.llama.records import Chunk
 
 TOOL_CALLS, ARGS, CALL_ID = 9, 32, 33
@@ -102,9 +102,3 @@ def test_a_name_without_args_is_no_call() -> None:
     parser = CallParser("args", IDS)
     assert run(parser, chunks(TOOL_CALLS, "get_wea")) == ["get_wea"]
     assert not parser.calls
-
-
-def test_new_ids_are_mistral_ids() -> None:
-    ids = {new_id() for _ in range(50)}
-    assert len(ids) == 50
-    assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in ids)

@@ -18,6 +18,7 @@ from localmix.chat.template import ChatFormat, Message, Tokenize
 from localmix.errors import UsageError
 
 if TYPE_CHECKING:
+    from localmix.chat.tools import Tool
     from localmix.llama.engine import Engine
 
 
@@ -62,14 +63,17 @@ class ChatProfile:
         *,
         thinking: bool,
         system: str | None = None,
+        tools: Sequence[Tool] = (),
     ) -> list[int]:
-        """Prompt token ids for the conversation, ready for the assistant's reply."""
+        """Prompt token ids for the conversation (with the tools the model may call), ready for
+        the assistant's reply."""
         self.check_thinking(thinking)
         effort = ("high" if thinking else "none") if self.think_mode == "effort" else None
         return template.encode(
             self.format,
             self.conversation(messages, system=system, thinking=thinking),
             tokenize,
+            tools=tools,
             reasoning_effort=effort,
         )
 

@@ -17,24 +17,14 @@ model's own where they are Mistral's 9 alphanumerics, else new ones of that shap
 from __future__ import annotations
 
 import json
-import random
-import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from localmix.chat.tools import is_mistral_id, new_call_id
 from localmix.llama.records import Chunk
 
 SYNTAX = {"v2": "list", "v3": "list", "v3-tekken": "list", "v7": "list",
           "v11": "args", "v13": "args", "v15": "args"}  # fmt: skip
-_ID = re.compile(r"[a-zA-Z0-9]{9}")
-_ALPHABET = string.ascii_letters + string.digits
-
-
-def new_id(rng: random.Random | None = None) -> str:
-    """A Mistral tool-call id: 9 alphanumerics."""
-    draw = rng or random.SystemRandom()
-    return "".join(draw.choice(_ALPHABET) for _ in range(9))
 
 
 @dataclass(frozen=True)
@@ -77,7 +67,7 @@ class CallParser:
 
     syntax: str
     ids: dict[str, int]
-    make_id: Callable[[], str] = new_id
+    make_id: Callable[[], str] = new_call_id
     calls: list[Call] = field(default_factory=list)
     _state: str = "content"  # content, name, call_id, args, list
     _name: list[str] = field(default_factory=list)
@@ -121,7 +111,7 @@ class CallParser:
 
     def _start(self) -> CallStart:
         given = "".join(self._call_id).strip()
-        call = Call(given if _ID.fullmatch(given) else self.make_id(), "".join(self._name).strip())
+        call = Call(given if is_mistral_id(given) else self.make_id(), "".join(self._name).strip())
         self.calls.append(call)
         self._state = "args"
         return CallStart(len(self.calls) - 1, call.id, call.name)
@@ -155,7 +145,7 @@ class CallParser:
         out: list[Event] = []
         for item in items:
             given = item.get("id")
-            call_id = given if isinstance(given, str) and _ID.fullmatch(given) else self.make_id()
+            call_id = given if is_mistral_id(given) else self.make_id()
             args = json.dumps(item.get("arguments", {}), ensure_ascii=False)
             self.calls.append(Call(call_id, item["name"], args))
             index = len(self.calls) - 1

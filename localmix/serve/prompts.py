@@ -14,34 +14,55 @@ from localmix.chat import template
 from localmix.chat.template import Message
 from localmix.errors import ContextTooLong, UsageError
 from localmix.llama.records import Chunk
+from localmix.serve import app
 
 if TYPE_CHECKING:
     from localmix.chat.toolcalls import Call, CallArgs, CallStart, Event
+    from localmix.chat.tools import Tool, ToolCall
     from localmix.serve.models import Model
 
 # OpenAI's newer name for the system role; the prompt is the same.
 ROLE_ALIASES = {"developer": "system"}
 
 
-def message(role: str, content: str) -> Message:
-    """A chat message from an API's role and text; UsageError for roles chat cannot encode."""
+def message(
+    role: str,
+    content: str,
+    *,
+    tool_calls: Sequence[ToolCall] = (),
+    tool_call_id: str | None = None,
+    name: str | None = None,
+) -> Message:
+    """A chat message from an API's fields; UsageError for roles chat cannot encode."""
     role = ROLE_ALIASES.get(role, role)
     if role not in template.ROLES:
         raise UsageError(
             f"messages with role {role!r} are not supported",
-            hint="use system, user and assistant messages",
+            hint="use system, user, assistant and tool messages",
         )
-    return Message(role, content)
+    return Message(role, content, tuple(tool_calls), tool_call_id, name)
 
 
-def chat_tokens(model: Model, messages: Sequence[Message], think: bool | None = None) -> list[int]:
-    """The exact prompt for a conversation, ready for the assistant's reply. think switches a
-    reasoning model's thinking on or off (None: the model's default, as `localmix chat`)."""
+def chat_tokens(
+    model: Model,
+    messages: Sequence[Message],
+    think: bool | None = None,
+    tools: Sequence[Tool] = (),
+) -> list[int]:
+    """The exact prompt for a conversation and the tools offered, ready for the assistant's
+    reply. think switches a reasoning model's thinking on or off (None: the model's default, as
+    `localmix chat`)."""
     if not messages:
         raise UsageError("messages is empty", hint="send at least one user message")
     profile = model.profile
+    if tools and not profile.calls_tools:
+        raise app.BadField(
+            "tools", f"this model cannot call tools (chat format {profile.format.name})",
+            hint="tool calls need a Mistral format with tool tokens: v2 and later",
+        )  # fmt: skip
     thinking = profile.thinks_by_default if think is None else think
-    return fits(model, profile.prompt(messages, model.engine.tokenize, thinking=thinking))
+    prompt = profile.prompt(messages, model.engine.tokenize, thinking=thinking, tools=tools)
+    return fits(model, prompt)
 
 
 def text_tokens(model: Model, text: str | Sequence[int]) -> list[int]:
