@@ -40,14 +40,15 @@ def shared_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def make_store(home: Path, models: dict[str, Path]) -> Path:
-    """Import each GGUF (by reference) under its name into the store at home."""
+def make_store(home: Path, models: dict[str, Path], formats: dict[str, str] | None = None) -> Path:
+    """Import each GGUF (by reference) under its name into the store at home, with chat format
+    v1 unless formats names another."""
     from localmix.models.pull import import_gguf
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LOCALMIX_HOME", str(home))
         for name, path in models.items():
-            import_gguf(path, name=name, chat_format="v1")
+            import_gguf(path, name=name, chat_format=(formats or {}).get(name, "v1"))
     return home
 
 

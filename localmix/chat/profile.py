@@ -18,6 +18,7 @@ from localmix.chat.template import ChatFormat, Message, Tokenize
 from localmix.errors import UsageError
 
 if TYPE_CHECKING:
+    from localmix.chat.grammars import JsonOutput, ToolChoice
     from localmix.chat.tools import Tool
     from localmix.llama.engine import Engine
 
@@ -76,6 +77,38 @@ class ChatProfile:
             tools=tools,
             reasoning_effort=effort,
         )
+
+
+def reply_grammar(
+    profile: ChatProfile,
+    tokenize: Tokenize,
+    *,
+    tools: Sequence[Tool] = (),
+    tool_choice: ToolChoice = "auto",
+    parallel_tool_calls: bool = True,
+    output: JsonOutput | None = None,
+    thinking: bool = False,
+) -> str | None:
+    """The grammar a reply of this model must follow (chat.grammars), or None when nothing
+    constrains it: tool calls in the model's own syntax and control tokens, as tool_choice and
+    parallel_tool_calls allow; JSON output (a schema or any object); the model's thinking first
+    when it thinks (thinking on, a format with [THINK])."""
+    from localmix.chat import grammars
+
+    def special(piece: str) -> int:
+        return template.control_token(tokenize, piece)
+
+    if tools and not profile.calls_tools:
+        raise UsageError(
+            f"this model cannot call tools (chat format {profile.format.name})",
+            hint="tool calls need a Mistral format with tool tokens: v2 and later",
+        )
+    fmt = profile.format.name if isinstance(profile.format, template.MistralFormat) else None
+    return grammars.chat_grammar(
+        fmt, special, tools=[grammars.Tool(t.name, t.parameters, t.strict) for t in tools],
+        tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, output=output,
+        think=thinking and profile.think_ids is not None,
+    )  # fmt: skip
 
 
 def profile_for(

@@ -220,9 +220,9 @@ class Generating:
 def _constraint(engine: Engine, grammar: str | None) -> Constraint | None:
     if grammar is None:
         return None
-    from localmix.llama.constraint import compile_grammar
+    from localmix.llama import constraint
 
-    return compile_grammar(engine, grammar)
+    return constraint.compile(engine, grammar)
 
 
 def _bias_arrays(bias: Sequence[tuple[int, float]]) -> tuple[numpy.ndarray, numpy.ndarray] | None:

@@ -1,9 +1,10 @@
 """OpenAI's API: /v1/chat/completions, /v1/completions (each streamed over SSE or not) and
 /v1/models, with usage counts in every response and errors in OpenAI's error body.
 
-Fields OpenAI defines and localmix cannot honour (n > 1, tools, a JSON response format, presence
-and frequency penalties other than the clients' default 0) are refused with 400 rather than
-ignored. logprobs / top_logprobs and logit_bias come from the generation core (serve/logprobs.py).
+Fields OpenAI defines and localmix cannot honour (n > 1, presence and frequency penalties other
+than the clients' default 0) are refused with 400 rather than ignored. tools, tool_choice,
+parallel_tool_calls and response_format are honoured: prompts as mistral-common encodes them,
+the reply constrained by a grammar (chat/grammars.py), tool calls read from its token ids. logprobs / top_logprobs and logit_bias come from the generation core (serve/logprobs.py).
 Extensions that llama-server and vLLM accept too: top_k, min_p, repeat_penalty, ignore_eos, and
 return_token_ids (the prompt's token ids and the reply's in the response).
 """
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from starlette.routing import Route
 
     from localmix.chat.toolcalls import CallArgs, CallStart
+    from localmix.chat.tools import Tool
     from localmix.llama.batch import Generation
     from localmix.serve.models import Model, Registry
 
@@ -49,6 +51,9 @@ class TextPart(_Body):
 class ChatMessage(_Body):
     role: str
     content: Union[str, list[TextPart], None] = None  # noqa: UP007 - pydantic on 3.10
+    tool_calls: Union[list[dict[str, Any]], None] = None  # noqa: UP007 - an assistant's calls
+    tool_call_id: Union[str, None] = None  # noqa: UP007 - a tool result: the call it answers
+    name: Union[str, None] = None  # noqa: UP007
 
 
 class StreamOptions(_Body):
@@ -86,6 +91,8 @@ class ChatRequest(Sampled):
     reasoning_effort: Union[str, None] = None  # noqa: UP007
     max_completion_tokens: Union[int, None] = Field(None, ge=1)  # noqa: UP007
     tools: Union[list[Any], None] = None  # noqa: UP007
+    tool_choice: Union[str, dict[str, Any], None] = None  # noqa: UP007
+    parallel_tool_calls: Union[bool, None] = None  # noqa: UP007 - None: true, as OpenAI
     response_format: Union[dict[str, Any], None] = None  # noqa: UP007
 
 
@@ -101,7 +108,7 @@ class CompletionRequest(Sampled):
 
 # OpenAI fields that change nothing localmix returns: accepted and ignored
 NO_EFFECT = frozenset({
-    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+    "user", "metadata", "store", "service_tier", "prompt_cache_key",
     "safety_identifier", "cache_prompt",  # llama-server's: a cached prompt gives the same reply
 })  # fmt: skip
 
@@ -117,14 +124,12 @@ def _refuse_unsupported(req: Sampled) -> None:
         if getattr(req, name):
             raise bad(name, f"{name} is not supported", hint="use repeat_penalty, e.g. 1.1")
     extra = {k: v for k, v in (req.model_extra or {}).items() if v is not None}
-    if isinstance(req, ChatRequest):
-        if req.tools:
-            raise bad("tools", "tools are not supported")
-        if extra.get("tool_choice") == "none":
-            del extra["tool_choice"]  # no tools, none called
-        kind = (req.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise bad("response_format", f"response_format {kind!r} is not supported")
+    if (
+        isinstance(req, ChatRequest)
+        and not req.tools
+        and req.tool_choice not in (None, "auto", "none")
+    ):
+        raise bad("tool_choice", "tool_choice needs tools", hint="send tools, or leave it out")
     if isinstance(req, CompletionRequest):
         for name in ("echo", "suffix"):
             if getattr(req, name):
@@ -159,9 +164,8 @@ def logprobs_asked(req: Sampled) -> int | None:
 
 
 _UNSUPPORTED = {
-    "tool_choice": "it needs tools, which localmix does not support yet",
-    "functions": "legacy functions are not supported; neither are tools yet",
-    "function_call": "legacy functions are not supported; neither are tools yet",
+    "functions": "legacy functions are not supported: send them as tools",
+    "function_call": "legacy functions are not supported: use tools and tool_choice",
 }
 
 
@@ -195,17 +199,62 @@ def generation(req: Sampled, model: Model, prompt: list[int]) -> Generation:
     return Generation(
         prompt, sampling, max_tokens=room if limit is None else min(limit, room),
         stop=_stops(req.stop), ignore_eos=req.ignore_eos, logprobs=logprobs_asked(req),
+        grammar=reply_grammar(req, model) if isinstance(req, ChatRequest) else None,
     )  # fmt: skip
 
 
 def chat_messages(req: ChatRequest) -> list[prompts.Message]:
+    from localmix.chat.tools import ToolCall
+
     out = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         content = m.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        out.append(prompts.message(m.role, content or ""))
+        calls = [
+            ToolCall.from_openai(call, where=f"messages[{i}].tool_calls[{j}]")
+            for j, call in enumerate(m.tool_calls or ())
+        ]
+        out.append(
+            prompts.message(m.role, content or "", tool_calls=calls,
+                            tool_call_id=m.tool_call_id, name=m.name)
+        )  # fmt: skip
     return out
+
+
+def chat_tools(req: ChatRequest) -> list[Tool]:
+    """The request's tools (UsageError naming the one that is wrong)."""
+    from localmix.chat.tools import Tool
+
+    return [Tool.from_openai(t, where=f"tools[{i}]") for i, t in enumerate(req.tools or ())]
+
+
+def thinking(req: ChatRequest) -> bool | None:
+    """The request's thinking switch: reasoning_effort "none" is off, any other on."""
+    return None if req.reasoning_effort is None else req.reasoning_effort != "none"
+
+
+def reply_grammar(req: ChatRequest, model: Model) -> str | None:
+    """The grammar the reply must follow: tool calls as tool_choice allows, response_format."""
+    from localmix.chat import grammars
+    from localmix.chat.profile import reply_grammar as grammar_of
+
+    profile = model.profile
+    think = thinking(req)
+    try:
+        choice = grammars.tool_choice_from_openai(req.tool_choice)
+    except UsageError as error:
+        raise app.BadField("tool_choice", error.message, error.hint) from None
+    try:
+        output = grammars.response_format(req.response_format)
+    except UsageError as error:
+        raise app.BadField("response_format", error.message, error.hint) from None
+    return grammar_of(
+        profile, model.engine.tokenize, tools=chat_tools(req), tool_choice=choice,
+        parallel_tool_calls=req.parallel_tool_calls is not False, output=output,
+        thinking=bool(profile.think_mode) and (profile.thinks_by_default if think is None
+                                              else think),
+    )  # fmt: skip
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -449,9 +498,8 @@ def routes(registry: Registry) -> list[Route]:
 
 
 def _chat_prompt(req: ChatRequest) -> Callable[[Model], list[int]]:
-    messages = chat_messages(req)
-    think = None if req.reasoning_effort is None else req.reasoning_effort != "none"
-    return lambda model: prompts.chat_tokens(model, messages, think)
+    messages, tools = chat_messages(req), chat_tools(req)
+    return lambda model: prompts.chat_tokens(model, messages, thinking(req), tools)
 
 
 def _text_prompt(req: CompletionRequest) -> Callable[[Model], list[int]]:
