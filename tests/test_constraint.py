@@ -381,6 +381,43 @@ def test_mask_rows_batch(tekken: Engine) -> None:
         check_json(schema, w)
 
 
+def test_check_the_pick_then_mask_picks_the_same(spm: Engine) -> None:
+    """allows(): a driver may pick on the raw logits and mask only when the grammar refuses
+    the pick; with a Gumbel-max draw (its noise kept for the second pick) the tokens are those
+    of masking first."""
+    schema = SCHEMAS["nested objects"]
+    compiled = constraint.compile(spm, grammars.json_grammar(JsonOutput(schema)))
+    fresh = compiled.copy()
+    allowed = set(fresh.allowed().tolist())
+    assert all(fresh.allows(t) == (t in allowed) for t in range(spm.n_vocab))
+    assert not fresh.allows(-1) and not fresh.allows(spm.n_vocab)
+    for seed in range(3):
+        runs, masked = [], 0
+        for check_first in (False, True):
+            con = compiled.copy()
+            spm.clear()
+            spm.process(spm.tokenize("Answer:", add_bos=True))
+            rng = np.random.default_rng(seed)
+            out: list[int] = []
+            for _ in range(600):
+                row = spm.logits_at(-1)
+                noise = rng.gumbel(size=spm.n_vocab).astype(np.float32)
+                token = int((row + noise).argmax()) if check_first else -1
+                if not con.allows(token):
+                    con.mask(row)
+                    token = int((row + noise).argmax())
+                    masked += check_first
+                con.accept(token)
+                if token == spm.eos_id:
+                    break
+                out.append(token)
+                spm.decode_one(token)
+            runs.append(out)
+        assert runs[0] == runs[1]
+        check_json(schema, text(spm, runs[0]))
+        assert masked
+
+
 def test_rollback_and_forced(spm: Engine) -> None:
     con = constraint.compile(spm, 'start: "hello world"')
     forced = con.forced()

@@ -209,11 +209,12 @@ def ollama_format(value: Any) -> JsonOutput | None:
 def json_grammar(output: JsonOutput, *, think: tuple[int, int] | None = None) -> str:
     """A grammar for a reply that is the JSON value alone, after a [THINK]...[/THINK] block
     when think gives those two tokens' ids (the block is optional)."""
-    lines = [f"start: {'think? ' if think else ''}json_value", _json_rule(output)]
+    parts: list[tuple[str, str]] = []
+    lines = [f"start: {'think? ' if think else ''}json_value", _json_rule(output, parts)]
     if think:
         lines += _think_rules(think)
     lines.append(SAFE_WS)
-    return "\n".join(lines) + "\n"
+    return _checked("\n".join(lines) + "\n", parts)
 
 
 def chat_grammar(
@@ -261,30 +262,48 @@ def chat_grammar(
     if not tools and output is None:
         if choice != "none":
             return None  # plain text: nothing to constrain
-        return _grammar(["body: content"], think_ids)
+        return _grammar(["body: content"], think_ids, [])
     if output is not None and not tools:
         return json_grammar(output, think=think_ids)
 
     assert rules is not None and special is not None
-    lines = _tool_call_rules(rules, special, tools, parallel_tool_calls)
+    parts: list[tuple[str, str]] = []
+    lines = _tool_call_rules(rules, special, tools, parallel_tool_calls, parts)
     if output is not None:
-        lines = ["body: json_value | fcalls", _json_rule(output), *lines]
+        lines = ["body: json_value | fcalls", _json_rule(output, parts), *lines]
     elif calls_only:
         lines = ["body: fcalls", *lines]
     elif rules["text_then_calls"]:
         lines = ["body: content | content? fcalls", *lines]
     else:  # v2, v3: a message is text or tool calls, not both
         lines = ["body: content | fcalls", *lines]
-    return _grammar(lines, think_ids)
+    return _grammar(lines, think_ids, parts)
 
 
-def _grammar(lines: list[str], think: tuple[int, int] | None) -> str:
+def _grammar(lines: list[str], think: tuple[int, int] | None, parts: list[tuple[str, str]]) -> str:
     start = "start: think? body" if think else "start: body"
     out = [start, *lines, "content: /(.|\\n)+/"]
     if think:
         out += _think_rules(think)
     out.append(SAFE_WS)
-    return "\n".join(out) + "\n"
+    return _checked("\n".join(out) + "\n", parts)
+
+
+def _checked(grammar: str, parts: list[tuple[str, str]]) -> str:
+    """The grammar, once llguidance accepts it; else UsageError naming the part it refuses
+    (each JSON value is checked alone only then: one check of the whole is the cheaper)."""
+    from llguidance import LLMatcher
+
+    error = LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(grammar))
+    if not error:
+        return grammar
+    for what, lark in parts:
+        alone = LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(f"start: {lark}\n"))
+        if alone:
+            raise _schema_error(what, alone)
+    from localmix.llama.constraint import grammar_error
+
+    raise UsageError(f"the grammar is not valid: {grammar_error(error)}")
 
 
 def _think_ids(fmt: str | None, special: Special | None, think: bool) -> tuple[int, int] | None:
@@ -300,20 +319,28 @@ def _think_rules(think: tuple[int, int]) -> list[str]:
     return [f"think: <[{begin}]> think_text? <[{end}]>", "think_text: /(.|\\n)+/"]
 
 
-def _json_rule(output: JsonOutput) -> str:
-    return f"json_value: SAFE_WS? {json_value(output.schema, strict=output.strict)}"
+def _json_rule(output: JsonOutput, parts: list[tuple[str, str]]) -> str:
+    what = "the JSON schema"
+    lark = json_value(output.schema, strict=output.strict, what=what, check=False)
+    parts.append((what, lark))
+    return f"json_value: SAFE_WS? {lark}"
 
 
 def _tool_call_rules(
-    rules: Mapping[str, Any], special: Special, tools: Sequence[Tool], parallel: bool
+    rules: Mapping[str, Any],
+    special: Special,
+    tools: Sequence[Tool],
+    parallel: bool,
+    parts: list[tuple[str, str]],
 ) -> list[str]:
     calls = special("[TOOL_CALLS]")
     # each tool's arguments are a JSON value of their own (their "$ref"s point into their own
     # schema), so the v2-v7 array is spelt out here, the way json.dumps writes it
-    arguments = [
-        json_value(_arguments(tool), strict=True, what=f"tool {tool.name}'s parameters")
-        for tool in tools
-    ]
+    arguments = []
+    for tool in tools:
+        what = f"tool {tool.name}'s parameters"
+        arguments.append(json_value(_arguments(tool), strict=True, what=what, check=False))
+        parts.append((what, arguments[-1]))
     alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
     if rules["calls"] == _ARRAY:
         lines = [
@@ -354,11 +381,15 @@ def _arguments(tool: Tool) -> Mapping[str, Any]:
 
 
 def json_value(
-    schema: Mapping[str, Any] | bool, *, strict: bool = True, what: str = "the JSON schema"
+    schema: Mapping[str, Any] | bool,
+    *,
+    strict: bool = True,
+    what: str = "the JSON schema",
+    check: bool = True,
 ) -> str:
     """The Lark for one JSON value following schema: `%json {...}` with localmix's JSON options
     (json.dumps' separators; strict False ignores keywords llguidance cannot enforce).
-    UsageError, naming `what`, for a schema llguidance refuses."""
+    UsageError, naming `what`, for a schema that is not JSON or (check) llguidance refuses."""
     from llguidance import LLMatcher
 
     if schema is True:
@@ -371,6 +402,8 @@ def json_value(
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{what} is not JSON: {exc}") from None
     lark = f"%json {text}"
+    if not check:
+        return lark
     error = LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(f"start: {lark}\n"))
     if error:
         raise _schema_error(what, error)

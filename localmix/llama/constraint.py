@@ -11,6 +11,10 @@ for a JSON schema, `<[9]>` for the control token with id 9). Per sequence and st
     constraint.accept(token)                # EngineError if the grammar forbids it
     constraint.done                         # the grammar is complete: only the end token is left
 
+or, llama.cpp's way, cheaper where the model mostly writes what the grammar wants: pick on the
+raw row, and only if `not constraint.allows(token)`, mask(row) and pick again (the same token
+for a greedy pick; for a seeded draw, the same distribution when nothing truncates it).
+
 A batch of sequences: each has its own Constraint (their tokenizer, built once per engine, is
 shared); mask_rows() computes all their masks in one call, in parallel outside the GIL.
 
@@ -45,6 +49,18 @@ class _Vocab:
         self.n_vocab = n_vocab
         self.end_ids = end_ids
         self.closed = False
+
+
+def _addends() -> numpy.ndarray:
+    """(256, 8) float32: for each byte of a bitmask, its 8 tokens' addends (0 allowed, -inf not;
+    llguidance's bit order: token 8k+i is bit i of byte k)."""
+    import numpy as np
+
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
+    return np.where(bits == 1, np.float32(0), np.float32(-np.inf)).astype(np.float32)
+
+
+_ADDENDS: list[Any] = []
 
 
 _VOCABS: weakref.WeakKeyDictionary[Engine, _Vocab] = weakref.WeakKeyDictionary()
@@ -137,7 +153,15 @@ def grammar_error(message: str) -> str:
 
 
 class Constraint:
-    """One sequence's grammar state: mask() the logits, accept() the token picked, until done."""
+    """One sequence's grammar state: mask() the logits, accept() the token picked, until done.
+
+    accept() also works out the next step's bitmask, while llguidance's tables and this
+    sequence's state are still in the cache (the decode that follows pushes them out). After
+    the decode, allows(token) reads that bitmask (~1 us); mask(row) turns it into addends to the
+    logits (0 allowed, -inf not, 4 bytes a token) and adds them, the one step that must touch
+    the whole row. A driver that picks first and masks only when the pick is not allowed (what
+    llama.cpp's own sampler does) pays for mask() on those steps only; for a greedy pick, or a
+    Gumbel-max draw with its noise kept, the token is the same either way."""
 
     def __init__(self, vocab: _Vocab, matcher: Any) -> None:
         import llguidance.numpy as llgnp
@@ -145,7 +169,9 @@ class Constraint:
         self._vocab = vocab
         self._matcher = matcher
         self._bits = llgnp.allocate_token_bitmask(1, vocab.n_vocab)
-        self._inverse = self._bits.copy()
+        self._addend: numpy.ndarray | None = None
+        self._ready = False  # _bits is the current state's mask
+        self._expanded = False  # and _addend too
         self.n_accepted = 0
 
     @property
@@ -170,35 +196,63 @@ class Constraint:
     def mask(self, logits: numpy.ndarray) -> None:
         """Set the logits of the tokens the grammar forbids at this step to -inf, in place
         (logits: the n_vocab float32 row the picker reads)."""
-        import llguidance.numpy as llgnp
-
-        self._check()
-        llgnp.fill_next_token_bitmask(self._matcher, self._bits)
-        self._apply(logits)
-
-    def _apply(self, logits: numpy.ndarray) -> None:
         import numpy as np
 
-        if self._matcher.is_error():
-            raise EngineError(f"the grammar failed: {grammar_error(self._matcher.get_error())}")
+        self._check()
         n = self._vocab.n_vocab
         if logits.shape != (n,):
             raise UsageError(f"a logits row has {n} values, not shape {logits.shape}")
-        # the forbidden tokens' bits, one byte each: unpacking the inverse of the bitmask and
-        # assigning through it is the fastest numpy way (~20 us on 32k tokens, ~60 us on 131k)
-        np.invert(self._bits, out=self._inverse)
-        banned = np.unpackbits(self._inverse.view(np.uint8), count=n, bitorder="little")
-        np.copyto(logits, -np.inf, where=banned.view(np.bool_))
+        if not self._ready:
+            self._prepare()
+        self._raise_failed()
+        if not self._expanded:
+            self._expand()
+        assert self._addend is not None
+        np.add(logits, self._addend.reshape(-1)[:n], out=logits)
+
+    def allows(self, token: int) -> bool:
+        """Whether the grammar allows token at this step (no logits touched)."""
+        self._check()
+        if not self._ready:
+            self._prepare()
+        self._raise_failed()
+        token = int(token)
+        if not 0 <= token < self._vocab.n_vocab:
+            return False
+        return bool((int(self._bits[0, token >> 5]) >> (token & 31)) & 1)
+
+    def _prepare(self) -> None:
+        """Work out the current state's bitmask."""
+        import llguidance.numpy as llgnp
+
+        llgnp.fill_next_token_bitmask(self._matcher, self._bits)
+        self._ready, self._expanded = True, False
+
+    def _expand(self) -> None:
+        """The bitmask as addends to the logits."""
+        import numpy as np
+
+        if self._addend is None:
+            self._addend = np.empty((self._bits.shape[1] * 4, 8), dtype=np.float32)
+        if not _ADDENDS:
+            _ADDENDS.append(_addends())
+        # each byte of the bitmask looks up its 8 tokens' addends: branch-free, unlike a masked
+        # assignment (twice as slow right after a decode)
+        np.take(_ADDENDS[0], self._bits.view(np.uint8).reshape(-1), axis=0, out=self._addend)
+        self._expanded = True
+
+    def _raise_failed(self) -> None:
+        if self._matcher.is_error():
+            raise EngineError(f"the grammar failed: {grammar_error(self._matcher.get_error())}")
 
     def allowed(self) -> numpy.ndarray:
-        """The ids of the tokens the grammar allows at this step (computes the mask)."""
-        import llguidance.numpy as llgnp
+        """The ids of the tokens the grammar allows at this step."""
         import numpy as np
 
         self._check()
-        llgnp.fill_next_token_bitmask(self._matcher, self._bits)
-        if self._matcher.is_error():
-            raise EngineError(f"the grammar failed: {grammar_error(self._matcher.get_error())}")
+        if not self._ready:
+            self._prepare()
+        self._raise_failed()
         bits = np.unpackbits(self._bits.view(np.uint8), count=self.n_vocab, bitorder="little")
         return np.flatnonzero(bits)
 
@@ -206,10 +260,13 @@ class Constraint:
         """Advance past the token picked; EngineError if the grammar does not allow it (the
         constraint is then spent: every later call raises too)."""
         self._check()
+        self._ready = self._expanded = False
         if not self._matcher.consume_token(int(token)):
             reason = grammar_error(self._matcher.get_error())
             raise EngineError(f"token {token} is not allowed by the grammar here: {reason}")
         self.n_accepted += 1
+        if not self._matcher.is_stopped():
+            self._prepare()  # the next step's bitmask, while the caches are warm (see the class)
 
     def forced(self) -> list[int]:
         """Tokens the grammar forces next, whatever the model says (may be empty): a driver may
@@ -223,6 +280,7 @@ class Constraint:
         if not 0 <= n <= self.n_accepted or not self._matcher.rollback(n):
             raise UsageError(f"cannot roll back {n} of {self.n_accepted} tokens")
         self.n_accepted -= n
+        self._ready = self._expanded = False
 
     def copy(self) -> Constraint:
         """An independent Constraint in the same state (e.g. one compile for n sequences)."""
@@ -240,31 +298,30 @@ _EXECUTOR: list[Any] = []
 
 
 def mask_rows(pairs: Sequence[tuple[Constraint, numpy.ndarray]]) -> None:
-    """mask() for many sequences at once: (constraint, its logits row) each. The masks are
-    computed together by llguidance's thread pool, then applied one row at a time."""
+    """mask() for many sequences at once: (constraint, its logits row) each. The masks not yet
+    worked out (a constraint's first step: accept() works out the others) are computed together
+    by llguidance's thread pool, outside the GIL."""
     import llguidance
     import llguidance.numpy as llgnp
     import numpy as np
 
-    if not pairs:
-        return
-    if len(pairs) == 1:
-        constraint, row = pairs[0]
+    todo = [c for c, _ in pairs if not c._ready]
+    if len(todo) > 1:
+        for c in todo:
+            c._check()
+        words = todo[0]._bits.shape[1]
+        if any(c._bits.shape[1] != words for c in todo):
+            raise UsageError("the constraints of one batch belong to one vocabulary")
+        with _VOCABS_LOCK:
+            if not _EXECUTOR:
+                _EXECUTOR.append(llguidance.LLExecutor())
+            executor = _EXECUTOR[0]
+        bits = np.empty((len(todo), words), dtype=np.int32)
+        llgnp.fill_next_token_bitmask_par(
+            executor, [(c._matcher, i) for i, c in enumerate(todo)], bits
+        )
+        for i, c in enumerate(todo):
+            c._bits[0] = bits[i]
+            c._ready, c._expanded = True, False
+    for constraint, row in pairs:
         constraint.mask(row)
-        return
-    for constraint, _ in pairs:
-        constraint._check()
-    words = pairs[0][0]._bits.shape[1]
-    if any(c._bits.shape[1] != words for c, _ in pairs):
-        raise UsageError("the constraints of one batch belong to one vocabulary")
-    with _VOCABS_LOCK:
-        if not _EXECUTOR:
-            _EXECUTOR.append(llguidance.LLExecutor())
-        executor = _EXECUTOR[0]
-    bits = np.empty((len(pairs), words), dtype=np.int32)
-    llgnp.fill_next_token_bitmask_par(
-        executor, [(c._matcher, i) for i, (c, _) in enumerate(pairs)], bits
-    )
-    for i, (constraint, row) in enumerate(pairs):
-        constraint._bits[0] = bits[i]
-        constraint._apply(row)
