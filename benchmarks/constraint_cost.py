@@ -36,8 +36,9 @@ from pairing import paired
 
 from localmix import settings
 from localmix.chat import grammars
-from localmix.chat.grammars import JsonOutput, Tool
+from localmix.chat.grammars import JsonOutput
 from localmix.chat.template import control_token
+from localmix.chat.tools import Tool
 from localmix.llama import constraint
 from localmix.llama.engine import Engine, EngineConfig
 
@@ -65,7 +66,7 @@ def strict_tools(n: int = 20) -> list[Tool]:
             "required": list(props)[:2],
             "additionalProperties": False,
         }
-        tools.append(Tool(f"tool_{i:02d}_do_something", schema, strict=True))
+        tools.append(Tool(f"tool_{i:02d}_do_something", parameters=schema, strict=True))
     return tools
 
 

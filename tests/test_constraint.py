@@ -28,8 +28,9 @@ import numpy as np
 import pytest
 
 from localmix.chat import grammars
-from localmix.chat.grammars import ANY_OBJECT, JsonOutput, Named, Tool
+from localmix.chat.grammars import ANY_OBJECT, JsonOutput, Named
 from localmix.chat.template import control_token
+from localmix.chat.tools import Tool
 from localmix.errors import EngineError, InvalidGGUF, UsageError
 from localmix.llama import constraint
 from localmix.llama.engine import Engine, EngineConfig
@@ -434,7 +435,7 @@ def test_rollback_and_forced(spm: Engine) -> None:
 
 WEATHER = Tool(
     "get_weather",
-    {
+    parameters={
         "type": "object",
         "properties": {"city": STR, "unit": {"enum": ["celsius", "fahrenheit"]}},
         "required": ["city", "unit"],
@@ -444,7 +445,7 @@ WEATHER = Tool(
 )
 ADD = Tool(
     "add",
-    {
+    parameters={
         "type": "object",
         "properties": {
             "a": {"type": "integer", "minimum": -100, "maximum": 100},
@@ -455,7 +456,7 @@ ADD = Tool(
     },
     strict=True,
 )
-PING = Tool("ping", {"type": "object", "properties": {"host": {"type": "string"}}})  # not strict
+PING = Tool("ping", parameters={"type": "object", "properties": {"host": {"type": "string"}}})
 TOOLS = [WEATHER, ADD, PING]
 ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 
@@ -668,13 +669,6 @@ def test_no_grammar_needed() -> None:
 
 
 def test_request_fields() -> None:
-    tools = grammars.tools_from_openai(
-        [
-            {"type": "function", "function": {"name": "a", "parameters": {"type": "object"}}},
-            {"type": "function", "function": {"name": "b", "strict": True}},
-        ]
-    )
-    assert tools == [Tool("a", {"type": "object"}), Tool("b", None, True)]
     assert grammars.tool_choice_from_openai(None) == "auto"
     assert grammars.tool_choice_from_openai("any") == "required"
     choice = {"type": "function", "function": {"name": "a"}}
@@ -723,11 +717,10 @@ BAD: list[tuple[str, Callable[[], object], str]] = [
     (
         "bad tool schema",
         lambda: grammars.chat_grammar(
-            "v11", SP, tools=[Tool("t", {"type": "object", "not": {}}, True)]
+            "v11", SP, tools=[Tool("t", parameters={"type": "object", "not": {}}, strict=True)]
         ),
         "tool t's parameters uses JSON Schema keywords that cannot be enforced: not",
     ),
-    ("bad tool name", lambda: Tool("get weather"), "tool name 'get weather' is not valid"),
     ("duplicate tools", lambda: grammars.chat_grammar("v11", SP, tools=[ADD, ADD]), "same name"),
     (
         "unknown named tool",
@@ -757,11 +750,6 @@ BAD: list[tuple[str, Callable[[], object], str]] = [
         "response_format xml",
         lambda: grammars.response_format({"type": "xml"}),
         "'xml' is not supported",
-    ),
-    (
-        "tool type",
-        lambda: grammars.tools_from_openai([{"type": "custom", "custom": {}}]),
-        "'custom' is not supported",
     ),
     ("ollama format", lambda: grammars.ollama_format("yaml"), 'format must be "json"'),
 ]

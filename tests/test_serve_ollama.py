@@ -197,7 +197,7 @@ BAD = [
     ("/api/chat", {"model": "tiny", "messages": HI, "keep_alive": "soon"}, 400, "soon"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x",
                                                   "images": ["aGk="]}]}, 400, "images"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "format": "json"}, 400, "format"),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "format": "yaml"}, 400, "format"),
     ("/api/generate", {"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ("/api/generate", {"prompt": "x"}, 400, "model"),
     ("/api/show", {}, 400, "model"),

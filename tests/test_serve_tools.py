@@ -33,7 +33,9 @@ WEATHER = {
         },
     },
 }
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+TIME = {"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+    "additionalProperties": False}}}  # fmt: skip
 STRICT = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
 INST_END = 4  # [/INST], the last token of every Mistral prompt here
@@ -149,7 +151,7 @@ def test_random_weights_call_validly(client: Any, choice: str, seed: int) -> Non
     (call,) = message.tool_calls  # parallel_tool_calls false: one call
     args = json.loads(call.function.arguments)
     if choice == "named":
-        assert call.function.name == "get_time" and isinstance(args, dict)
+        assert call.function.name == "get_time" and args["tz"] in ("UTC", "CET")
     else:
         assert call.function.name in ("get_weather", "get_time")
         if call.function.name == "get_weather":  # strict: its schema holds
@@ -159,7 +161,8 @@ def test_random_weights_call_validly(client: Any, choice: str, seed: int) -> Non
 @pytest.mark.parametrize("seed", range(3))
 def test_json_schema_response_format_validates(client: Any, seed: int) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "integer"},
-              "unit": {"enum": ["C", "F"]}}, "required": ["answer", "unit"]}  # fmt: skip
+              "unit": {"enum": ["C", "F"]}}, "required": ["answer", "unit"],
+              "additionalProperties": False}  # fmt: skip
     reply = client.chat.completions.create(
         model="random-v7", messages=ASK, seed=seed, max_tokens=60,
         response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema,

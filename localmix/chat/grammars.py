@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from localmix.chat.tools import Tool
 from localmix.errors import UsageError
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "ollama_format",
     "response_format",
     "tool_choice_from_openai",
-    "tools_from_openai",
 ]
 
 Special = Callable[[str], int]
@@ -77,25 +77,6 @@ FORMATS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class Tool:
-    """A function the model may call: its name, its parameters' JSON schema, and whether the
-    arguments must follow that schema (strict) or may be any JSON object."""
-
-    name: str
-    parameters: Mapping[str, Any] | None = None
-    strict: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise UsageError(
-                f"tool name {self.name!r} is not valid",
-                hint="use 1 to 64 letters, digits, '_' or '-'",
-            )
-        if self.parameters is not None and not isinstance(self.parameters, Mapping):
-            raise UsageError(f"tool {self.name}: parameters must be a JSON schema object")
-
-
-@dataclass(frozen=True)
 class Named:
     """tool_choice naming one function: the model must call it (and only it)."""
 
@@ -118,29 +99,6 @@ ANY_OBJECT = JsonOutput({"type": "object"})
 
 
 # -- request fields ------------------------------------------------------------------------------
-
-
-def tools_from_openai(tools: Sequence[Mapping[str, Any]] | None) -> list[Tool]:
-    """OpenAI's (and Ollama's) `tools`: [{"type": "function", "function": {"name", "parameters",
-    "strict"?}}]; a bare {"name", "parameters"} is taken too."""
-    out: list[Tool] = []
-    for i, entry in enumerate(tools or ()):
-        if not isinstance(entry, Mapping):
-            raise UsageError(f"tools[{i}] must be an object")
-        kind = entry.get("type", "function")
-        if kind != "function":
-            raise UsageError(f"tools[{i}]: type {kind!r} is not supported", hint="use 'function'")
-        function = entry.get("function", entry)
-        if not isinstance(function, Mapping) or "name" not in function:
-            raise UsageError(f"tools[{i}] has no function name")
-        out.append(
-            Tool(
-                function["name"],
-                function.get("parameters"),
-                bool(function.get("strict") or False),
-            )
-        )
-    return out
 
 
 def tool_choice_from_openai(value: Any) -> ToolChoice:

@@ -105,7 +105,7 @@ def reply_grammar(
         )
     fmt = profile.format.name if isinstance(profile.format, template.MistralFormat) else None
     return grammars.chat_grammar(
-        fmt, special, tools=[grammars.Tool(t.name, t.parameters, t.strict) for t in tools],
+        fmt, special, tools=tools,
         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, output=output,
         think=thinking and profile.think_ids is not None,
     )  # fmt: skip

@@ -98,7 +98,7 @@ def _build_vocab(engine: Engine) -> _Vocab:
     c = engine.lib
     engine.token_piece(0)  # EngineError on a closed engine
     end_ids = [engine.eos_id]
-    eot = int(c.llama_vocab_eot(engine._vocab))
+    eot = int(c.llama_vocab_eot(engine.vocab))
     if eot >= 0 and eot != engine.eos_id:
         end_ids.append(eot)
     end_ids = [t for t in end_ids if 0 <= t < engine.n_vocab]
@@ -110,7 +110,7 @@ def _build_vocab(engine: Engine) -> _Vocab:
         warnings.filterwarnings(
             "ignore", message=r"llama_token_get_attr is deprecated", category=DeprecationWarning
         )
-        llt = lltokenizer_from_vocab(engine._vocab, n_vocab=engine.n_vocab, eos_token=end_ids)
+        llt = lltokenizer_from_vocab(engine.vocab, n_vocab=engine.n_vocab, eos_token=end_ids)
     return _Vocab(llt, engine.n_vocab, tuple(end_ids))
 
 

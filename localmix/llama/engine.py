@@ -280,6 +280,11 @@ class Engine:
         return self._mem
 
     @property
+    def vocab(self) -> Any:
+        """The model's llama_vocab (its tokenizer, for llguidance's)."""
+        return self._vocab
+
+    @property
     def n_batch(self) -> int:
         """The most tokens one llama_decode takes."""
         return self._n_batch

@@ -124,6 +124,11 @@ class Generating:
         self._text = TextStream(gen.stop)
         self._bias = _bias_arrays(gen.sampling.logit_bias)
         self._constraint = _constraint(engine, gen.grammar)
+        # A greedy pick is checked against the grammar first and the logits masked only when it
+        # is refused (llama.cpp's common sampler does the same): the argmax of the masked logits
+        # is the unmasked argmax whenever that one is allowed, and a check costs far less than a
+        # mask. Logprobs need the masked distribution, so they mask first.
+        self._lazy_mask = gen.sampling.is_plain_greedy and gen.logprobs is None
         self._pick, self._chain = picker(engine, gen.sampling, prompt)
 
     @property
@@ -149,8 +154,12 @@ class Generating:
             return []
         logprob = self._adjust(index)
         token = self._pick(index)
-        if self._constraint is not None:
-            self._constraint.accept(token)
+        constraint = self._constraint
+        if constraint is not None:
+            if self._lazy_mask and not constraint.allows(token):
+                constraint.mask(self.engine.logits_at(index))
+                token = self._pick(index)
+            constraint.accept(token)
         self.t_last = clock()
         self.n_samples += 1
         if self.n_samples == 1:
@@ -178,13 +187,14 @@ class Generating:
         """Apply the logit bias and the constraint's mask to the logits in place (every picker
         reads them there) and, when asked, read the log-probabilities of this position, for the
         token still to be picked."""
-        if self._bias is None and self._constraint is None and self.gen.logprobs is None:
+        eager = self._constraint is not None and not self._lazy_mask
+        if self._bias is None and not eager and self.gen.logprobs is None:
             return None
         row = self.engine.logits_at(index)
         if self._bias is not None:
             ids, values = self._bias
             row[ids] += values
-        if self._constraint is not None:
+        if self._constraint is not None and not self._lazy_mask:
             self._constraint.mask(row)
         if self.gen.logprobs is None:
             return None

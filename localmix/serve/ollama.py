@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from starlette.routing import Route
 
     from localmix.chat.toolcalls import Call
+    from localmix.chat.tools import Tool
     from localmix.llama.batch import Generation
     from localmix.models.store import Located
     from localmix.serve.models import Model, Registry
@@ -57,6 +58,9 @@ class ChatMessage(_Body):
     role: str
     content: str = ""
     images: Union[list[Any], None] = None  # noqa: UP007
+    tool_calls: Union[list[dict[str, Any]], None] = None  # noqa: UP007 - arguments: an object
+    tool_name: Union[str, None] = None  # noqa: UP007 - a tool result: the function it answers
+    tool_call_id: Union[str, None] = None  # noqa: UP007
 
 
 class Base(_Body):
@@ -72,6 +76,7 @@ class Base(_Body):
 
 class ChatRequest(Base):
     messages: list[ChatMessage] = []
+    tools: Union[list[Any], None] = None  # noqa: UP007
 
 
 class GenerateRequest(Base):
@@ -124,7 +129,7 @@ NEUTRAL_OPTIONS = {
     "frequency_penalty": 0.0, "penalize_newline": None,
 }  # fmt: skip
 # top-level fields Ollama defines that localmix does not honour (yet)
-UNHONOURED = ("tools", "template", "context")
+UNHONOURED = ("template", "context")
 
 
 def _refuse_unsupported(req: Base) -> None:
@@ -144,8 +149,6 @@ def _refuse_unsupported(req: Base) -> None:
             )  # fmt: skip
     if req.top_logprobs is not None and not req.logprobs:
         raise app.BadField("top_logprobs", "top_logprobs needs logprobs: true")
-    if req.format:
-        raise UsageError("format (structured output) is not supported")
     images = getattr(req, "images", None) or any(
         m.images for m in getattr(req, "messages", []) if m.images
     )
@@ -175,6 +178,7 @@ def generation(req: Base, model: Model, prompt: list[int]) -> Generation:
         prompt, sampling, max_tokens=room if limit is None or limit < 0 else min(limit, room),
         stop=tuple(s for s in opts.stop or () if s),
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        grammar=reply_grammar(req, model),
     )  # fmt: skip
 
 
@@ -352,15 +356,59 @@ def _json(data: Any) -> Response:
     return JSONResponse(data)
 
 
+def chat_messages(req: ChatRequest) -> list[prompts.Message]:
+    """Ollama's messages: tool calls with arguments as objects, results by tool_name."""
+    from localmix.chat.tools import ToolCall
+
+    return [
+        prompts.message(
+            m.role,
+            m.content,
+            tool_call_id=m.tool_call_id,
+            name=m.tool_name,
+            tool_calls=[
+                ToolCall.from_openai(c, where=f"messages[{i}].tool_calls[{j}]")
+                for j, c in enumerate(m.tool_calls or ())
+            ],
+        )
+        for i, m in enumerate(req.messages)
+    ]
+
+
+def chat_tools(req: Base) -> list[Tool]:
+    from localmix.chat.tools import Tool
+
+    tools = getattr(req, "tools", None) or ()
+    return [Tool.from_openai(t, where=f"tools[{i}]") for i, t in enumerate(tools)]
+
+
+def thinking(req: Base) -> bool | None:
+    """Ollama's think: true/false, or an effort ("low", "medium", "high") that means on."""
+    return None if req.think is None else req.think not in (False, "none", "false")
+
+
+def reply_grammar(req: Base, model: Model) -> str | None:
+    """The grammar the reply must follow: Ollama's format ("json" or a schema), tool calls."""
+    from localmix.chat import grammars
+
+    try:
+        output = grammars.ollama_format(req.format)
+    except UsageError as error:
+        raise app.BadField("format", error.message, error.hint) from None
+    raw = isinstance(req, GenerateRequest) and req.raw
+    if raw and output is not None:
+        return grammars.json_grammar(output)  # a raw prompt: no chat format around the JSON
+    return prompts.reply_grammar(model, thinking(req), tools=chat_tools(req), output=output)
+
+
 def _prompt_of(req: Base, chat: bool) -> Callable[[Model], list[int]] | None:
     """How to build the prompt, or None for a request that only loads or unloads."""
-    # Ollama's think: true/false, or an effort ("low", "medium", "high") that means on
-    think = None if req.think is None else req.think not in (False, "none", "false")
+    think = thinking(req)
     if isinstance(req, ChatRequest):
         if not req.messages:
             return None
-        messages = [prompts.message(m.role, m.content) for m in req.messages]
-        return lambda model: prompts.chat_tokens(model, messages, think)
+        messages, tools = chat_messages(req), chat_tools(req)
+        return lambda model: prompts.chat_tokens(model, messages, think, tools)
     assert isinstance(req, GenerateRequest)
     if not req.prompt:
         return None

@@ -124,11 +124,7 @@ def _refuse_unsupported(req: Sampled) -> None:
         if getattr(req, name):
             raise bad(name, f"{name} is not supported", hint="use repeat_penalty, e.g. 1.1")
     extra = {k: v for k, v in (req.model_extra or {}).items() if v is not None}
-    if (
-        isinstance(req, ChatRequest)
-        and not req.tools
-        and req.tool_choice not in (None, "auto", "none")
-    ):
+    if isinstance(req, ChatRequest) and not req.tools and req.tool_choice not in (None, "none"):
         raise bad("tool_choice", "tool_choice needs tools", hint="send tools, or leave it out")
     if isinstance(req, CompletionRequest):
         for name in ("echo", "suffix"):
@@ -226,7 +222,10 @@ def chat_tools(req: ChatRequest) -> list[Tool]:
     """The request's tools (UsageError naming the one that is wrong)."""
     from localmix.chat.tools import Tool
 
-    return [Tool.from_openai(t, where=f"tools[{i}]") for i, t in enumerate(req.tools or ())]
+    try:
+        return [Tool.from_openai(t, where=f"tools[{i}]") for i, t in enumerate(req.tools or ())]
+    except UsageError as error:
+        raise app.BadField("tools", error.message, error.hint) from None
 
 
 def thinking(req: ChatRequest) -> bool | None:
@@ -237,10 +236,7 @@ def thinking(req: ChatRequest) -> bool | None:
 def reply_grammar(req: ChatRequest, model: Model) -> str | None:
     """The grammar the reply must follow: tool calls as tool_choice allows, response_format."""
     from localmix.chat import grammars
-    from localmix.chat.profile import reply_grammar as grammar_of
 
-    profile = model.profile
-    think = thinking(req)
     try:
         choice = grammars.tool_choice_from_openai(req.tool_choice)
     except UsageError as error:
@@ -249,11 +245,9 @@ def reply_grammar(req: ChatRequest, model: Model) -> str | None:
         output = grammars.response_format(req.response_format)
     except UsageError as error:
         raise app.BadField("response_format", error.message, error.hint) from None
-    return grammar_of(
-        profile, model.engine.tokenize, tools=chat_tools(req), tool_choice=choice,
+    return prompts.reply_grammar(
+        model, thinking(req), tools=chat_tools(req), tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls is not False, output=output,
-        thinking=bool(profile.think_mode) and (profile.thinks_by_default if think is None
-                                              else think),
     )  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from localmix.llama.records import Chunk
 from localmix.serve import app
 
 if TYPE_CHECKING:
+    from localmix.chat.grammars import JsonOutput, ToolChoice
     from localmix.chat.toolcalls import Call, CallArgs, CallStart, Event
     from localmix.chat.tools import Tool, ToolCall
     from localmix.serve.models import Model
@@ -60,9 +61,35 @@ def chat_tokens(
             "tools", f"this model cannot call tools (chat format {profile.format.name})",
             hint="tool calls need a Mistral format with tool tokens: v2 and later",
         )  # fmt: skip
-    thinking = profile.thinks_by_default if think is None else think
-    prompt = profile.prompt(messages, model.engine.tokenize, thinking=thinking, tools=tools)
+    prompt = profile.prompt(
+        messages, model.engine.tokenize, thinking=thinking_of(model, think), tools=tools
+    )
     return fits(model, prompt)
+
+
+def thinking_of(model: Model, think: bool | None) -> bool:
+    """Whether a reply thinks: the request's switch, else the model's default."""
+    return model.profile.thinks_by_default if think is None else think
+
+
+def reply_grammar(
+    model: Model,
+    think: bool | None,
+    *,
+    tools: Sequence[Tool] = (),
+    tool_choice: ToolChoice = "auto",
+    parallel_tool_calls: bool = True,
+    output: JsonOutput | None = None,
+) -> str | None:
+    """The grammar a reply must follow (chat.profile.reply_grammar), for either API."""
+    from localmix.chat.profile import reply_grammar as grammar_of
+
+    profile = model.profile
+    return grammar_of(
+        profile, model.engine.tokenize, tools=tools, tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls, output=output,
+        thinking=bool(profile.think_mode) and thinking_of(model, think),
+    )  # fmt: skip
 
 
 def text_tokens(model: Model, text: str | Sequence[int]) -> list[int]:
