@@ -185,3 +185,46 @@ def test_import_format_is_remembered_for_every_chat(
     bad = run_cli(capsys, "import", str(scripted_path), "--name", "other", "--format", "v9")
     assert bad.code != 0 and "v9" in bad.err and "v7" in bad.err
     assert [m.name for m in store.list_models()] == ["mine"]
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10},
+                   "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+                   "kind": {"enum": ["cat", "dog"]}},
+    "required": ["name", "legs", "kind"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", ["1", "2", "3"])
+def test_schema_makes_the_reply_json_that_validates(
+    tiny_mistral_gguf_f16: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    seed: str,
+) -> None:
+    import jsonschema
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    schema = tmp_path / "animal.json"
+    schema.write_text(json.dumps(SCHEMA))
+    result = run_cli(capsys, "chat", str(tiny_mistral_gguf_f16), "Describe a cat.",
+                     "--schema", str(schema), "--seed", seed, "-n", "120", "-t", "1")  # fmt: skip
+    assert result.code == 0, result.err
+    jsonschema.validate(json.loads(result.out), SCHEMA)  # random weights, valid anyway
+
+
+def test_bad_schema_files_are_one_line_errors(
+    scripted: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_json = tmp_path / "bad.json"
+    not_json.write_text("{nope")
+    bad_schema = tmp_path / "schema.json"
+    bad_schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "nope"}}}))
+    for path, needle in ((tmp_path / "missing.json", "cannot read"), (not_json, "not JSON"),
+                         (bad_schema, "nope")):  # fmt: skip
+        result = run_cli(capsys, "chat", scripted, "Hi", "--schema", str(path), *GREEDY)
+        assert result.code != 0 and needle in result.err, result.err
+        assert "Traceback" not in result.err

@@ -15,7 +15,7 @@ again on later turns. `thinking` switches it on or off where the model has a swi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from localmix.errors import ContextTooLong, LocalmixError, OutputError, UsageErr
 from localmix.llama.records import Chunk, Sampling, Stats
 
 if TYPE_CHECKING:
+    from localmix.chat.grammars import JsonOutput
     from localmix.llama.engine import Engine
     from localmix.load import LoadSettings
     from localmix.models.store import Located
@@ -79,6 +80,7 @@ class Session:
         self.last_thought_tokens = 0  # tokens the last reply spent thinking
         self.thinking = False
         self.set_thinking(self.profile.thinks_by_default if thinking is None else thinking)
+        self.output: JsonOutput | None = None  # every reply is JSON of this schema (set_schema)
 
     @property
     def format(self) -> ChatFormat:
@@ -102,6 +104,29 @@ class Session:
         chosen = self.messages if messages is None else messages
         return self.profile.prompt(
             chosen, self.engine.tokenize, thinking=self.thinking, system=self.system
+        )
+
+    def set_schema(self, schema: Mapping[str, Any] | bool | None) -> None:
+        """Make every reply JSON that follows `schema` (a JSON schema; True: any object), enforced
+        by a grammar on the logits; None: free text again. UsageError for a schema the grammar
+        engine refuses."""
+        from localmix.chat.grammars import ANY_OBJECT, JsonOutput
+
+        self.output = (
+            None if schema is None else ANY_OBJECT if schema is True else JsonOutput(schema)
+        )
+        self._grammar()  # a bad schema is said now, not at the first reply
+
+    def _grammar(self) -> str | None:
+        from localmix.chat.profile import reply_grammar
+
+        if self.output is None:
+            return None
+        return reply_grammar(
+            self.profile,
+            self.engine.tokenize,
+            output=self.output,
+            thinking=self.thinking and self.profile.think_ids is not None,
         )
 
     def set_thinking(self, on: bool) -> None:
@@ -304,7 +329,9 @@ class Session:
         split = reasoning.Splitter(self.profile.think_ids)
         stats: Stats | None = None
         strip = self.profile.strip_space
-        stream = self.engine.stream(prompt, sampling=self.sampling, max_tokens=max_tokens)
+        stream = self.engine.stream(
+            prompt, sampling=self.sampling, max_tokens=max_tokens, grammar=self._grammar()
+        )
         try:
             for item in stream:
                 if isinstance(item, Chunk):

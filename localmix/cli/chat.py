@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -27,8 +28,6 @@ from localmix.cli.plan import (
 )
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from localmix.chat.session import Session
     from localmix.llama.records import Stats
     from localmix.models.store import Located
@@ -107,6 +106,14 @@ ThinkOpt = Annotated[
         "Magistral and Ministral 3 Reasoning think, Mistral Small 4 does not).",
     ),
 ]
+SchemaOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--schema",
+        help="Reply with JSON that follows this JSON schema file (a grammar enforces it).",
+        dir_okay=False,
+    ),
+]
 HideThinkingOpt = Annotated[
     bool,
     typer.Option("--hide-thinking", help="Show only how long the model thought, not its thinking."),
@@ -144,6 +151,7 @@ def chat_command(
     plain: PlainOpt = False,
     think: ThinkOpt = None,
     hide_thinking: HideThinkingOpt = False,
+    schema: SchemaOpt = None,
     stats: StatsOpt = False,
     resume: ResumeOpt = False,
     estimate: EstimateOpt = False,
@@ -176,6 +184,7 @@ def chat_command(
         assert plan is not None  # forced
         console().print(plan_table(plan))
         return
+    output = _schema(schema) if schema is not None else None
     message = _message(prompt)
 
     def open_chat(reference: str | Located, status: bool = False) -> Session:
@@ -190,6 +199,8 @@ def chat_command(
     resumed = _resumed(target.name) if resume else None
     session = open_chat(target, status=message is None)
     try:
+        if output is not None:
+            session.set_schema(output)
         if resumed is not None and resumed.exists():
             session.load(resumed)
         if message is None:
@@ -225,6 +236,22 @@ def _resumed(model: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         err_console().print(f"note: no saved chat with {model} yet; a new one", style="dim")
         return path
+
+
+def _schema(path: Path) -> Any:
+    """The JSON schema in a --schema file; UsageError for a missing or unreadable one."""
+    import json
+
+    from localmix.errors import UsageError
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"--schema: cannot read {path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise UsageError(
+            f"--schema: {path} is not JSON: {error}", hint="give a JSON schema file"
+        ) from None
 
 
 def _message(prompt: str | None) -> str | None:
