@@ -92,3 +92,16 @@ def tekken_gguf(version: str, folder: Path) -> tuple[Path, Path]:
     tok = tekken_file(version, folder)
     ckpt = checkpoint_with(tok, folder)
     return tok, convert(ckpt, folder / "model.gguf", outtype="f16")
+
+
+def random_model(folder: Path, tokenizer_file: Path, synth_tokenizer: str = "tekken") -> Path:
+    """A tiny random-weight f16 GGUF converted from a checkpoint with `tokenizer_file` (its own
+    LOCALMIX_HOME, kept apart from the test's)."""
+    import pytest
+
+    from localmix.build.convert import convert
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOCALMIX_HOME", str(folder / "home"))
+        ckpt = checkpoint_with(tokenizer_file, folder, synth_tokenizer=synth_tokenizer)
+        return convert(ckpt, folder / "model.gguf", outtype="f16")

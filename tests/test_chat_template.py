@@ -136,9 +136,20 @@ def format_gguf(
     return fmt, tok_file, convert(ckpt, tmp / "model.gguf", outtype="f16")
 
 
+def reference_content(m: Message) -> object:
+    """A message's content as mistral-common's: text, or TextChunks and ThinkChunks."""
+    from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
+
+    if isinstance(m.content, str):
+        return m.content
+    return [
+        TextChunk(text=p) if isinstance(p, str) else ThinkChunk(thinking=p.text, closed=p.closed)
+        for p in m.content
+    ]
+
+
 def reference_request(msgs: list[Message], effort: str | None = None) -> object:
     """The same conversation as mistral-common's ChatCompletionRequest (Think -> ThinkChunk)."""
-    from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
     from mistral_common.protocol.instruct.messages import (
         AssistantMessage,
         SystemMessage,
@@ -148,18 +159,9 @@ def reference_request(msgs: list[Message], effort: str | None = None) -> object:
 
     kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 
-    def content(m: Message) -> object:
-        if isinstance(m.content, str):
-            return m.content
-        return [
-            TextChunk(text=p)
-            if isinstance(p, str)
-            else ThinkChunk(thinking=p.text, closed=p.closed)
-            for p in m.content
-        ]
-
     return ChatCompletionRequest(
-        messages=[kinds[m.role](content=content(m)) for m in msgs], reasoning_effort=effort
+        messages=[kinds[m.role](content=reference_content(m)) for m in msgs],
+        reasoning_effort=effort,
     )
 
 

@@ -35,6 +35,7 @@ from tests.test_chat_template import (  # noqa: F401 - format_gguf is a fixture
     _reference_tokenize,
     _tokenizer_file,
     format_gguf,
+    reference_content,
 )
 
 WEATHER = Tool(
@@ -257,7 +258,6 @@ def reference_request(
     """mistral-common's ChatCompletionRequest of the row, each call id its Mistral id (`ids`:
     symbolic id -> Mistral id), a result without a name named by its call (localmix fills the
     name a client leaves out)."""
-    from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
     from mistral_common.protocol.instruct.messages import (
         AssistantMessage,
         SystemMessage,
@@ -269,15 +269,7 @@ def reference_request(
     from mistral_common.protocol.instruct.tool_calls import Tool as MTool
     from mistral_common.protocol.instruct.tool_calls import ToolCall as MCall
 
-    def content(m: Message) -> Any:
-        if isinstance(m.content, str):
-            return m.content
-        return [
-            TextChunk(text=p)
-            if isinstance(p, str)
-            else ThinkChunk(thinking=p.text, closed=p.closed)
-            for p in m.content
-        ]
+    content = reference_content
 
     names = {c.id: c.name for m in row.messages for c in m.tool_calls}
     messages: list[Any] = []

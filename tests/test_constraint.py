@@ -34,19 +34,9 @@ from localmix.chat.tools import Tool
 from localmix.errors import EngineError, InvalidGGUF, UsageError
 from localmix.llama import constraint
 from localmix.llama.engine import Engine, EngineConfig
-from tests.tekken_files import checkpoint_with, shipped, tekken_file
+from tests.tekken_files import random_model, shipped, tekken_file
 
 CONTROL = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]")
-
-
-def _converted(folder: Path, tokenizer: Path, synth_tokenizer: str) -> Path:
-    """A tiny f16 GGUF converted from a checkpoint with tokenizer (LOCALMIX_HOME kept apart)."""
-    from localmix.build.convert import convert
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LOCALMIX_HOME", str(folder / "home"))
-        ckpt = checkpoint_with(tokenizer, folder, synth_tokenizer=synth_tokenizer)
-        return convert(ckpt, folder / "model.gguf", outtype="f16")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,7 @@ def spm_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """The v7 sentencepiece vocabulary (32768 tokens; [TOOL_CALLS] is 5), for v2, v3 and v7."""
     folder = tmp_path_factory.mktemp("constraint-spm-v7")
     tokenizer = shipped("mistral_instruct_tokenizer_241114.model.v7")
-    with Engine(EngineConfig(_converted(folder, tokenizer, "v3"), n_ctx=1024, n_threads=1)) as e:
+    with Engine(EngineConfig(random_model(folder, tokenizer, "v3"), n_ctx=1024, n_threads=1)) as e:
         yield e
 
 
@@ -72,7 +62,7 @@ def tekken(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     folder = tmp_path_factory.mktemp("constraint-tekken")
     tokenizer = tekken_file("v15", folder)
     with Engine(
-        EngineConfig(_converted(folder, tokenizer, "tekken"), n_ctx=1024, n_threads=1)
+        EngineConfig(random_model(folder, tokenizer, "tekken"), n_ctx=1024, n_threads=1)
     ) as e:
         yield e
 

@@ -18,7 +18,7 @@ from localmix.serve.server import Server
 
 from .scripted_gguf import write_scripted_reply
 from .served import make_store, serving, shared_home  # noqa: F401 (autouse fixture)
-from .tekken_files import checkpoint_with, shipped, tekken_file
+from .tekken_files import random_model, shipped, tekken_file
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 WEATHER = {
@@ -41,15 +41,6 @@ GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0
 INST_END = 4  # [/INST], the last token of every Mistral prompt here
 
 
-def _random_model(folder: Path, tokenizer: Path, synth: str) -> Path:
-    from localmix.build.convert import convert
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LOCALMIX_HOME", str(folder / "home"))
-        ckpt = checkpoint_with(tokenizer, folder, synth_tokenizer=synth)
-        return convert(ckpt, folder / "model.gguf", outtype="f16")
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("tools")
@@ -59,7 +50,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         after=INST_END, tekken=tekken_file("v13", tmp),
     )  # fmt: skip
     assert v13[0] != 9
-    random_v7 = _random_model(
+    random_v7 = random_model(
         tmp_path_factory.mktemp("v7"), shipped("mistral_instruct_tokenizer_241114.model.v7"), "v3"
     )
     models = {"calls-v13": tmp / "v13.gguf", "random-v7": random_v7}
