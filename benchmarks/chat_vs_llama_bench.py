@@ -162,11 +162,22 @@ def own_cost(model: Path, threads: int, seed: int, reps: int = 3) -> dict[str, f
     n = 2048
     costs: dict[str, float] = {}
     with Engine(EngineConfig(model, n_ctx=n + 64, n_threads=threads)) as engine:
-        engine._step = engine._kv.append  # type: ignore[method-assign]  # no decode: logits stay
+        # no decode after the prompt's last token: its logits stay, every pick reads them
+        real_step, first = engine._step, [True]
+
+        def step(token: int) -> None:
+            if first[0]:
+                first[0] = False
+                real_step(token)
+            else:
+                engine._kv.append(token)
+
+        engine._step = step  # type: ignore[method-assign]
         for mode, sampling in samplings.items():
             best = float("inf")
             for _ in range(reps):
                 engine.clear()
+                first[0] = True
                 session = Session(engine, "v1", sampling=sampling, max_tokens=n)
                 with contextlib.redirect_stdout(io.StringIO()):
                     _one_shot(session, PROMPT, json_out=True, show_stats=False, show_thoughts=False)

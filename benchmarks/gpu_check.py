@@ -816,6 +816,31 @@ def stage_features(check: Check, model: Path) -> None:
                 k: scores.get(k) for k in ("ppl", "ppl_ref", "kld_mean", "same_top", "n_tokens")
             }
         record["serve"] = serve_smoke(check, model)
+        record["schema"] = schema_smoke(check, model, folder)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12},
+                   "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+    "required": ["name", "legs"], "additionalProperties": False,
+}  # fmt: skip
+
+
+def schema_smoke(check: Check, model: Path, folder: Path) -> dict[str, Any]:
+    """`localmix chat --schema` with the model on the GPU: the grammar masks logits that come
+    from device memory; the reply must parse and hold the schema's fields, seeds 1-3."""
+    schema = folder / "animal.schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    valid = 0
+    for seed in ("1", "2", "3"):
+        done = check.run(f"schema_{seed}", check.localmix(
+            "chat", str(model), "Describe a cat.", "--schema", str(schema), "--seed", seed,
+            "-n", "120", "-ngl", "99"), timeout=120)  # fmt: skip
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            data = json.loads(done.stdout)
+            valid += set(data) == {"name", "legs"} and 0 <= data["legs"] <= 8
+    return {"runs": 3, "valid": valid}
 
 
 SERVE_CLIENTS = """
