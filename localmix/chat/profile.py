@@ -40,6 +40,14 @@ class ChatProfile:
         """Whether the model's format and vocabulary have tool calls."""
         return self.tool_syntax is not None
 
+    def check_tools(self, tools: Sequence[Tool]) -> None:
+        """UsageError when tools are offered to a model that cannot call them."""
+        if tools and not self.calls_tools:
+            raise UsageError(
+                f"this model cannot call tools (chat format {self.format.name})",
+                hint="tool calls need a Mistral format with tool tokens: v2 and later",
+            )
+
     def check_thinking(self, on: bool) -> None:
         """UsageError when thinking is asked of a model that has no switch for it."""
         if on and self.think_mode is None:
@@ -98,11 +106,7 @@ def reply_grammar(
     def special(piece: str) -> int:
         return template.control_token(tokenize, piece)
 
-    if tools and not profile.calls_tools:
-        raise UsageError(
-            f"this model cannot call tools (chat format {profile.format.name})",
-            hint="tool calls need a Mistral format with tool tokens: v2 and later",
-        )
+    profile.check_tools(tools)
     fmt = profile.format.name if isinstance(profile.format, template.MistralFormat) else None
     return grammars.chat_grammar(
         fmt, special, tools=tools,

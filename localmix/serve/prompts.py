@@ -56,11 +56,10 @@ def chat_tokens(
     if not messages:
         raise UsageError("messages is empty", hint="send at least one user message")
     profile = model.profile
-    if tools and not profile.calls_tools:
-        raise app.BadField(
-            "tools", f"this model cannot call tools (chat format {profile.format.name})",
-            hint="tool calls need a Mistral format with tool tokens: v2 and later",
-        )  # fmt: skip
+    try:
+        profile.check_tools(tools)
+    except UsageError as error:
+        raise app.BadField("tools", error.message, error.hint) from None
     prompt = profile.prompt(
         messages, model.engine.tokenize, thinking=thinking_of(model, think), tools=tools
     )
