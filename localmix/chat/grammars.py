@@ -103,7 +103,8 @@ ANY_OBJECT = JsonOutput({"type": "object"})
 
 def tool_choice_from_openai(value: Any) -> ToolChoice:
     """OpenAI's `tool_choice`: "auto" (also for None), "none", "required" ("any", Mistral's
-    older name, too), or {"type": "function", "function": {"name": ...}}."""
+    older name, too), or a function: {"type": "function", "function": {"name": ...}} (chat
+    completions) or {"type": "function", "name": ...} (the Responses API)."""
     if value is None:
         return "auto"
     if isinstance(value, str):
@@ -115,7 +116,7 @@ def tool_choice_from_openai(value: Any) -> ToolChoice:
             f"tool_choice {value!r} is not supported", hint="use auto, none, required or a function"
         )
     if isinstance(value, Mapping):
-        function = value.get("function")
+        function = value.get("function", value)
         if value.get("type") == "function" and isinstance(function, Mapping):
             name = function.get("name")
             if isinstance(name, str):
@@ -125,13 +126,16 @@ def tool_choice_from_openai(value: Any) -> ToolChoice:
     )
 
 
-def response_format(value: Mapping[str, Any] | None) -> JsonOutput | None:
+def response_format(
+    value: Mapping[str, Any] | None, field: str = "response_format"
+) -> JsonOutput | None:
     """OpenAI's `response_format`: {"type": "text"} (None: no constraint), {"type":
-    "json_object"} or {"type": "json_schema", "json_schema": {"schema": ..., "strict": ...}}."""
+    "json_object"} or {"type": "json_schema", "json_schema": {"schema": ..., "strict": ...}}.
+    field: the request's name for it, in errors."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise UsageError("response_format must be an object")
+        raise UsageError(f"{field} must be an object")
     kind = value.get("type", "text")
     if kind == "text":
         return None
@@ -140,13 +144,22 @@ def response_format(value: Mapping[str, Any] | None) -> JsonOutput | None:
     if kind == "json_schema":
         spec = value.get("json_schema")
         if not isinstance(spec, Mapping):
-            raise UsageError("response_format json_schema needs a json_schema object")
+            raise UsageError(f"{field} json_schema needs a json_schema object")
         schema = spec.get("schema", {})
+        if not isinstance(schema, (Mapping, bool)):
+            raise UsageError(f"{field}: schema is a JSON schema object")
         return JsonOutput(schema, strict=bool(spec.get("strict") or False))
     raise UsageError(
-        f"response_format type {kind!r} is not supported",
-        hint="use text, json_object or json_schema",
+        f"{field} type {kind!r} is not supported", hint="use text, json_object or json_schema"
     )
+
+
+def text_format(value: Mapping[str, Any] | None) -> JsonOutput | None:
+    """The Responses API's `text.format`: response_format's types, with a json_schema's name,
+    schema and strict beside its type ({"type": "json_schema", "name": ..., "schema": ...})."""
+    if isinstance(value, Mapping) and value.get("type") == "json_schema":
+        value = {"type": "json_schema", "json_schema": value}
+    return response_format(value, "text.format")
 
 
 def ollama_format(value: Any) -> JsonOutput | None:

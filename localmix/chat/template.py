@@ -498,7 +498,7 @@ def _check_tools(fmt: MistralFormat, tools: Sequence[Tool], messages: Sequence[M
             raise UsageError(
                 f"tools[{n}]: not a Tool", hint="Tool.from_openai reads OpenAI's shape"
             )
-        tool.check(f"tools[{n}]")
+        tool.check(f"tools[{n}].function")
 
 
 def _resolve_calls(fmt: MistralFormat, messages: Sequence[Message]) -> list[Message]:

@@ -51,6 +51,17 @@ def check_name(name: object, where: str) -> str:
     return name
 
 
+def _function_type(obj: Any, where: str, shape: str) -> None:
+    """UsageError unless obj is a tool object of type "function" (the only kind models call)."""
+    if not isinstance(obj, Mapping):
+        raise UsageError(f"{where}: a tool is an object", hint=shape)
+    if obj.get("type", "function") != "function":
+        raise UsageError(
+            f"{where}.type: tools of type {obj.get('type')!r} are not supported",
+            hint='use "function"',
+        )
+
+
 @dataclass(frozen=True)
 class Tool:
     """A function the model may call: its name, what it does, and its parameters' JSON schema.
@@ -66,52 +77,59 @@ class Tool:
         """A tool from OpenAI's (and Ollama's) `{"type": "function", "function": {...}}`.
         A missing or null parameters is {} and a missing description "", as mistral-common's
         `Tool.from_openai` reads them (so the prompt is the one it would encode)."""
-        if not isinstance(obj, Mapping):
-            raise UsageError(f"{where}: a tool is an object", hint='{"type": "function", ...}')
-        if obj.get("type", "function") != "function":
-            raise UsageError(
-                f"{where}.type: tools of type {obj.get('type')!r} are not supported",
-                hint='use "function"',
-            )
+        _function_type(obj, where, '{"type": "function", "function": {...}}')
         function = obj.get("function")
         if not isinstance(function, Mapping):
             raise UsageError(
                 f"{where}.function: a function tool needs a function object",
                 hint='{"type": "function", "function": {"name": ..., "parameters": {...}}}',
             )
-        name = check_name(function.get("name"), f"{where}.function.name")
+        return cls.from_fields(function, f"{where}.function")
+
+    @classmethod
+    def from_responses(cls, obj: Any, where: str = "tools[0]") -> Tool:
+        """A tool from OpenAI's Responses API: the function's fields beside its type,
+        `{"type": "function", "name": ..., "parameters": {...}}`."""
+        _function_type(obj, where, '{"type": "function", "name": ..., "parameters": {...}}')
+        return cls.from_fields(obj, where)
+
+    @classmethod
+    def from_fields(cls, function: Mapping[str, Any], where: str) -> Tool:
+        """A tool from a function's name, description, parameters and strict; errors name
+        `where`, the path of the object holding them."""
+        name = check_name(function.get("name"), f"{where}.name")
         description = function.get("description")
         if description is None:
             description = ""
         if not isinstance(description, str):
-            raise UsageError(f"{where}.function.description: a description is a string")
+            raise UsageError(f"{where}.description: a description is a string")
         parameters = function.get("parameters")
         if parameters is None:
             parameters = {}
         if not isinstance(parameters, Mapping):
-            raise UsageError(f"{where}.function.parameters: parameters is a JSON schema object")
+            raise UsageError(f"{where}.parameters: parameters is a JSON schema object")
         strict = function.get("strict")
         if strict is None:
             strict = False
         if not isinstance(strict, bool):
-            raise UsageError(f"{where}.function.strict: strict is true or false")
+            raise UsageError(f"{where}.strict: strict is true or false")
         tool = cls(name, description, plain_json(parameters), strict)
         tool.check(where)
         return tool
 
-    def check(self, where: str = "tools[0]") -> None:
+    def check(self, where: str = "tools[0].function") -> None:
         """UsageError unless mistral-common accepts the tool: its name, and parameters being a
-        valid JSON schema (draft 7)."""
-        check_name(self.name, f"{where}.function.name")
+        valid JSON schema (draft 7). where: the path of the function's fields."""
+        check_name(self.name, f"{where}.name")
         if not isinstance(self.parameters, Mapping):
-            raise UsageError(f"{where}.function.parameters: parameters is a JSON schema object")
+            raise UsageError(f"{where}.parameters: parameters is a JSON schema object")
         import jsonschema  # mistral-common's own dependency; only needed here
 
         try:
             jsonschema.Draft7Validator.check_schema(plain_json(self.parameters))
         except jsonschema.exceptions.SchemaError as e:
             raise UsageError(
-                f"{where}.function.parameters: not a valid JSON schema: {e.message}",
+                f"{where}.parameters: not a valid JSON schema: {e.message}",
                 hint="see https://json-schema.org (draft 7)",
             ) from None
 

@@ -44,6 +44,10 @@ class BadField(UsageError):
         self.param = param
 
 
+class NotFound(LocalmixError):
+    """Something other than a model that a request names and the server does not have."""
+
+
 class ClientGone(Exception):
     """The client disconnected; nothing is left to answer."""
 
@@ -53,6 +57,7 @@ STATUS: tuple[tuple[type[LocalmixError], int], ...] = (
     (Busy, 503),
     (TooLarge, 413),
     (ModelNotFound, 404),
+    (NotFound, 404),
     (ContextTooLong, 400),
     (UsageError, 400),
 )
@@ -236,7 +241,7 @@ def build_app(registry: Registry, policy: Policy | None = None) -> Starlette:
     from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
-    from localmix.serve import guard, ollama, openai
+    from localmix.serve import guard, ollama, openai, responses
 
     async def root(_: Request) -> PlainTextResponse:
         return PlainTextResponse("localmix is running")
@@ -257,6 +262,7 @@ def build_app(registry: Registry, policy: Policy | None = None) -> Starlette:
     routes = [
         Route("/", root, methods=["GET", "HEAD"]),
         *openai.routes(registry),
+        *responses.routes(registry),
         *ollama.routes(registry),
     ]
     return Starlette(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from localmix import __version__
-from localmix.errors import LocalmixError, UsageError
+from localmix.errors import LocalmixError, ModelNotFound, UsageError
 from localmix.llama.records import Chunk, Stats
 from localmix.serve import app, logprobs, prompts
 from localmix.serve.models import UNSET
@@ -265,8 +265,10 @@ def usage(prompt: Sequence[int], stats: Stats) -> dict[str, Any]:
 
 def error_body(error: LocalmixError, status: int) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    codes = {404: "model_not_found", 413: "request_too_large", 503: "server_busy"}
+    codes = {404: "not_found", 413: "request_too_large", 503: "server_busy"}
     code = "context_length_exceeded" if "context holds" in error.message else codes.get(status)
+    if isinstance(error, ModelNotFound):
+        code = "model_not_found"
     message = error.message + (f" ({error.hint})" if error.hint else "")
     param = getattr(error, "param", None)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
