@@ -18,13 +18,15 @@ import pytest
 
 from localmix.serve.server import Server
 
-from .scripted_gguf import write_scripted_gguf, write_scripted_reply
+from .scripted_gguf import write_scripted_gguf, write_scripted_replies, write_scripted_reply
 from .served import make_store, scripted_chat_gguf, serving, shared_home  # noqa: F401
 from .tekken_files import random_model, shipped, tekken_file
 from .test_reasoning import ANSWER, SCRIPT, THOUGHT, THOUGHT_TOKENS, VOCAB
 from .test_serve_tools import INST_END, STRICT, TIME, WEATHER
 
 ASK = "Weather in Paris?"
+TOOL_RESULTS_END = 8  # [/TOOL_RESULTS] in tekken v13: the last token of a prompt after a result
+ANSWERED = "Sunny, 21 degrees"
 TOOL = {"type": "function", **WEATHER["function"]}  # the Responses API's flat shape
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
 
@@ -41,20 +43,26 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["Let me check.", 9, "get_weather", 32, '{"city": "Paris"}'],
         after=INST_END, tekken=tekken_file("v13", tmp),
     )  # fmt: skip
+    write_scripted_replies(
+        tmp / "agent.gguf",
+        {INST_END: [9, "get_weather", 32, '{"city": "Paris"}'], TOOL_RESULTS_END: [ANSWERED]},
+        tekken=tekken_file("v13", tmp / "agent"), n_ctx=2048,
+    )  # fmt: skip
     think_tokenizer = tekken_file("v13", tmp / "think", vocab_size=VOCAB)
     write_scripted_gguf(tmp / "think.gguf", SCRIPT, tekken=think_tokenizer)
     random_v7 = random_model(
         tmp_path_factory.mktemp("v7"), shipped("mistral_instruct_tokenizer_241114.model.v7"), "v3"
     )
     models = {"calls-v13": tmp / "v13.gguf", "think": tmp / "think.gguf",
-              "random-v7": random_v7, "hello": scripted_chat_gguf(tmp / "hello.gguf")}  # fmt: skip
-    formats = {"calls-v13": "v13", "think": "v13", "random-v7": "v7"}
+              "random-v7": random_v7, "hello": scripted_chat_gguf(tmp / "hello.gguf"),
+              "agent-v13": tmp / "agent.gguf"}  # fmt: skip
+    formats = {"calls-v13": "v13", "think": "v13", "random-v7": "v7", "agent-v13": "v13"}
     return make_store(tmp_path_factory.mktemp("responses-home"), models, formats)
 
 
 @pytest.fixture(scope="module")
 def server(home: Path) -> Iterator[Server]:
-    with serving(home, ctx=1024, parallel=2, queue=4) as running:
+    with serving(home, ctx=2048, parallel=2, queue=4) as running:
         yield running
 
 
@@ -284,3 +292,41 @@ def test_bad_requests_are_400s_naming_the_field(
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert field in error["message"] and field.startswith(error["param"].split("[")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_openai_agents_sdk_runs_a_tool_and_answers(server: Server, streamed: bool) -> None:
+    """The OpenAI Agents SDK's default model class speaks only the Responses API: its agent loop
+    calls the tool the model asked for, sends the result back, and ends with the answer."""
+    import asyncio
+
+    import agents
+
+    ran: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return "sunny, 21 degrees"
+
+    agents.set_tracing_disabled(True)  # the SDK would export traces to OpenAI otherwise
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    model = agents.OpenAIResponsesModel(model="agent-v13", openai_client=client)
+    settings = agents.ModelSettings(temperature=0, extra_body={"repeat_penalty": 1.0})
+    agent = agents.Agent(name="weather", instructions="Answer briefly.", tools=[get_weather],
+                         model=model, model_settings=settings)  # fmt: skip
+
+    async def run_streamed() -> Any:
+        result = agents.Runner.run_streamed(agent, ASK, max_turns=3)
+        async for _ in result.stream_events():
+            pass
+        return result
+
+    if streamed:
+        result = asyncio.run(run_streamed())
+    else:
+        result = agents.Runner.run_sync(agent, ASK, max_turns=3)
+    assert ran == ["Paris"]
+    assert result.final_output == ANSWERED
