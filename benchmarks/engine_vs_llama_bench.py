@@ -62,10 +62,12 @@ def models_dir() -> Path:
     return path
 
 
-def make_model(name: str) -> Path:
-    """A synthetic checkpoint → f16 GGUF → Q4_K_M GGUF, made once and reused."""
+def make_model(name: str, tokenizer: str = "v1") -> Path:
+    """A synthetic checkpoint → f16 GGUF → Q4_K_M GGUF, made once and reused. tokenizer: the
+    vocabulary (v1: 32,000 pieces; tekken: 131,072, as Nemo and Small 3.x have)."""
     arch, size = MODELS[name]
-    out = models_dir() / f"synth-{arch}-{size}-Q4_K_M.gguf"
+    vocab = "" if tokenizer == "v1" else f"-{tokenizer}"
+    out = models_dir() / f"synth-{arch}-{size}{vocab}-Q4_K_M.gguf"
     if out.is_file():
         return out
     from localmix.build.convert import convert
@@ -73,7 +75,7 @@ def make_model(name: str) -> Path:
     from localmix.build.synth import checkpoints as synth
 
     with tempfile.TemporaryDirectory(dir=models_dir()) as tmp:
-        checkpoint = synth.checkpoint(Path(tmp) / "ckpt", arch=arch, size=size)
+        checkpoint = synth.checkpoint(Path(tmp) / "ckpt", arch=arch, size=size, tokenizer=tokenizer)
         f16 = convert(checkpoint, Path(tmp) / "model-f16.gguf", outtype="f16")
         quantize(f16, out, "Q4_K_M")
     return out
