@@ -167,15 +167,37 @@ def write_scripted_reply(
     """A scripted model whose greedy answer to a prompt ending in token `after` is `reply` (text
     parts in the model's own vocabulary, ints as token ids), then `eos`; returns the reply's ids.
     ValueError when a token repeats: a scripted model follows each token with one successor."""
+    return write_scripted_replies(path, {after: reply}, tekken=tekken, spm=spm, eos=eos)[after]
+
+
+def write_scripted_replies(
+    path: Path,
+    replies: dict[int, list[str | int]],
+    *,
+    tekken: Path | None = None,
+    spm: Path | None = None,
+    eos: int = 2,
+    n_ctx: int = 512,
+) -> dict[int, list[int]]:
+    """write_scripted_reply with one reply per last prompt token (a turn's prompt ends in
+    [/INST], the turn after a tool call in [/TOOL_RESULTS], ...); returns each reply's ids.
+    ValueError when a token appears twice in all the chains together."""
     from localmix.llama.engine import Engine, EngineConfig
 
     write_scripted_gguf(path, {}, tekken=tekken, spm=spm)
-    ids: list[int] = []
+    chains: dict[int, list[int]] = {}
     with Engine(EngineConfig(path, vocab_only=True)) as engine:
-        for part in reply:
-            ids += [part] if isinstance(part, int) else engine.tokenize(part, special=False)
-    chain = [after, *ids, eos]
-    if len(set(chain)) != len(chain):
-        raise ValueError(f"a token repeats in the reply: {chain}")
-    write_scripted_gguf(path, dict(itertools.pairwise(chain)), tekken=tekken, spm=spm)
-    return ids
+        for after, reply in replies.items():
+            ids: list[int] = []
+            for part in reply:
+                ids += [part] if isinstance(part, int) else engine.tokenize(part, special=False)
+            chains[after] = ids
+    # eos ends every chain and has no successor, so it alone may appear in more than one
+    tokens = [t for after, ids in chains.items() for t in (after, *ids)]
+    if len(set(tokens)) != len(tokens) or eos in tokens:
+        raise ValueError(f"a token repeats in the replies: {chains}")
+    successors = {
+        a: b for after, ids in chains.items() for a, b in itertools.pairwise([after, *ids, eos])
+    }
+    write_scripted_gguf(path, successors, n_ctx=n_ctx, tekken=tekken, spm=spm)
+    return chains
