@@ -53,7 +53,7 @@ def script(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, li
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory, script: tuple[Path, Any]) -> Path:
-    # the name of the llamacpp provider's model in vibe's own docs; the store serves it by that name
+    # "devstral" on the llamacpp provider was vibe's built-in local model; the store serves that name
     store = tmp_path_factory.mktemp("vibe-home")
     return make_store(store, {"devstral": script[0]}, {"devstral": "v13"})
 
