@@ -817,6 +817,7 @@ def stage_features(check: Check, model: Path) -> None:
             }
         record["serve"] = serve_smoke(check, model)
         record["schema"] = schema_smoke(check, model, folder)
+        record["tools"] = tools_smoke(check, folder)
 
 
 SCHEMA = {
@@ -862,29 +863,26 @@ print(json.dumps({"clients": n, "answered": len(got), "tokens": sum(got),
 """
 
 
-def serve_smoke(check: Check, model: Path) -> dict[str, Any]:
-    """`localmix serve` with the model on the GPU, 1 and 8 concurrent clients (64 tokens each)."""
+@contextlib.contextmanager
+def serving(check: Check, model: str, log_name: str) -> Iterator[str]:
+    """`localmix serve MODEL -ngl 99` on a free port until the block ends; yields its URL."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = (check.raw / "serve.log").open("w")
+    log = (check.raw / log_name).open("w")
     server = subprocess.Popen(
-        check.localmix("serve", str(model), "--port", str(port), "-ngl", "99"),
+        check.localmix("serve", model, "--port", str(port), "-ngl", "99"),
         env=check.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    url, result = f"http://127.0.0.1:{port}", {}
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and server.poll() is None:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
                 break
             time.sleep(0.5)
-        for n in (1, 8):
-            done = check.run(f"serve_{n}", [check.python, "-c", SERVE_CLIENTS, url, str(n),
-                             str(model)], timeout=150)  # fmt: skip
-            result[f"clients_{n}"] = done.json()
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -892,7 +890,90 @@ def serve_smoke(check: Check, model: Path) -> dict[str, Any]:
         if server.poll() is None:
             server.kill()
         log.close()
+
+
+def serve_smoke(check: Check, model: Path) -> dict[str, Any]:
+    """`localmix serve` with the model on the GPU, 1 and 8 concurrent clients (64 tokens each)."""
+    result = {}
+    with serving(check, str(model), "serve.log") as url:
+        for n in (1, 8):
+            done = check.run(f"serve_{n}", [check.python, "-c", SERVE_CLIENTS, url, str(n),
+                             str(model)], timeout=150)  # fmt: skip
+            result[f"clients_{n}"] = done.json()
     return result
+
+
+MAKE_TOOLS_MODEL = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])  # the checkout: tests.tekken_files makes the model
+from tests.tekken_files import random_model, shipped
+path = random_model(Path(sys.argv[2]), shipped("mistral_instruct_tokenizer_241114.model.v7"), "v3")
+print(json.dumps({"path": str(path)}))
+"""
+
+# one call each (parallel_tool_calls false): random weights could run a list of calls past the limit
+TOOLS_CLIENTS = """
+import json, sys, jsonschema, openai
+url, model = sys.argv[1], sys.argv[2]
+weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+           "required": ["city"], "additionalProperties": False}
+tool = {"name": "get_weather", "strict": True, "parameters": weather}
+animal = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+          "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+          "required": ["name", "legs"], "additionalProperties": False}
+client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+ask = "Weather in Paris?"
+
+def chat_call(seed):
+    reply = client.chat.completions.create(model=model, max_tokens=200, tool_choice="required",
+        messages=[{"role": "user", "content": ask}], extra_body={"seed": seed},
+        tools=[{"type": "function", "function": tool}], parallel_tool_calls=False)
+    return [json.loads(c.function.arguments) for c in reply.choices[0].message.tool_calls], weather
+
+def responses_call(seed):
+    reply = client.responses.create(model=model, input=ask, tools=[{"type": "function", **tool}],
+        tool_choice="required", max_output_tokens=200, extra_body={"seed": seed},
+        parallel_tool_calls=False)
+    return [json.loads(i.arguments) for i in reply.output if i.type == "function_call"], weather
+
+def responses_json(seed):
+    reply = client.responses.create(model=model, input="Describe a cat.", max_output_tokens=200,
+        text={"format": {"type": "json_schema", "name": "animal", "schema": animal,
+                         "strict": True}}, extra_body={"seed": seed})
+    return [json.loads(reply.output_text)], animal
+
+counts = {}
+for case in (chat_call, responses_call, responses_json):
+    valid = 0
+    for seed in (1, 2, 3):
+        try:
+            values, schema = case(seed)
+            for value in values:
+                jsonschema.validate(value, schema)
+            valid += bool(values)
+        except Exception as error:
+            print(f"{case.__name__} seed {seed}: {error!r}", file=sys.stderr)
+    counts[case.__name__] = f"{valid}/3"
+print(json.dumps(counts))
+"""
+
+
+def tools_smoke(check: Check, folder: Path) -> dict[str, Any]:
+    """Tool calls and JSON output with a tool-capable model (a random-weight v7 one) on the GPU,
+    through serve's chat completions and Responses API: the grammar masks logits that come from
+    device memory, and every call and JSON reply must validate against its schema, seeds 1-3."""
+    made = check.run("tools_model", [check.python, "-c", MAKE_TOOLS_MODEL, str(REPO),
+                     str(folder / "tools-v7")], timeout=120, vram=False)  # fmt: skip
+    path = (made.json() or {}).get("path")
+    if not path:
+        return {"error": "the tool-capable model was not made: see raw/tools_model.err"}
+    check.run("tools_import", check.localmix("import", path, "--name", "tools-v7",
+              "--format", "v7"), timeout=60, vram=False)  # fmt: skip
+    with serving(check, "tools-v7", "serve_tools.log") as url:
+        done = check.run("tools_clients", [check.python, "-c", TOOLS_CLIENTS, url, "tools-v7"],
+                         timeout=240)  # fmt: skip
+    return done.json() or {"error": "see raw/tools_clients.err"}
 
 
 # ---- the plan, as JSON (runs in the venv, where localmix is installed) ------------------------
@@ -1091,6 +1172,12 @@ def _feature_rows(features: dict[str, Any]) -> list[str]:
                 f"| 125M `localmix serve -ngl 99`, {got.get('clients')} clients: answered "
                 f"{got.get('answered')}, aggregate t/s | {_num(got.get('aggregate_tps'))} | | |"
             )
+    schema = features.get("schema") or {}
+    if schema:
+        rows.append(f"| 125M `localmix chat --schema -ngl 99`: replies that validate | "
+                    f"{schema.get('valid')}/{schema.get('runs')} | | |")  # fmt: skip
+    for case, valid in sorted((features.get("tools") or {}).items()):
+        rows.append(f"| random-weight v7 `serve -ngl 99` {case}: valid | {valid} | | |")
     return rows
 
 

@@ -57,10 +57,15 @@ def test_the_rehearsal_runs_every_stage(tmp_path: Path) -> None:
     auto = stages["mixtral"]["auto"]
     assert auto["strategy"] == "cpu-moe" and auto["cpu_moe"] > 0
     assert [row["kind"] for row in stages["mixtral"]["sweep"]] == ["ncmoe", "ngl"]
+    # tool calls and JSON replies through serve (chat completions and Responses) all validate
+    tools = stages["features"]["tools"]
+    assert set(tools) == {"chat_call", "responses_call", "responses_json"}
+    assert set(tools.values()) == {"3/3"}, tools
     table = (out / "summary.md").read_text()
     assert "7B pp32 t/s" in table and "`localmix chat` greedy" in table
     assert "auto plan tg vs the best placement that fits" in table
     assert "125M on the CPU, 1 thread: `localmix chat` greedy + penalty" in table
+    assert "random-weight v7 `serve -ngl 99` responses_json: valid | 3/3" in table
     assert table.strip() in done.stdout
 
 

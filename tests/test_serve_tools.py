@@ -39,6 +39,9 @@ TIME = {"type": "function", "function": {"name": "get_time", "strict": True, "pa
 STRICT = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repeat_penalty": 1.0}}
 INST_END = 4  # [/INST], the last token of every Mistral prompt here
+CALL_ID = 33  # [CALL_ID] in tekken v11
+V11_ID = "a1B2c3D4e"  # the scripted v11 model's own call id
+SCRIPTED = ["calls-v13", "calls-v11"]  # the "args" syntax without and with [CALL_ID]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +53,17 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         after=INST_END, tekken=tekken_file("v13", tmp),
     )  # fmt: skip
     assert v13[0] != 9
+    # v11 writes the call's id between its name and arguments: the model's own id is kept
+    write_scripted_reply(
+        tmp / "v11.gguf",
+        ["Let me check.", 9, "get_weather", CALL_ID, V11_ID, 32, '{"city": "Paris"}'],
+        after=INST_END, tekken=tekken_file("v11", tmp / "v11"),
+    )  # fmt: skip
     random_v7 = random_model(
         tmp_path_factory.mktemp("v7"), shipped("mistral_instruct_tokenizer_241114.model.v7"), "v3"
     )
-    models = {"calls-v13": tmp / "v13.gguf", "random-v7": random_v7}
-    formats = {"calls-v13": "v13", "random-v7": "v7"}
+    models = {"calls-v13": tmp / "v13.gguf", "calls-v11": tmp / "v11.gguf", "random-v7": random_v7}
+    formats = {"calls-v13": "v13", "calls-v11": "v11", "random-v7": "v7"}
     return make_store(tmp_path_factory.mktemp("tools-home"), models, formats)
 
 
@@ -69,8 +78,9 @@ def client(server: Server) -> Any:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_a_scripted_call_not_streamed(client: Any) -> None:
-    reply = client.chat.completions.create(model="calls-v13", messages=ASK, tools=[WEATHER],
+@pytest.mark.parametrize("model", SCRIPTED)
+def test_a_scripted_call_not_streamed(client: Any, model: str) -> None:
+    reply = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER],
                                            **GREEDY)  # fmt: skip
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -79,11 +89,14 @@ def test_a_scripted_call_not_streamed(client: Any) -> None:
     assert call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     assert len(call.id) == 9 and call.id.isalnum()
+    if model == "calls-v11":
+        assert call.id == V11_ID
 
 
-def test_a_scripted_call_streamed_in_openais_shape(client: Any) -> None:
+@pytest.mark.parametrize("model", SCRIPTED)
+def test_a_scripted_call_streamed_in_openais_shape(client: Any, model: str) -> None:
     chunks = list(client.chat.completions.create(
-        model="calls-v13", messages=ASK, tools=[WEATHER], stream=True,
+        model=model, messages=ASK, tools=[WEATHER], stream=True,
         stream_options={"include_usage": True}, **GREEDY,
     ))  # fmt: skip
     deltas = [c.choices[0].delta for c in chunks if c.choices]
