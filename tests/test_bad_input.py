@@ -473,6 +473,9 @@ CHAT_CASES = [
     _c("chat unknown format", 2, "v9", "chat", "GGUF", "hi", "--format", "v9", "-n", "1"),
     _c("chat empty format", 2, "--format", "chat", "GGUF", "hi", "--format", ""),
     _c("chat unknown overflow", 2, "wrap", "chat", "GGUF", "hi", "--overflow", "wrap", "-n", "1"),
+    _c("chat schema missing file", 2, "--schema", "chat", "GGUF", "hi", "--schema", "WORK/no.json"),
+    _c("chat schema not JSON", 2, "not JSON", "chat", "GGUF", "hi", "--schema", FILE),
+    _c("chat schema a folder", 2, "--schema", "chat", "GGUF", "hi", "--schema", "WORK"),
     _c("chat vram budget word", 2, "lots", "chat", "GGUF", "--vram-budget", "lots", "--estimate"),
     _c(
         "chat vram budget negative", 2, "-5", "chat", "GGUF", "--vram-budget", "-5GiB", "--estimate"
