@@ -1,0 +1,115 @@
+"""Images in a Mistral prompt, laid out as mistral-common lays them out (no llama.cpp here).
+
+A vision model's tokenizer says how big its patches are, how many of them merge into one token
+and how large an image may be (tekken.json's "image", older files' "multimodal"). An image is
+scaled down, keeping its aspect, until its longer side fits `max_image_size`, then covered by a
+grid of tokens, each side rounded up to whole tokens: `columns` [IMG] tokens and an [IMG_BREAK]
+per row, the last [IMG_BREAK] replaced by [IMG_END]. The pixels the vision tower sees are the
+image stretched to exactly that grid (columns x unit by rows x unit), so that llama.cpp's encoder,
+which rounds each side to the nearest whole token, keeps the same grid.
+
+mistral-common also moves the image of a user message made of text parts and one final image to
+the front (`image_first`): prompts follow it to stay token-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from localmix.errors import UsageError
+
+Part = TypeVar("Part")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """A vision tokenizer's image settings (mistral-common's ImageConfig)."""
+
+    patch_size: int
+    max_image_size: int
+    spatial_merge_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "max_image_size", "spatial_merge_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UsageError(f"image config: {name} must be a whole number above 0")
+
+    @property
+    def unit(self) -> int:
+        """Pixels per token along each side (a patch times the merge)."""
+        return self.patch_size * self.spatial_merge_size
+
+    def grid(self, width: int, height: int) -> tuple[int, int]:
+        """(columns, rows) of [IMG] tokens for an image of width x height pixels."""
+        if width < 1 or height < 1:
+            raise UsageError(f"an image of {width}x{height} pixels has no pixels")
+        w: float = width
+        h: float = height
+        ratio = max(height / self.max_image_size, width / self.max_image_size)
+        if ratio > 1:
+            # Python's round (half to even), as mistral-common; never 0 pixels on a side
+            w, h = max(round(width / ratio), 1), max(round(height / ratio), 1)
+        return (int(w) - 1) // self.unit + 1, (int(h) - 1) // self.unit + 1
+
+    def pixels(self, width: int, height: int) -> tuple[int, int]:
+        """The size (width, height) the image is stretched to before the vision tower."""
+        columns, rows = self.grid(width, height)
+        return columns * self.unit, rows * self.unit
+
+
+@dataclass(frozen=True)
+class ImageIds:
+    """The vocabulary's ids of [IMG], [IMG_BREAK] and [IMG_END]."""
+
+    img: int
+    img_break: int
+    img_end: int
+
+
+def layout(columns: int, rows: int, ids: ImageIds) -> list[int]:
+    """An image's tokens: per row, `columns` [IMG] and an [IMG_BREAK]; the last one [IMG_END]."""
+    tokens = ([ids.img] * columns + [ids.img_break]) * rows
+    tokens[-1] = ids.img_end
+    return tokens
+
+
+def image_tokens(width: int, height: int, config: ImageConfig, ids: ImageIds) -> list[int]:
+    """The prompt tokens of a width x height image."""
+    return layout(*config.grid(width, height), ids)
+
+
+def embedding_count(columns: int, rows: int) -> int:
+    """How many embeddings the vision encoder gives for the grid: every [IMG] and [IMG_BREAK]
+    of the layout ([IMG_END] is an ordinary token after them)."""
+    return columns * rows + rows - 1
+
+
+def config_from_tekken(data: Mapping[str, Any]) -> ImageConfig | None:
+    """The image settings in a tekken.json (its "image" entry, or "multimodal" in older
+    files), or None for a tokenizer without vision."""
+    raw = data.get("image") or data.get("multimodal")
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise UsageError("tekken.json: its image settings are not an object")
+    try:
+        return ImageConfig(
+            int(raw["image_patch_size"]),
+            int(raw["max_image_size"]),
+            int(raw.get("spatial_merge_size", 1)),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise UsageError(f"tekken.json: image settings lack or mistype {error}") from None
+
+
+def image_first(
+    parts: Sequence[Part], is_image: Callable[[Part], bool], is_text: Callable[[Part], bool]
+) -> list[Part]:
+    """mistral-common's placement rule for a user message: text parts followed by one image
+    become that image, then the text parts; any other order stays as given."""
+    parts = list(parts)
+    if len(parts) >= 2 and is_image(parts[-1]) and all(is_text(p) for p in parts[:-1]):
+        return [parts[-1], *parts[:-1]]
+    return parts
