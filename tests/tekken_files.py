@@ -46,15 +46,24 @@ def shipped(name: str) -> Path:
     return Path(os.path.dirname(mistral_common.__file__)) / "data" / name
 
 
-def tekken_file(version: str, folder: Path, vocab_size: int | None = None) -> Path:
+# Mistral Small 3.x's image settings (patch 14, up to 1540 pixels, 2x2 merge)
+SMALL_3_IMAGE = {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2}
+
+
+def tekken_file(
+    version: str, folder: Path, vocab_size: int | None = None, image: dict | None = None
+) -> Path:
     """tekken.json of `version` ("v7", "v11", "v13", "v15") in folder; v7 is tekken_240911
     relabelled (Mistral Small 3's rules, its special tokens the old fixed list). vocab_size cuts
-    the vocabulary (special tokens included) for scripted models that need only its start."""
+    the vocabulary (special tokens included) for scripted models that need only its start;
+    image: the image settings of a vision model's tokenizer (None: text only)."""
     data = json.loads(shipped("tekken_240911.json").read_text(encoding="utf-8"))
     data["config"]["version"] = version
     if vocab_size is not None:
         data["config"]["default_vocab_size"] = vocab_size
     data.pop("image", None)  # text only: no image encoder to configure
+    if image is not None:
+        data["image"] = image
     if version in _ADDED:
         n = data["config"]["default_num_special_tokens"]
         names = dict(enumerate(_FIXED)) | _ADDED[version]
@@ -65,7 +74,8 @@ def tekken_file(version: str, folder: Path, vocab_size: int | None = None) -> Pa
     if version == "v15":
         data["model_settings_builder"] = SMALL_4_SETTINGS
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"tekken_{version}{'' if vocab_size is None else f'_{vocab_size}'}.json"
+    suffix = ("" if vocab_size is None else f"_{vocab_size}") + ("" if image is None else "_image")
+    path = folder / f"tekken_{version}{suffix}.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,110 @@ def test_image_first_is_mistral_commons_rule(parts: list[str]) -> None:
     moved = InstructTokenizerV3._maybe_put_image_first(chunks)
     expected = ["IMG" if isinstance(c, ImageChunk) else c.text for c in moved]
     assert images.image_first(parts, lambda p: p == "IMG", lambda p: p != "IMG") == expected
+
+
+# -- whole prompts with images ------------------------------------------------------------------
+
+
+def _conversations() -> list[list[Any]]:
+    from localmix.chat.template import Message, Picture
+
+    cat, tall, dot = Picture(640, 480, "cat"), Picture(100, 3000, "tall"), Picture(1, 1, "dot")
+    return [
+        [Message("user", ("Describe this.", cat))],  # text then one image: the image goes first
+        [Message("user", (tall, "What is this?"))],
+        [Message("user", ("a", Picture(28, 28), "b", dot))],
+        [Message("system", "Be brief."), Message("user", ("Look:", cat, "and", tall))],
+        [Message("user", ("First", cat)), Message("assistant", "A cat."),
+         Message("user", ("And this one?", dot))],
+        [Message("user", ("One", cat)), Message("user", ("Two", tall))],  # merged as one turn
+        [Message("user", (Picture(6000, 4000),))],
+    ]  # fmt: skip
+
+
+def _reference_content(content: Any) -> Any:
+    from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+    from PIL import Image
+
+    from localmix.chat.template import Picture
+
+    if isinstance(content, str):
+        return content
+    return [
+        ImageChunk(image=Image.new("RGB", (p.width, p.height))) if isinstance(p, Picture)
+        else TextChunk(text=p)
+        for p in content
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["v3-tekken", "v7", "v11", "v13"])
+def vision_gguf(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, Path]:
+    """(format, a vision tokenizer file, a tiny GGUF converted with it): Pixtral 12B's own file
+    for v3-tekken, Small 3.x's image settings on the tekken v7+ ones."""
+    from localmix.build.convert import convert
+
+    from .tekken_files import SMALL_3_IMAGE, checkpoint_with, shipped, tekken_file
+
+    fmt = request.param
+    tmp = tmp_path_factory.mktemp(f"vision-{fmt}")
+    if fmt == "v3-tekken":
+        tok = tmp / "tekken.json"
+        tok.write_bytes(shipped("tekken_240911.json").read_bytes())
+    else:
+        tok = tekken_file(fmt, tmp, image=SMALL_3_IMAGE)
+    return fmt, tok, convert(checkpoint_with(tok, tmp), tmp / "model.gguf", outtype="f16")
+
+
+def test_prompts_with_images_equal_mistral_commons(vision_gguf: tuple[str, Path, Path]) -> None:
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        SystemMessage,
+        UserMessage,
+    )
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from localmix.chat import template
+    from localmix.llama.engine import Engine
+    from localmix.llama.records import EngineConfig
+
+    fmt, tok, gguf = vision_gguf
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    reference = MistralTokenizer.from_file(str(tok))
+    config = images.config_from_tekken(json.loads(tok.read_text()))
+    with Engine(EngineConfig(gguf, n_ctx=256, n_threads=1, vocab_only=True)) as engine:
+        for messages in _conversations():
+            request = ChatCompletionRequest(
+                messages=[kinds[m.role](content=_reference_content(m.content)) for m in messages]
+            )
+            expected = reference.encode_chat_completion(request).tokens
+            got = template.encode(fmt, messages, engine.tokenize, images=config)
+            assert got == expected, messages
+
+
+def test_images_are_refused_where_mistral_common_has_none() -> None:
+    from localmix.chat import template
+    from localmix.chat.template import Message, Picture
+
+    def tokenize(text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        return [1]  # never reached: the checks come first
+
+    picture = Picture(10, 10, "x")
+    with pytest.raises(UsageError, match="does not see images"):
+        template.encode("v11", [Message("user", ("hi", picture))], tokenize)
+    with pytest.raises(UsageError, match="does not see images"):
+        template.encode("v1", [Message("user", ("hi", picture))], tokenize, images=SMALL)
+    with pytest.raises(UsageError, match="only user messages"):
+        template.encode("v11", [Message("system", (picture,)), Message("user", "hi")], tokenize,
+                        images=SMALL)  # fmt: skip
+
+
+def test_a_picture_survives_json() -> None:
+    from localmix.chat.template import Message, Picture
+
+    message = Message("user", ("Look", Picture(640, 480, "sha256:abc")))
+    assert Message.from_json(message.to_json()) == message
+    with pytest.raises(ValueError, match="image"):
+        Message.from_json({"role": "user", "content": [{"image": "x", "width": 0, "height": 1}]})

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from localmix.chat.images import ImageConfig, ImageIds, image_first, image_tokens
 from localmix.chat.tools import Tool, ToolCall, check_name, mistral_id, pair_results
 from localmix.errors import InvalidGGUF, UsageError
 
@@ -48,8 +49,19 @@ class Think:
     closed: bool = True
 
 
-# A message's content: plain text, or text and thinking parts in order.
-Content = str | tuple[str | Think, ...]
+@dataclass(frozen=True)
+class Picture:
+    """An image in a user message (mistral-common's ImageChunk): its size in pixels, which is
+    all its prompt tokens depend on (chat/images.py), and `key`, which names its pixels for
+    whoever encodes them (the engine's vision tower)."""
+
+    width: int
+    height: int
+    key: str = ""
+
+
+# A message's content: plain text, or text, thinking and image parts in order.
+Content = str | tuple[str | Think | Picture, ...]
 
 
 @dataclass(frozen=True)
@@ -90,16 +102,13 @@ class Message:
         return self if self.thinking is None else replace(self, content=self.text)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON object: content is a string, or a list of strings and {"thinking", "closed"};
-        tool_calls ([{"name", "arguments", "id"}]), tool_call_id and name only when set."""
+        """A JSON object: content is a string, or a list of strings, {"thinking", "closed"} and
+        {"image", "width", "height"}; tool_calls ([{"name", "arguments", "id"}]), tool_call_id
+        and name only when set."""
         if isinstance(self.content, str):
             out: dict[str, Any] = {"role": self.role, "content": self.content}
         else:
-            parts = [
-                p if isinstance(p, str) else {"thinking": p.text, "closed": p.closed}
-                for p in self.content
-            ]
-            out = {"role": self.role, "content": parts}
+            out = {"role": self.role, "content": [_part_json(p) for p in self.content]}
         if self.tool_calls:
             out["tool_calls"] = [
                 {"name": c.name, "arguments": c.arguments, **({"id": c.id} if c.id else {})}
@@ -136,15 +145,29 @@ class Message:
             return cls(data["role"], content, **extra)
         if not isinstance(content, list):
             raise ValueError("a message's content is a string or a list")
-        parts: list[str | Think] = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("thinking"), str):
-                parts.append(Think(part["thinking"], bool(part.get("closed", True))))
-            else:
-                raise ValueError("a content part is a string or {thinking, closed}")
-        return cls(data["role"], tuple(parts), **extra)
+        return cls(data["role"], tuple(_part_from_json(p) for p in content), **extra)
+
+
+def _part_json(part: str | Think | Picture) -> Any:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, Think):
+        return {"thinking": part.text, "closed": part.closed}
+    return {"image": part.key, "width": part.width, "height": part.height}
+
+
+def _part_from_json(part: Any) -> str | Think | Picture:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict) and isinstance(part.get("thinking"), str):
+        return Think(part["thinking"], bool(part.get("closed", True)))
+    if (
+        isinstance(part, dict)
+        and isinstance(part.get("image"), str)
+        and all(isinstance(part.get(k), int) and part[k] > 0 for k in ("width", "height"))
+    ):
+        return Picture(part["width"], part["height"], part["image"])
+    raise ValueError("a content part is a string, {thinking, closed} or {image, width, height}")
 
 
 class Tokenize(Protocol):
@@ -304,12 +327,15 @@ def encode(
     *,
     tools: Sequence[Tool] = (),
     reasoning_effort: str | None = None,
+    images: ImageConfig | None = None,
 ) -> list[int]:
     """Prompt token ids for `messages`, ready for the assistant's reply (BOS included).
 
     tools: the functions the model may call ([AVAILABLE_TOOLS]; a GGUF template gets them as
     `tools`). reasoning_effort: the v15 model setting ("none", "high"); None is the model's
-    default. UsageError for what mistral-common refuses, naming the field ("messages[3].…")."""
+    default. images: a vision model's image settings (its Picture parts become [IMG] grids);
+    None: the model sees no images. UsageError for what mistral-common refuses, naming the
+    field ("messages[3].…")."""
     fmt = get(chat_format) if isinstance(chat_format, str) else chat_format
     for m in messages:
         if m.role not in ROLES:
@@ -318,8 +344,11 @@ def encode(
         known = ", ".join(fmt_efforts(fmt)) or "none: this format has no reasoning effort"
         raise UsageError(f"unknown reasoning effort {reasoning_effort!r}", hint=f"use {known}")
     if isinstance(fmt, TemplateFormat):
+        if any(not isinstance(m.content, str) and any(isinstance(p, Picture) for p in m.content)
+               for m in messages):  # fmt: skip
+            raise UsageError("images need a Mistral chat format", hint="give the model's --format")
         return _encode_template(fmt, [m.without_thinking() for m in messages], tokenize, tools)
-    return _encode_mistral(fmt, messages, tokenize, reasoning_effort, tools)
+    return _encode_mistral(fmt, messages, tokenize, reasoning_effort, tools, images)
 
 
 def fmt_efforts(fmt: ChatFormat) -> tuple[str, ...]:
@@ -332,8 +361,9 @@ def fmt_efforts(fmt: ChatFormat) -> tuple[str, ...]:
 
 def _aggregate(contents: Sequence[Content], chunk_join: str) -> Content:
     """mistral-common's chunk aggregation: text of separate messages joined by "\\n\\n", adjacent
-    text parts of one message by chunk_join, empty text skipped; plain text if no Think is left."""
-    parts: list[str | Think] = []
+    text parts of one message by chunk_join, empty text skipped; plain text if no Think or
+    Picture is left."""
+    parts: list[str | Think | Picture] = []
     text: list[str] = []
 
     def flush() -> None:
@@ -349,7 +379,7 @@ def _aggregate(contents: Sequence[Content], chunk_join: str) -> Content:
             text.append((_JOIN if new_message else "") + content)
             continue
         for part in content:
-            if isinstance(part, Think):
+            if isinstance(part, (Think, Picture)):
                 flush()
                 parts.append(part)
             elif part:
@@ -461,11 +491,18 @@ def _tool_result(fmt: MistralFormat, m: Message) -> Message:
     return Message("tool", text, tool_call_id=m.tool_call_id, name=m.name)
 
 
-def _check_parts(fmt: MistralFormat, messages: Sequence[Message]) -> None:
+def _check_parts(
+    fmt: MistralFormat, messages: Sequence[Message], images: ImageConfig | None
+) -> None:
     """Think parts where mistral-common accepts them: assistant messages from v13, system
-    messages in v13 only, never in a user message."""
-    for m in messages:
+    messages in v13 only, never in a user message; Picture parts in user messages only, for a
+    model that sees images."""
+    for i, m in enumerate(messages):
         if isinstance(m.content, str) or all(isinstance(p, str) for p in m.content):
+            continue
+        if any(isinstance(p, Picture) for p in m.content):
+            _check_pictures(fmt, m, i, images)
+        if not any(isinstance(p, Think) for p in m.content):
             continue
         allowed = {"assistant": fmt.think, "system": fmt.system_think}.get(m.role, False)
         if not allowed:
@@ -473,6 +510,16 @@ def _check_parts(fmt: MistralFormat, messages: Sequence[Message]) -> None:
                 f"the {fmt.name} chat format has no thinking in a {m.role} message",
                 hint="drop the thinking (a reasoning model's format is v13 or v15)",
             )
+
+
+def _check_pictures(fmt: MistralFormat, m: Message, i: int, images: ImageConfig | None) -> None:
+    if m.role != "user":
+        raise UsageError(f"messages[{i}]: only user messages can hold images")
+    if images is None or not fmt.control_inst:
+        raise UsageError(
+            f"messages[{i}]: this model does not see images",
+            hint="use a vision model (Mistral Small 3.2, Ministral 3, Magistral) with its mmproj",
+        )
 
 
 _V1_TOOLS = "the v1 chat format (Mixtral 8x7B v0.1) has no tool tokens"
@@ -633,8 +680,9 @@ def _encode_mistral(
     tokenize: Tokenize,
     effort: str | None,
     tools: Sequence[Tool],
+    images: ImageConfig | None = None,
 ) -> list[int]:
-    _check_parts(fmt, messages)
+    _check_parts(fmt, messages, images)
     _check_tools(fmt, tools, messages)
     msgs, origins, system = _normalize(fmt, _resolve_calls(fmt, messages))
     user_idx = [i for i, m in enumerate(msgs) if m.role == "user"]
@@ -654,6 +702,10 @@ def _encode_mistral(
         for part in content:
             if isinstance(part, str):
                 out += text(part)
+            elif isinstance(part, Picture):
+                assert images is not None  # _check_parts
+                ids = ImageIds(special["[IMG]"], special["[IMG_BREAK]"], special["[IMG_END]"])
+                out += image_tokens(part.width, part.height, images, ids)
             else:
                 out += [special["[THINK]"], *text(part.text)]
                 out += [special["[/THINK]"]] if part.closed else []
@@ -662,10 +714,13 @@ def _encode_mistral(
     tokens = [special["<s>"]]
     for i, m in enumerate(msgs):
         if m.role == "user":
-            content = m.text
             where = {"first_user": first_user, "last_user": last_user}.get(fmt.system)
-            if system and i == where:
-                content = system + _JOIN + content
+            prefix = system + _JOIN if system and i == where else ""
+            if isinstance(m.content, str):
+                body = text(prefix + m.content)
+            else:  # text and images: the system prompt, then each part, mistral-common's order
+                ordered = image_first(m.content, _is_picture, _is_text)
+                body = (text(prefix) if prefix else []) + parts(tuple(ordered))
             if tools and i == tools_at:
                 listed = json.dumps([t.prompt_json() for t in tools], ensure_ascii=False)
                 tokens += [special["[AVAILABLE_TOOLS]"], *text(listed)]
@@ -673,9 +728,9 @@ def _encode_mistral(
             if fmt.settings and i == first_user:
                 tokens += _settings(fmt, effort, special, text)
             if fmt.control_inst:
-                tokens += [special["[INST]"], *text(content), special["[/INST]"]]
-            else:
-                tokens += text(f"[INST] {content} [/INST]")
+                tokens += [special["[INST]"], *body, special["[/INST]"]]
+            else:  # text only: _check_parts refuses images without control tokens
+                tokens += text(f"[INST] {prefix}{m.text} [/INST]")
         elif m.role == "assistant":
             if not m.content and not m.tool_calls:
                 raise UsageError(
@@ -702,6 +757,14 @@ def _encode_mistral(
         else:
             tokens += [special["[SYSTEM_PROMPT]"], *parts(m.content), special["[/SYSTEM_PROMPT]"]]
     return tokens
+
+
+def _is_picture(part: object) -> bool:
+    return isinstance(part, Picture)
+
+
+def _is_text(part: object) -> bool:
+    return isinstance(part, str)
 
 
 def _encode_calls(
