@@ -10,17 +10,26 @@ which rounds each side to the nearest whole token, keeps the same grid.
 
 mistral-common also moves the image of a user message made of text parts and one final image to
 the front (`image_first`): prompts follow it to stay token-exact.
+
+`decode` reads an image file's bytes (PNG, JPEG, WebP, GIF's first frame, BMP) within limits on
+its bytes and pixels, into RGB as mistral-common converts it (transparency laid on white).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from localmix.errors import UsageError
 
+if TYPE_CHECKING:
+    from localmix.chat.template import Picture
+
 Part = TypeVar("Part")
+MAX_BYTES = 20 * 1024 * 1024  # one image's encoded bytes (OpenAI's limit is 20 MB too)
+MAX_PIXELS = 40_000_000  # width x height: far above what any vision tower takes
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 
 @dataclass(frozen=True)
@@ -113,3 +122,61 @@ def image_first(
     if len(parts) >= 2 and is_image(parts[-1]) and all(is_text(p) for p in parts[:-1]):
         return [parts[-1], *parts[:-1]]
     return parts
+
+
+@dataclass(frozen=True)
+class Image:
+    """A decoded image: its RGB pixels (width x height x 3 bytes), size and content key."""
+
+    width: int
+    height: int
+    rgb: bytes = field(repr=False)
+    key: str
+
+    def picture(self) -> Picture:
+        """The image as a part of a message (its size, and its key for the pixels)."""
+        from localmix.chat.template import Picture
+
+        return Picture(self.width, self.height, self.key)
+
+
+def decode(data: bytes) -> Image:
+    """The image in `data` as RGB; UsageError for what is not an image localmix reads, or is
+    over MAX_BYTES or MAX_PIXELS (checked before the pixels are decoded)."""
+    import hashlib
+    import io
+
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    if len(data) > MAX_BYTES:
+        raise UsageError(f"the image is over {MAX_BYTES // 2**20} MiB")
+    try:
+        with PILImage.open(io.BytesIO(data), formats=FORMATS) as opened:
+            width, height = opened.size
+            if width * height > MAX_PIXELS:
+                raise UsageError(
+                    f"the image is {width}x{height} pixels; at most "
+                    f"{MAX_PIXELS // 1_000_000} megapixels",
+                    hint="scale it down first",
+                )
+            rgb = _rgb(opened)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise UsageError(
+            "not an image localmix reads", hint="send PNG, JPEG, WebP, GIF or BMP"
+        ) from None
+    key = "sha256:" + hashlib.sha256(f"{width}x{height}:".encode() + rgb).hexdigest()
+    return Image(width, height, rgb, key)
+
+
+def _rgb(image: Any) -> bytes:
+    """RGB bytes as mistral-common converts an image: any other mode through RGBA, pasted on
+    white with its alpha as the mask."""
+    from PIL import Image as PILImage
+
+    if image.mode == "RGB":
+        return image.tobytes()
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+    white = PILImage.new("RGBA", rgba.size, "WHITE")
+    white.paste(rgba, (0, 0), rgba)
+    return white.convert("RGB").tobytes()

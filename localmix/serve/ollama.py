@@ -149,11 +149,8 @@ def _refuse_unsupported(req: Base) -> None:
             )  # fmt: skip
     if req.top_logprobs is not None and not req.logprobs:
         raise app.BadField("top_logprobs", "top_logprobs needs logprobs: true")
-    images = getattr(req, "images", None) or any(
-        m.images for m in getattr(req, "messages", []) if m.images
-    )
-    if images:
-        raise UsageError("images are not supported: localmix serves text models")
+    if getattr(req, "images", None) and getattr(req, "raw", False):
+        raise app.BadField("images", "images need a chat prompt: a raw prompt has no image tokens")
     if getattr(req, "suffix", None):
         raise UsageError("suffix (fill-in-the-middle) is not supported")
 
@@ -363,7 +360,7 @@ def chat_messages(req: ChatRequest) -> list[prompts.Message]:
     return [
         prompts.message(
             m.role,
-            m.content,
+            with_images(m.content, m.images, f"messages[{i}].images"),
             tool_call_id=m.tool_call_id,
             name=m.tool_name,
             tool_calls=[
@@ -373,6 +370,16 @@ def chat_messages(req: ChatRequest) -> list[prompts.Message]:
         )
         for i, m in enumerate(req.messages)
     ]
+
+
+def with_images(text: str, images: list[Any] | None, where: str) -> prompts.Content:
+    """Ollama's message: its text, then its images (base64) as Picture parts."""
+    from localmix.serve import media
+
+    if not images:
+        return text
+    pictures = [media.from_base64(b, f"{where}[{k}]").picture() for k, b in enumerate(images)]
+    return (text, *pictures) if text else tuple(pictures)
 
 
 def chat_tools(req: Base) -> list[Tool]:
@@ -415,7 +422,7 @@ def _prompt_of(req: Base, chat: bool) -> Callable[[Model], list[int]] | None:
     if req.raw:
         return lambda model: prompts.text_tokens(model, req.prompt)
     head = [prompts.message("system", req.system)] if req.system else []
-    messages = [*head, prompts.message("user", req.prompt)]
+    messages = [*head, prompts.message("user", with_images(req.prompt, req.images, "images"))]
     return lambda model: prompts.chat_tokens(model, messages, think)
 
 

@@ -48,9 +48,16 @@ class TextPart(_Body):
     text: str
 
 
+class ImagePart(_Body):
+    """OpenAI's image part: image_url {"url": "data:image/...;base64,..."} (or the URL alone)."""
+
+    type: Literal["image_url"]
+    image_url: Union[dict[str, Any], str]  # noqa: UP007
+
+
 class ChatMessage(_Body):
     role: str
-    content: Union[str, list[TextPart], None] = None  # noqa: UP007 - pydantic on 3.10
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = None  # noqa: UP007
     tool_calls: Union[list[dict[str, Any]], None] = None  # noqa: UP007 - an assistant's calls
     tool_call_id: Union[str, None] = None  # noqa: UP007 - a tool result: the call it answers
     name: Union[str, None] = None  # noqa: UP007
@@ -204,9 +211,7 @@ def chat_messages(req: ChatRequest) -> list[prompts.Message]:
 
     out = []
     for i, m in enumerate(req.messages):
-        content = m.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
+        content = _content(m.content, f"messages[{i}].content")
         calls = [
             ToolCall.from_openai(call, where=f"messages[{i}].tool_calls[{j}]")
             for j, call in enumerate(m.tool_calls or ())
@@ -216,6 +221,24 @@ def chat_messages(req: ChatRequest) -> list[prompts.Message]:
                             tool_call_id=m.tool_call_id, name=m.name)
         )  # fmt: skip
     return out
+
+
+def _content(content: str | list[TextPart | ImagePart] | None, where: str) -> prompts.Content:
+    """A message's text, or its text and images (Picture parts) in order."""
+    from localmix.serve import media
+
+    if not isinstance(content, list):
+        return content or ""
+    if all(isinstance(part, TextPart) for part in content):
+        return "".join(part.text for part in content)  # type: ignore[union-attr]
+    parts: list[Any] = []
+    for j, part in enumerate(content):
+        if isinstance(part, TextPart):
+            parts.append(part.text)
+            continue
+        url = part.image_url.get("url") if isinstance(part.image_url, dict) else part.image_url
+        parts.append(media.from_url(url, f"{where}[{j}].image_url").picture())
+    return tuple(parts)
 
 
 def chat_tools(req: ChatRequest) -> list[Tool]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from localmix.chat import template
-from localmix.chat.template import Message
+from localmix.chat.template import Content, Message
 from localmix.errors import ContextTooLong, UsageError
 from localmix.llama.records import Chunk
 from localmix.serve import app
@@ -28,13 +28,14 @@ ROLE_ALIASES = {"developer": "system"}
 
 def message(
     role: str,
-    content: str,
+    content: Content,
     *,
     tool_calls: Sequence[ToolCall] = (),
     tool_call_id: str | None = None,
     name: str | None = None,
 ) -> Message:
-    """A chat message from an API's fields; UsageError for roles chat cannot encode."""
+    """A chat message from an API's fields (content: text, or text and Picture parts);
+    UsageError for roles chat cannot encode."""
     role = ROLE_ALIASES.get(role, role)
     if role not in template.ROLES:
         raise UsageError(

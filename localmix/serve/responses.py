@@ -190,28 +190,36 @@ def _message(item: dict[str, Any], where: str) -> Message:
     if not isinstance(role, str):
         raise app.BadField(f"{where}.role", f"{where}.role: a message has a role")
     try:
-        return prompts.message(role, _text(item.get("content"), f"{where}.content"))
+        return prompts.message(role, _content(item.get("content"), f"{where}.content"))
     except UsageError as error:
         raise app.BadField(f"{where}.role", f"{where}.role: {error.message}", error.hint) from None
 
 
-def _text(content: Any, where: str) -> str:
-    """A content string, or the text of its parts (input_text, output_text, refusal)."""
+def _content(content: Any, where: str, images: bool = True) -> prompts.Content:
+    """A content string, or its parts: text (input_text, output_text, refusal) and, where
+    images may go, input_image (a data: URL) as Picture parts."""
+    from localmix.serve import media
+
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
         raise app.BadField(where, f"{where}: content is a string or a list of parts")
-    texts = []
+    parts: list[Any] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text"):
-            texts.append(str(part.get("text") or ""))
+            parts.append(str(part.get("text") or ""))
         elif kind == "refusal":
-            texts.append(str(part.get("refusal") or ""))
+            parts.append(str(part.get("refusal") or ""))
+        elif kind == "input_image" and images and "image_url" in part:
+            parts.append(media.from_url(part["image_url"], f"{where}[{j}].image_url").picture())
         else:
+            hint = "send input_text and input_image (a data: URL) parts"
             raise app.BadField(f"{where}[{j}]", f"{where}[{j}]: parts of type {kind!r} are not "
-                               "supported", hint="send input_text parts")  # fmt: skip
-    return "".join(texts)
+                               "supported", hint=hint)  # fmt: skip
+    if all(isinstance(p, str) for p in parts):
+        return "".join(parts)
+    return tuple(parts)
 
 
 def _with_call(out: list[Message], call: ToolCall) -> None:
@@ -229,7 +237,7 @@ def _result(item: dict[str, Any], where: str) -> Message:
     if not isinstance(call_id, str) or not call_id:
         raise app.BadField(f"{where}.call_id", f"{where}.call_id: a result names its call")
     output = item.get("output")
-    text = output if isinstance(output, str) else _text(output, f"{where}.output")
+    text = output if isinstance(output, str) else _content(output, f"{where}.output", images=False)
     return prompts.message("tool", text, tool_call_id=call_id)
 
 
