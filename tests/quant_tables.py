@@ -51,6 +51,18 @@ _TEKKEN = {"n_vocab": 131072, "head_dim": 128}
 MISTRAL_SMALL_3_2 = Arch(
     "Mistral Small 3.2 24B", n_layer=40, n_embd=5120, n_ff=32768, context_length=131072, **_TEKKEN
 )
+# The models that need several machines. Mistral Large 2 (2407 and 2411 alike): its config.json /
+# params.json; Devstral 2 123B: the same body with the tekken vocabulary (its Q4_K_M, 69.75 GiB and
+# 125.03 B parameters in llama-bench, is exactly this table); Mixtral 8x22B: its config.json.
+MISTRAL_LARGE_2 = Arch(
+    "Mistral Large 2 123B", n_layer=88, n_embd=12288, n_ff=28672, n_head=96, n_vocab=32768,
+    context_length=131072, head_dim=128,
+)  # fmt: skip
+DEVSTRAL_2 = replace(MISTRAL_LARGE_2, name="Devstral 2 123B", context_length=262144, **_TEKKEN)
+MIXTRAL_8X22B = Arch(
+    "Mixtral 8x22B", n_layer=56, n_embd=6144, n_ff=16384, n_head=48, n_vocab=32768,
+    n_expert=8, n_expert_used=2, context_length=65536,
+)  # fmt: skip
 MINISTRAL_3_3B = Arch(
     "Ministral 3 3B", n_layer=26, n_embd=3072, n_ff=9216, context_length=262144,
     arch="mistral3", tied=True, **_TEKKEN,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from localmix.errors import CatalogError, ModelNotFound
-from localmix.models import catalog
+from localmix.models import catalog, tags
 
 
 def test_shipped_catalog_has_the_mistral_family() -> None:
@@ -251,3 +251,103 @@ def test_the_catalog_knows_which_models_call_tools() -> None:
     assert not {"mistral:v0.1", "mistral:v0.2"} & tools  # v1: no tool tokens
     assert all(cat.models[n].chat_format != "v1" for n in tools)
     assert any(cat.models[n].chat_format in ("v13", "v15") for n in tools)
+
+
+# --- the models that need several machines (issue 24) --------------------------------------------
+
+# name -> (architecture, chat format, context, license, gated, the Q4_K_M file's first part)
+_BIG = {
+    "mixtral:8x22b": (
+        "mixtral", "v3", 65536, "apache-2.0", True,
+        "Mixtral-8x22B-Instruct-v0.1.Q4_K_M-00001-of-00002.gguf",
+    ),
+    "mistral-large:2407": (
+        "mistral", "v3", 131072, "mrl", True,
+        "Mistral-Large-Instruct-2407-Q4_K_M/Mistral-Large-Instruct-2407-Q4_K_M-00001-of-00002.gguf",
+    ),
+    "mistral-large:2411": (
+        "mistral", "v7", 131072, "mrl", True,
+        "Mistral-Large-Instruct-2411-Q4_K_M/Mistral-Large-Instruct-2411-Q4_K_M-00001-of-00002.gguf",
+    ),
+    "devstral-2:123b": (
+        "mistral", "v13", 262144, "modified-mit", False,
+        "Q4_K_M/Devstral-2-123B-Instruct-2512-Q4_K_M-00001-of-00002.gguf",
+    ),
+    "mistral-large-3:675b": (
+        "deepseek2", "v13", 262144, "apache-2.0", False,
+        "UD-IQ1_S/Mistral-Large-3-675B-Instruct-2512-UD-IQ1_S-00001-of-00004.gguf",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(_BIG))
+def test_the_catalog_holds_the_models_bigger_than_one_machine(name: str) -> None:
+    arch, fmt, context, license_, gated, _ = _BIG[name]
+    spec = catalog.load().get(name)
+    assert (spec.architecture, spec.chat_format, spec.context_length) == (arch, fmt, context)
+    assert (spec.license, spec.gated) == (license_, gated)
+    assert spec.calls_tools and not spec.reasoning  # all call tools; none thinks
+    assert spec.default_quant == "Q4_K_M" and spec.size_q4_k_m > 60  # more than a 64 GB machine
+    assert spec.source.startswith("mistralai/") and spec.gguf_repo.endswith("-GGUF")
+
+
+def test_big_model_aliases_resolve() -> None:
+    cat = catalog.load()
+    assert cat.get("mistral-large").name == "mistral-large:2411"  # Large 2's current release
+    assert cat.get("mistral-large-3").name == "mistral-large-3:675b"
+    assert cat.get("devstral-2").name == "devstral-2:123b"
+    assert cat.get("devstral").name == "devstral-small:2"  # the 24B stays the default Devstral
+    ref = catalog.resolve("mistral-large:2407:q5_k_m")
+    assert (ref.name, ref.quant) == ("mistral-large:2407", "Q5_K_M")
+
+
+@pytest.mark.parametrize("name", sorted(_BIG))
+def test_big_models_find_their_split_q4_k_m_in_the_layout_their_repos_use(name: str) -> None:
+    """A real first part from each repo (for Large 3 only a UD-IQ1_S one was seen: the folder
+    layout) is what the catalog's pattern picks, with every part and not another quant's."""
+    from localmix.models import repofiles
+
+    spec = catalog.load().get(name)
+    first = _BIG[name][5]
+    quant = tags.in_filename(first) or ""
+    assert quant == spec.default_quant or name == "mistral-large-3:675b"
+    n = int(first[-10:-5])
+    parts = [first.replace("00001-of", f"{i:05d}-of") for i in range(1, n + 1)]
+    others = [p.replace(quant, "Q8_0") for p in parts] + ["mmproj-F16.gguf", "README.md"]
+    picked, files = repofiles.choose_gguf(others + parts, quant, preferred=spec.gguf_file(quant))
+    assert (picked, files) == (quant, parts)
+
+
+def test_big_model_sizes_are_their_tensor_tables() -> None:
+    """The dense 123B models and Mixtral 8x22B at Q4_K_M: the catalog's GB, the sizes their repos
+    publish (bartowski: 73.22GB; unsloth's Devstral 2: 74897662400 bytes, tensors plus metadata)
+    and what tests/quant_tables.py (the offload planner's input) computes all agree."""
+    from tests import quant_tables as qt
+
+    models = catalog.load().models
+    large2 = qt.q4_k_m_info(qt.MISTRAL_LARGE_2)
+    devstral2 = qt.q4_k_m_info(qt.DEVSTRAL_2)
+    mixtral = qt.q4_k_m_info(qt.MIXTRAL_8X22B)
+    assert large2.file_size == pytest.approx(73.22e9, rel=0.0005)
+    assert large2.n_params == pytest.approx(122.6e9, rel=0.001)
+    assert devstral2.file_size == pytest.approx(74_897_662_400, rel=0.0005)
+    assert devstral2.n_params == pytest.approx(125.03e9, rel=0.0005)  # llama-bench: 125.03 B
+    assert mixtral.file_size / 2**30 == pytest.approx(79.71, abs=0.02)  # llama-bench: 79.71 GiB
+    for name, info in (
+        ("mistral-large:2407", large2),
+        ("mistral-large:2411", large2),
+        ("devstral-2:123b", devstral2),
+        ("mixtral:8x22b", mixtral),
+    ):
+        assert models[name].size_q4_k_m == pytest.approx(info.file_size / 1e9, abs=0.05), name
+    # Mistral Large 3: 379.0 GiB listed for unsloth's Q4_K_M
+    assert models["mistral-large-3:675b"].size_q4_k_m == pytest.approx(379.0 * 2**30 / 1e9, abs=0.1)
+
+
+def test_every_catalog_architecture_is_one_the_vendored_llama_cpp_loads() -> None:
+    from localmix.llama.architectures import KNOWN
+
+    assert set(catalog.GGUF_ARCHITECTURE) == set(catalog.ARCHITECTURES)
+    assert set(catalog.GGUF_ARCHITECTURE.values()) <= KNOWN
+    used = {spec.architecture for spec in catalog.load().models.values()}
+    assert used == set(catalog.ARCHITECTURES)  # deepseek2 is Mistral Large 3's

@@ -22,8 +22,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-# mistral3: Mistral Small 3.x, Magistral, Devstral Small 2, Ministral 3; mistral4: Small 4 (MoE)
-ARCHITECTURES = ("mistral", "mixtral", "mistral3", "mistral4")
+# mistral3: Mistral Small 3.x, Magistral, Devstral Small 2, Ministral 3; mistral4: Small 4 (MoE);
+# deepseek2: Mistral Large 3 (llama.cpp's converter, MistralMoeModel, writes that architecture)
+ARCHITECTURES = ("mistral", "mixtral", "mistral3", "mistral4", "deepseek2")
+# the general.architecture of the GGUF each one stands for (dense Mistral and Mixtral are llama)
+GGUF_ARCHITECTURE = {
+    "mistral": "llama",
+    "mixtral": "llama",
+    "mistral3": "mistral3",
+    "mistral4": "mistral4",
+    "deepseek2": "deepseek2",
+}
 CHAT_FORMATS = ("v1", "v2", "v3", "v3-tekken", "v7", "v11", "v13", "v15")  # chat/template.py's
 THINKING_FORMATS = ("v13", "v15")  # the formats that encode [THINK]
 
