@@ -194,3 +194,23 @@ def test_a_picture_survives_json() -> None:
     assert Message.from_json(message.to_json()) == message
     with pytest.raises(ValueError, match="image"):
         Message.from_json({"role": "user", "content": [{"image": "x", "width": 0, "height": 1}]})
+
+
+def test_a_session_with_a_text_model_refuses_images(tiny_mistral_gguf_f16: Path) -> None:
+    import io as bytes_io
+
+    from PIL import Image
+
+    from localmix.chat.session import Session
+    from localmix.llama.engine import Engine
+    from localmix.llama.records import EngineConfig
+
+    out = bytes_io.BytesIO()
+    Image.new("RGB", (4, 4)).save(out, format="PNG")
+    picture = images.decode(out.getvalue())
+    with Engine(EngineConfig(tiny_mistral_gguf_f16, n_ctx=256, n_threads=1)) as engine:
+        session = Session(engine, "v1", max_tokens=2)
+        assert not session.profile.sees_images
+        with pytest.raises(UsageError, match="does not see images"):
+            session.send("What is this?", images=[picture])
+        assert session.messages == []

@@ -19,6 +19,7 @@ from localmix.errors import UsageError
 
 if TYPE_CHECKING:
     from localmix.chat.grammars import JsonOutput, ToolChoice
+    from localmix.chat.images import ImageConfig
     from localmix.chat.tools import Tool
     from localmix.llama.engine import Engine
 
@@ -34,6 +35,12 @@ class ChatProfile:
     strip_space: bool  # drop the first reply piece's leading space (SentencePiece vocabularies)
     tool_syntax: str | None = None  # how the model calls tools (chat.toolcalls.SYNTAX), if it can
     tool_ids: Mapping[str, int] = field(default_factory=dict)  # [TOOL_CALLS], [ARGS], [CALL_ID]
+    images: ImageConfig | None = None  # a vision model's image settings (None: text only)
+
+    @property
+    def sees_images(self) -> bool:
+        """Whether the model takes images (a vision model with its vision tower loaded)."""
+        return self.images is not None
 
     @property
     def calls_tools(self) -> bool:
@@ -84,6 +91,7 @@ class ChatProfile:
             tokenize,
             tools=tools,
             reasoning_effort=effort,
+            images=self.images,
         )
 
 

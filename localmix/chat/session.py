@@ -30,6 +30,7 @@ from localmix.llama.records import Chunk, Sampling, Stats
 
 if TYPE_CHECKING:
     from localmix.chat.grammars import JsonOutput
+    from localmix.chat.images import Image
     from localmix.llama.engine import Engine
     from localmix.load import LoadSettings
     from localmix.models.store import Located
@@ -134,14 +135,24 @@ class Session:
         self.profile.check_thinking(on)
         self.thinking = on
 
-    def send(self, text: str) -> Iterator[Chunk | Thought | Stats | Notice]:
-        """Add a user message and stream the reply: Notices, then Thoughts (a reasoning model's
-        thinking) and Chunks (the answer), then the final Stats.
+    def send(
+        self, text: str, images: Sequence[Image] = ()
+    ) -> Iterator[Chunk | Thought | Stats | Notice]:
+        """Add a user message (its text, then any images) and stream the reply: Notices, then
+        Thoughts (a reasoning model's thinking) and Chunks (the answer), then the final Stats.
+        UsageError for images sent to a model that does not see them.
 
         Closing the iterator early (Ctrl-C) keeps the partial reply as the assistant's message, or
         forgets the user message when nothing was generated yet.
         """
-        return self._turn([*self.messages, Message("user", text)], restore=None)
+        if images and not self.profile.sees_images:
+            raise UsageError(
+                "this model does not see images",
+                hint="use a vision model (Mistral Small 3.2, Ministral 3, Magistral) with its "
+                "mmproj",
+            )
+        content = (text, *(i.picture() for i in images)) if images else text
+        return self._turn([*self.messages, Message("user", content)], restore=None)
 
     def retry(self) -> Iterator[Chunk | Thought | Stats | Notice]:
         """Generate the last reply again (the same user message); as send(). Interrupted before
