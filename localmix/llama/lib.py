@@ -71,7 +71,7 @@ def _declare(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    """libggml as llama-cpp-python loaded it (same handle, so the same device registry)."""
+    """libggml as libllama reaches it (backend.ggml_library: the same device registry)."""
     from localmix.llama.backend import ggml_library, llama
 
     llama_cpp = llama()  # through backend, the one importer of llama_cpp (C++ runtime first)
