@@ -524,13 +524,13 @@ def serve(
         address = _ipv4(where)
     except WorkerError as exc:
         raise UsageError(exc.message, hint="give --host an IPv4 address of this machine") from None
+    chosen = _served_devices(ggml.devices(), devices)
+    count = settings.check_threads(threads, "--threads") if threads else settings.default_threads()
     _check_free(address, where.port)
     load()
     from localmix.llama.backend import LOG
 
     LOG.verbose = True  # a worker's log is llama.cpp's server log: its errors, its cache saves
-    chosen = _served_devices(ggml.devices(), devices)
-    count = settings.check_threads(threads, "--threads") if threads else settings.default_threads()
     if cache_dir is not None:
         disk.ensure_dir(cache_dir)
     lib = _lib()
