@@ -101,7 +101,8 @@ def worker(cache: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen[str]
     finally:
         if process.poll() is None:
             process.kill()
-        process.communicate(timeout=30)
+        if process.stdout is not None and not process.stdout.closed:
+            process.communicate(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +413,43 @@ def test_a_worker_killed_mid_generation_aborts_the_client_today(
     assert child.returncode == -signal.SIGABRT, (child.returncode, err[-2000:])
     assert "Remote RPC server crashed" in err
     assert '"tokens"' not in out
+
+
+# -- chat --rpc ------------------------------------------------------------------------------------
+
+
+def _chat(cache: Path, model: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    args = ["chat", str(model), "Say hello", "--temperature", "0", "--max-tokens", "12"]
+    args += ["--no-repack", "--threads", "1", "--ctx", "512", *more]
+    return subprocess.run(
+        [sys.executable, "-m", "localmix", *args], env=_env(cache), cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_chat_over_two_workers_gives_the_local_reply(
+    rpc_cache: Path, tiny_mixtral_gguf_f16: Path
+) -> None:
+    local = _chat(rpc_cache, tiny_mixtral_gguf_f16)
+    assert local.returncode == 0 and local.stdout.strip(), local.stderr
+    with worker(rpc_cache, "--no-cache") as (a, pa), worker(rpc_cache, "--no-cache") as (b, pb):
+        remote = _chat(rpc_cache, tiny_mixtral_gguf_f16, "--rpc", f"{a},{b}")
+        logs = []
+        for process in (pa, pb):
+            process.kill()
+            logs.append(process.communicate(timeout=30)[0])
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout
+    # each worker had the test's probe, the chat's probe and then llama.cpp's connection
+    assert all(log.count("Accepted client connection") >= 3 for log in logs), logs
+
+
+def test_chat_with_an_unreachable_worker_is_an_error_line(
+    rpc_cache: Path, tiny_mistral_gguf_f16: Path
+) -> None:
+    port = _free_port()
+    done = _chat(rpc_cache, tiny_mistral_gguf_f16, "--rpc", f"127.0.0.1:{port}")
+    assert done.returncode == 7, done.stderr
+    assert f"error: nothing listens at 127.0.0.1:{port}" in done.stderr
+    assert "hint: start `localmix worker" in done.stderr and "Traceback" not in done.stderr
