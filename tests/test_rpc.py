@@ -453,3 +453,35 @@ def test_chat_with_an_unreachable_worker_is_an_error_line(
     assert done.returncode == 7, done.stderr
     assert f"error: nothing listens at 127.0.0.1:{port}" in done.stderr
     assert "hint: start `localmix worker" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- the worker's tensor cache -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_mistral_f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 256-wide Mistral in F16: its output matrix (16 MB) is over the 10 MiB from which
+    llama.cpp's client offers a worker a tensor's hash before its bytes."""
+    from tests.conftest import _small_ckpt, _tiny_gguf
+
+    return _tiny_gguf(tmp_path_factory, _small_ckpt(tmp_path_factory), "f16")
+
+
+@pytest.mark.slow
+def test_a_cached_worker_is_sent_a_large_tensor_once(
+    rpc_cache: Path, small_mistral_f16: Path
+) -> None:
+    import shutil
+
+    shutil.rmtree(rpc_cache / "rpc", ignore_errors=True)
+    local = client(rpc_cache, small_mistral_f16, {}, n_tokens=4)[0]
+    with worker(rpc_cache) as (endpoint, process):  # --cache is the default
+        first = client(rpc_cache, small_mistral_f16, {"rpc": [endpoint]}, n_tokens=4)[0]
+        second = client(rpc_cache, small_mistral_f16, {"rpc": [endpoint]}, n_tokens=4)[0]
+        process.kill()
+        log = process.communicate(timeout=30)[1]
+    assert first["tokens"] == second["tokens"] == local["tokens"]
+    assert first["logits"] == second["logits"] == local["logits"]
+    # the first load sent it and the worker kept it; the second sent its hash alone
+    assert log.count("saved to") == 1, log[-3000:]
+    assert len(list((rpc_cache / "rpc").iterdir())) == 1
