@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from localmix.errors import UsageError, WorkerError
-from localmix.llama import rpc
+from localmix.llama import rpc, rpc_plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def rpc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache with the RPC plug-in in it, built by two processes at once (the lock makes one
     build it and the other wait for it): the build the product does where the wheel has none."""
     cache = tmp_path_factory.mktemp("rpc-cache")
-    code = "from localmix.llama import rpc; print(rpc.plugin())"
+    code = "from localmix.llama import rpc_plugin; print(rpc_plugin.plugin())"
     command = [sys.executable, "-c", code]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     builders = [subprocess.Popen(command, env=_env(cache), cwd=ROOT, **pipes) for _ in range(2)]
@@ -48,7 +48,7 @@ def rpc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # nothing half-built left: the plug-in's folder, its lock, no staging folder
     folder = plugin.parent
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, f"{folder.name}.lock"]
-    assert [p.name for p in folder.iterdir()] == [rpc.PLUGIN]
+    assert [p.name for p in folder.iterdir()] == [rpc_plugin.PLUGIN]
     return cache
 
 

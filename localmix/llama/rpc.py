@@ -2,8 +2,8 @@
 RPC1, ... (add_servers), and this machine's devices served to them (serve, `localmix worker`).
 
 Client and workers run the same llama.cpp, so protocols match: the backend is the wheel's own
-libggml-rpc where llama-cpp-python was built with -DGGML_RPC=on, else a plug-in compiled once from
-the pinned sdist's vendored ggml-rpc sources against the wheel's libggml-base (plugin()).
+where llama-cpp-python was built with -DGGML_RPC=on, else a plug-in built from the pinned sdist's
+vendored ggml-rpc (rpc_plugin.py).
 
 llama.cpp 0.3.36 shapes three rules here:
 - ggml-rpc aborts the process (SIGABRT) when a worker cannot be reached, speaks another protocol,
@@ -23,13 +23,8 @@ import ctypes
 import errno
 import os
 import re
-import shutil
 import socket
 import struct
-import subprocess
-import sys
-import tarfile
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,8 +36,6 @@ from localmix.errors import EngineError, UsageError, WorkerError
 PROTOCOL = (7, 0, 0)  # RPC_PROTO_{MAJOR,MINOR,PATCH}_VERSION of 0.3.36's ggml/include/ggml-rpc.h
 DEFAULT_PORT = 50052  # llama.cpp's ggml-rpc-server's
 PROBE_TIMEOUT = 5.0  # seconds for each step of a probe: connect, then each reply
-PLUGIN = "libggml-rpc.so"
-_SUPPORTED_PLATFORMS = ("linux",)  # where the plug-in build (GNU ld version script) is known
 
 # Commands (enum rpc_cmd) and sizes (packed structs) of protocol 7: a request is
 # | cmd u8 | size u64 | data |, a reply | size u64 | data |; HELLO must come first.
@@ -52,12 +45,6 @@ _HELLO_REPLY = 4 + _CONN_CAPS  # major, minor, patch, padding, conn_caps
 _MAX_SERVERS = 16  # GGML_RPC_MAX_SERVERS
 
 _TUNNEL = "ssh -N -L {port}:127.0.0.1:{port} USER@HOST"
-
-
-def _reinstall_hint() -> str:
-    from localmix.llama.hardware import _REBUILD
-
-    return f"or install llama-cpp-python with its RPC backend: {_REBUILD.format(flag='RPC')}"
 
 
 # -- endpoints ---------------------------------------------------------------------------------
@@ -260,162 +247,8 @@ def _lib() -> Any:
         p, c = ctypes.c_void_p, ctypes.c_char_p
         _declare(lib, "ggml_backend_load", p, c)
         _declare(lib, "ggml_backend_register", None, p)
-        _declare(lib, "ggml_commit", c)
         lib._localmix_rpc = True
     return lib
-
-
-def ggml_commit() -> str:
-    """The ggml commit llama.cpp was built from ("0c1e570-dirty")."""
-    return (_lib().ggml_commit() or b"unknown").decode(errors="replace")
-
-
-def _lib_dir() -> Path:
-    from localmix.llama.backend import llama
-
-    return Path(llama().llama_cpp._base_path)
-
-
-def plugin() -> Path:
-    """The RPC backend to load into llama.cpp: the wheel's own libggml-rpc if it has one, else
-    the plug-in built for this llama.cpp under the cache (built first if missing, once, under a
-    lock; EngineError with how to install an RPC build where it cannot be built)."""
-    shipped = _lib_dir() / PLUGIN
-    if shipped.is_file():
-        return shipped
-    from localmix import disk, settings
-    from localmix.llama.backend import llama
-
-    version = str(llama().__version__)
-    key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{version}-{ggml_commit()}")
-    root = disk.ensure_dir(settings.cache_dir() / "llama.cpp-rpc")
-    built = root / key / PLUGIN
-    if built.is_file():
-        return built
-    with disk.file_lock(root / f"{key}.lock"):
-        if not built.is_file():  # another process may have built it while this one waited
-            _build(version, built)
-    return built
-
-
-def _build(version: str, target: Path) -> None:
-    """Compile ggml-rpc as a GGML_BACKEND_DL plug-in against the wheel's libggml-base, from the
-    llama-cpp-python sdist's vendored source; staged, then renamed onto `target`."""
-    from localmix import disk
-
-    if not sys.platform.startswith(_SUPPORTED_PLATFORMS):
-        raise EngineError(
-            f"this llama-cpp-python has no RPC backend, and localmix builds one only on Linux "
-            f"(not {sys.platform})",
-            hint=_reinstall_hint().removeprefix("or "),
-        )
-    compiler = _compiler()
-    base = _lib_dir() / "libggml-base.so.0"
-    if not base.is_file():
-        raise EngineError(f"llama-cpp-python has no {base.name} in {base.parent} to build against")
-    with tempfile.TemporaryDirectory(dir=target.parent.parent, prefix=".build-") as tmp:
-        work = Path(tmp)
-        source = _vendored_source(version, work)
-        _check_protocol(source / "ggml" / "include" / "ggml-rpc.h")
-        exports = work / "exports.map"
-        exports.write_text(
-            "{ global: ggml_backend_init; ggml_backend_score; ggml_backend_rpc_*; "
-            "ggml_backend_is_rpc; local: *; };\n"
-        )
-        staged = work / PLUGIN
-        rpc = source / "ggml" / "src" / "ggml-rpc"
-        command = [
-            compiler, "-std=c++17", "-O2", "-DNDEBUG", "-fPIC", "-fvisibility=hidden",
-            f"-fmacro-prefix-map={source}/=",
-            "-DGGML_BACKEND_DL", "-DGGML_BACKEND_BUILD", "-DGGML_BACKEND_SHARED",
-            "-DGGML_SHARED", "-DGGML_BUILD",
-            f"-I{source / 'ggml' / 'include'}", f"-I{source / 'ggml' / 'src'}", f"-I{rpc}",
-            "-shared", "-o", str(staged), str(rpc / "ggml-rpc.cpp"), str(rpc / "transport.cpp"),
-            str(base), f"-Wl,-rpath,{base.parent}", "-Wl,--no-undefined",
-            f"-Wl,--version-script={exports}", "-pthread",
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not staged.is_file():
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise EngineError(
-                f"could not build llama.cpp's RPC backend with {compiler}: {last}",
-                hint=_reinstall_hint().removeprefix("or "),
-            )
-        disk.ensure_dir(target.parent)
-        disk.publish(staged, target)
-
-
-def _compiler() -> str:
-    for name in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
-        found = shutil.which(name) if name else None
-        if found:
-            return found
-    raise EngineError(
-        "this llama-cpp-python has no RPC backend, and building one needs a C++ compiler "
-        "(g++ or clang++; none on PATH)",
-        hint="install one (Debian/Ubuntu: apt install g++), " + _reinstall_hint(),
-    )
-
-
-def _vendored_source(version: str, work: Path) -> Path:
-    """ggml's headers and RPC sources from the llama-cpp-python `version` sdist (through pip,
-    whose cache makes later calls local), unpacked under work/src."""
-    download = work / "sdist"
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--quiet", "--dest", str(download), f"llama-cpp-python=={version}",
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    archives = sorted(download.glob("llama_cpp_python-*.tar.gz")) if download.is_dir() else []
-    if done.returncode != 0 or not archives:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EngineError(
-            f"this llama-cpp-python has no RPC backend, and pip could not fetch the "
-            f"llama-cpp-python {version} source to build one: {last}",
-            hint="connect to the package index once (pip keeps it in its cache), "
-            + _reinstall_hint(),
-        )
-    source = work / "src"
-    marker = "/vendor/llama.cpp/"
-    with tarfile.open(archives[0], "r:gz") as tar:
-        for member in tar:
-            inner = member.name.partition(marker)[2]
-            if not member.isfile() or not _wanted(inner):
-                continue
-            out = source / inner
-            out.parent.mkdir(parents=True, exist_ok=True)
-            reader = tar.extractfile(member)
-            if reader is not None:
-                with reader, open(out, "wb") as writer:
-                    shutil.copyfileobj(reader, writer)
-    if not (source / "ggml" / "src" / "ggml-rpc" / "ggml-rpc.cpp").is_file():
-        raise EngineError(f"{archives[0].name} has no vendored ggml-rpc to build")
-    return source
-
-
-def _wanted(inner: str) -> bool:
-    """ggml's public headers, its src/ headers and the RPC backend's sources."""
-    parts = inner.split("/")
-    if not inner or ".." in parts:
-        return False
-    return (
-        inner.startswith(("ggml/include/", "ggml/src/ggml-rpc/"))
-        or (len(parts) == 3 and parts[:2] == ["ggml", "src"] and inner.endswith(".h"))
-    )  # fmt: skip
-
-
-def _check_protocol(header: Path) -> None:
-    text = header.read_text(errors="replace")
-    found = tuple(
-        int(m[1]) if (m := re.search(rf"RPC_PROTO_{part}_VERSION\s+(\d+)", text)) else -1
-        for part in ("MAJOR", "MINOR", "PATCH")
-    )
-    if found != PROTOCOL:
-        raise EngineError(
-            f"the vendored ggml-rpc speaks protocol {'.'.join(map(str, found))}; this localmix "
-            f"knows {'.'.join(map(str, PROTOCOL))}",
-            hint="install the llama-cpp-python version localmix pins",
-        )
 
 
 def load() -> None:
@@ -424,13 +257,14 @@ def load() -> None:
     if lib.ggml_backend_reg_by_name(b"RPC"):
         return
     from localmix.llama.backend import LOG, llama
+    from localmix.llama.rpc_plugin import plugin, reinstall_hint
 
     path = plugin()
     LOG.install(llama())  # ggml's "load_backend: loaded RPC backend" is no news to a user
     if not lib.ggml_backend_load(str(path).encode()) or not lib.ggml_backend_reg_by_name(b"RPC"):
         raise EngineError(
             f"llama.cpp could not load its RPC backend {path}: {LOG.last_error('no reason given')}",
-            hint=f"delete {path} to have it built again, " + _reinstall_hint(),
+            hint=f"delete {path} to have it built again, or " + reinstall_hint(),
         )
 
 
