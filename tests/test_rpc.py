@@ -485,3 +485,35 @@ def test_a_cached_worker_is_sent_a_large_tensor_once(
     # the first load sent it and the worker kept it; the second sent its hash alone
     assert log.count("saved to") == 1, log[-3000:]
     assert len(list((rpc_cache / "rpc").iterdir())) == 1
+
+
+# -- where the plug-in cannot be built -----------------------------------------------------------
+
+
+def _worker_without(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    cache = tmp_path / "fresh-cache"  # no plug-in yet
+    return subprocess.run(
+        [sys.executable, "-m", "localmix", "worker", "--port", str(_free_port())],
+        env={**_env(cache), **env}, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("missing", "env", "said"),
+    [
+        ("compiler", {"PATH": "", "CXX": ""}, "building one needs a C++ compiler"),
+        # offline: no index, no links, so pip cannot fetch the sdist
+        ("source", {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1"}, "pip could not fetch"),
+    ],
+)
+def test_without_an_rpc_build_the_error_says_how_to_install_one(
+    missing: str, env: dict[str, str], said: str, tmp_path: Path
+) -> None:
+    done = _worker_without(tmp_path, **env)
+    assert done.returncode == 13, done.stderr
+    err = " ".join(done.stderr.split())
+    assert said in err and "Traceback" not in err
+    assert 'CMAKE_ARGS="-DGGML_RPC=on" pip install --force-reinstall --no-cache-dir' in err
+    # nothing half-built: no plug-in, no staging folder
+    built = tmp_path / "fresh-cache" / "llama.cpp-rpc"
+    assert not [p for p in built.rglob("*") if not p.name.endswith(".lock")]

@@ -142,8 +142,8 @@ def _vendored_source(version: str, work: Path) -> Path:
         raise EngineError(
             f"this llama-cpp-python has no RPC backend, and pip could not fetch the "
             f"llama-cpp-python {version} source to build one: {last}",
-            hint="connect to the package index once (pip keeps it in its cache), or "
-            + reinstall_hint(),
+            hint="run it once where the package index is reachable (what it builds is kept "
+            "in the cache), or " + reinstall_hint(),
         )
     source = work / "src"
     marker = "/vendor/llama.cpp/"
