@@ -358,8 +358,14 @@ def test_the_rpc_backend_joins_llama_cpps_own_registry(rpc_cache: Path) -> None:
 
 def test_the_worker_says_what_it_serves_and_stops_on_ctrl_c(rpc_cache: Path) -> None:
     with worker(rpc_cache) as (endpoint, process):
+        assert process.stderr is not None
+        said = []  # what it says once it listens (the probe may see it listen a moment earlier)
+        while not said or "Ctrl-C stops it" not in said[-1]:
+            said.append(process.stderr.readline())
+            assert said[-1], said
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
+        err = "".join(said) + err
     assert process.returncode == 130, err
     assert f"serving at {endpoint}" in err and "CPU:" in err and "free of" in err
     assert f"tensor cache: {rpc_cache / 'rpc'}" in err
@@ -517,3 +523,14 @@ def test_without_an_rpc_build_the_error_says_how_to_install_one(
     # nothing half-built: no plug-in, no staging folder
     built = tmp_path / "fresh-cache" / "llama.cpp-rpc"
     assert not [p for p in built.rglob("*") if not p.name.endswith(".lock")]
+
+
+def test_a_stopped_worker_drops_the_cache_files_it_may_not_have_finished(tmp_path: Path) -> None:
+    # llama.cpp writes a cache file in place and trusts its name (the content's hash) forever
+    old, recent = tmp_path / "00000000000000aa", tmp_path / "00000000000000bb"
+    old.write_bytes(b"whole")
+    recent.write_bytes(b"cut sh")
+    os.utime(old, (1000.0, 1000.0))
+    os.utime(recent, (1999.5, 1999.5))
+    assert rpc.drop_unfinished(tmp_path, now=2000.0) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [old.name]

@@ -19,6 +19,7 @@ rule (load.weight_repack) does with the layers it keeps.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -399,11 +400,37 @@ def serve(
             break
     if on_ready is not None and not stopped.is_set():
         on_ready(Serving(listen, chosen, count, cache_dir))
-    while not stopped.wait(0.25):
-        pass
+    try:
+        while not stopped.wait(0.25):
+            pass
+    except KeyboardInterrupt:
+        if cache_dir is not None:
+            drop_unfinished(cache_dir)
+        raise
     raise WorkerError(
         f"llama.cpp's RPC server stopped: it could not listen on {listen} (its message is above)"
     )
+
+
+# A cache file still being written changes at every write; one last written this long ago is
+# whole (llama.cpp writes a tensor in one go, at disk speed).
+_SETTLED_S = 2.0
+
+
+def drop_unfinished(cache_dir: Path, now: float | None = None) -> int:
+    """Remove the tensor-cache files written in the last seconds, when the worker stops mid-load:
+    llama.cpp writes them in place, names them by their content's hash and never checks it
+    again, so a file cut short would be loaded as that tensor, silently wrong. Returns how many."""
+    import time
+
+    moment = time.time() if now is None else now
+    removed = 0
+    for path in cache_dir.iterdir() if cache_dir.is_dir() else ():
+        with contextlib.suppress(OSError):
+            if path.is_file() and moment - path.stat().st_mtime < _SETTLED_S:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _listening(address: str, port: int) -> bool:
