@@ -9,7 +9,7 @@ Exit codes (one per family):
     4  CatalogError
     5  CheckpointError (unsupported, missing or malformed checkpoint)
     6  InvalidGGUF
-    7  NetworkError (GatedRepo, OfflineMiss)
+    7  NetworkError (GatedRepo, OfflineMiss, WorkerError)
     8  ChecksumMismatch
     9  DiskSpaceError
    10  DoesNotFit
@@ -86,6 +86,11 @@ class GatedRepo(NetworkError):
 
 class OfflineMiss(NetworkError):
     pass
+
+
+class WorkerError(NetworkError):
+    """An RPC worker (`localmix worker`) that cannot be used: unreachable, not a worker, of
+    another llama.cpp, busy with another client."""
 
 
 class ChecksumMismatch(LocalmixError):

@@ -60,6 +60,13 @@ class LoadSettings:
     # Sequences decoded together (serve): each gets a context of n_ctx() tokens, drawn from one
     # KV cache of parallel * n_ctx() cells.
     parallel: int = 1
+    # llama.cpp RPC workers (HOST:PORT, `localmix worker`): all layers go to their devices and
+    # the local GPUs unless n_gpu_layers keeps some here (the first ones, on the CPU).
+    rpc: tuple[str, ...] = ()
+    # the devices that take the offloaded layers, in order (llama.cpp's --device), and their
+    # shares of them (--tensor-split)
+    devices: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] = ()
 
     def n_ctx(self, target: Located) -> int:
         """The context (per sequence) to load with: the asked size, else 4096 capped at the
@@ -132,6 +139,14 @@ def plan_for(
     from localmix.llama.hardware import probe
 
     asked = force or settings.asks_for_plan
+    if settings.rpc or settings.devices:
+        if asked:
+            raise UsageError(
+                "the offload plan (--vram-budget, --cpu-moe, --estimate) does not place layers "
+                "on RPC workers or chosen devices yet",
+                hint="place them with -ngl (layers offloaded; the rest stay on this CPU)",
+            )
+        return None  # placed on the devices llama.cpp is given: the plan knows only this machine
     if not asked and (settings.n_gpu_layers is not None or settings.tensor_overrides):
         return None  # the user placed the model: nothing to plan, no hardware probe
     machine = hardware or probe(bandwidth=False)
@@ -174,7 +189,8 @@ def check(target: Located, settings: LoadSettings, *, beyond_trained: bool = Tru
         n_ctx = target.context_length
     else:
         _check_ctx(target, n_ctx, beyond_trained)
-    if n_ctx and not settings.n_gpu_layers and not settings.asks_for_plan:
+    offloads = settings.n_gpu_layers or settings.asks_for_plan or settings.rpc
+    if n_ctx and not offloads:
         _check_kv_memory(target, settings, settings.kv_cells(target) or n_ctx)
 
 
@@ -284,7 +300,7 @@ def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Pl
         n_threads_batch=settings.threads_batch,
         n_batch=settings.n_batch,
         n_ubatch=settings.n_ubatch,
-        n_gpu_layers=settings.n_gpu_layers or 0,
+        n_gpu_layers=_gpu_layers(settings),
         flash_attn=settings.flash_attn,
         type_k=settings.type_k,
         type_v=settings.type_v,
@@ -292,11 +308,22 @@ def configure(target: Located, settings: LoadSettings) -> tuple[EngineConfig, Pl
         repack=weight_repack(settings.repack),
         verbose=settings.verbose,
         n_seq_max=settings.parallel,
+        rpc=settings.rpc,
+        devices=settings.devices,
+        tensor_split=settings.tensor_split,
     )
     plan = plan_for(target, settings)
     if plan is not None:
         config = replace(config, **plan.engine_fields())
     return config, plan
+
+
+def _gpu_layers(settings: LoadSettings) -> int:
+    """Layers to offload: the asked number; else all of them (-1) when RPC workers are given,
+    as llama.cpp's --rpc does; else none (a plan may decide)."""
+    if settings.n_gpu_layers is not None:
+        return settings.n_gpu_layers
+    return -1 if settings.rpc else 0
 
 
 def notices(settings: LoadSettings, target: Located | None = None) -> tuple[str, ...]:
@@ -310,7 +337,7 @@ def notices(settings: LoadSettings, target: Located | None = None) -> tuple[str,
             f"a {n_ctx}-token context is past the {trained} tokens {target.name} was trained on: "
             "replies may degrade beyond that"
         )
-    if bool(settings.n_gpu_layers) or settings.asks_for_plan:
+    if (bool(settings.n_gpu_layers) or settings.asks_for_plan) and not settings.rpc:
         from localmix.llama import lib
 
         if not lib.supports_gpu_offload():

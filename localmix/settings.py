@@ -10,6 +10,8 @@ ENVIRONMENT = {
     "LOCALMIX_HOME": "where models, manifests, temporary files and bench history live "
     "(default: the platform's user data directory)",
     "LOCALMIX_THREADS": "threads for generation (default: physical cores)",
+    "LOCALMIX_CACHE": "where rebuildable files live: llama.cpp's RPC backend, a worker's tensor "
+    "cache (default: the platform's user cache directory)",
     "LOCALMIX_DEBUG": "set to 1 to show tracebacks",
     "LOCALMIX_REPACK": "1 or 0: let llama.cpp repack weights for the CPU, or not (default: yes, "
     "except on builds with AMX kernels; `localmix doctor` says which)",
@@ -41,6 +43,22 @@ def home() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("localmix", appauthor=False))
+
+
+def cache_dir() -> Path:
+    """Files localmix can make again (not created here): LOCALMIX_CACHE, else the platform's user
+    cache directory."""
+    value = os.environ.get("LOCALMIX_CACHE")
+    if value:
+        return Path(value).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("localmix", appauthor=False))
+
+
+def rpc_tensor_cache_dir() -> Path:
+    """Where `localmix worker` keeps the tensors clients sent it (llama.cpp's rpc-server -c)."""
+    return cache_dir() / "rpc"
 
 
 def models_dir() -> Path:
@@ -81,6 +99,8 @@ def paths() -> dict[str, Path]:
         "REPL history": repl_history_path(),
         "user catalog": user_catalog_path(),
         "synthetic checkpoints": synth_dir(),
+        "cache": cache_dir(),
+        "RPC tensor cache": rpc_tensor_cache_dir(),
         "Hugging Face cache": hf_cache_dir(),
     }
 

@@ -12,6 +12,7 @@ def localmix_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own LOCALMIX_HOME; nothing touches the user's real store or cache."""
     home = tmp_path / "localmix-home"
     monkeypatch.setenv("LOCALMIX_HOME", str(home))
+    monkeypatch.setenv("LOCALMIX_CACHE", str(tmp_path / "localmix-cache"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("LOCALMIX_DEBUG", raising=False)
     return home

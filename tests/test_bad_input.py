@@ -798,6 +798,25 @@ SERVE_CASES = [
     _c("ps extra argument", 2, "extra", "ps", "more"),
 ]
 
+# Each fails before the worker loads llama.cpp's RPC backend (which would stay in this process).
+WORKER_CASES = [
+    _c("worker port 0", 2, "--port", "worker", "--port", "0"),
+    _c("worker port 70000", 2, "--port", "worker", "--port", "70000"),
+    _c("worker host IPv6", 2, "IPv4 only", "worker", "--host", "::1"),
+    _c(
+        "worker host not here", 2, "not an address of this machine", "worker", "--host", "192.0.2.1"
+    ),
+    _c("worker host word", 2, "cannot resolve", "worker", "--host", "no-such-host.invalid"),
+    _c("worker unknown device", 2, "no device 'NOPE'", "worker", "--device", "NOPE"),
+    _c("worker threads 100000", 2, "100000", "worker", "-t", "100000"),
+    _c("chat rpc no port", 2, "not HOST:PORT", "chat", "GGUF", "hi", "--rpc", "worker"),
+    _c("chat rpc IPv6", 2, "IPv4 only", "chat", "GGUF", "hi", "--rpc", "[::1]:50052"),
+    _c("chat rpc empty", 2, "empty", "chat", "GGUF", "hi", "--rpc", " "),
+    _c(
+        "chat rpc with a plan", 2, "RPC workers", "chat", "GGUF", "hi", "--rpc", "h:1", "--estimate"
+    ),
+]
+
 
 @pytest.mark.parametrize(
     "case",
@@ -808,7 +827,8 @@ SERVE_CASES = [
     + BENCH_CASES
     + BUILD_CASES
     + EVAL_CASES
-    + SERVE_CASES,
+    + SERVE_CASES
+    + WORKER_CASES,
     ids=lambda c: c.id,
 )
 def test_every_command(
@@ -849,7 +869,7 @@ def test_case_count() -> None:
     rows = CONVERT_CASES + QUANTIZE_CASES + OTHER_CASES + BOUNDS_CASES + GGUF_CASES
     rows += PULL_CASES + IMPORT_CASES + STORE_CASES + CHAT_CASES + BENCH_CASES + BUILD_CASES
     rows += EVAL_CASES
-    rows += SERVE_CASES
+    rows += SERVE_CASES + WORKER_CASES
     assert len(rows) >= 150
     assert len({c.id for c in rows}) == len(rows)
     from localmix.cli.app import COMMANDS

@@ -97,6 +97,10 @@ COMMANDS = {
         "Serve models over HTTP: OpenAI's API under /v1, Ollama's under /api.",
     ),
     "ps": Entry("localmix.cli.serve", "List the models a running `localmix serve` has loaded."),
+    "worker": Entry(
+        "localmix.cli.worker",
+        "Serve this machine's devices to another localmix's --rpc, over llama.cpp's RPC protocol.",
+    ),
 }
 
 

@@ -15,8 +15,10 @@ from localmix.cli.options import (
     JsonOpt,
     ModelArg,
     RepackOpt,
+    RpcOpt,
     ThreadsOpt,
     number_in,
+    rpc_endpoints,
 )
 from localmix.cli.plan import (
     CpuMoeOpt,
@@ -158,6 +160,7 @@ def chat_command(
     vram_budget: VramBudgetOpt = None,
     cpu_moe: CpuMoeOpt = False,
     n_cpu_moe: NCpuMoeOpt = None,
+    rpc: RpcOpt = None,
 ) -> None:
     """Chat with a model: a REPL on a terminal; with a PROMPT or piped input, print the reply.
 
@@ -173,7 +176,7 @@ def chat_command(
     sampling = Sampling(**{k: v for k, v in picked.items() if v is not None})
     settings = load.LoadSettings(
         ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, vram_budget=vram_budget,
-        cpu_moe=cpu_moe_layers(cpu_moe, n_cpu_moe), repack=repack,
+        cpu_moe=cpu_moe_layers(cpu_moe, n_cpu_moe), repack=repack, rpc=rpc_endpoints(rpc),
     )  # fmt: skip
     target = load.locate(model)  # an unknown model is the first thing to say, before stdin
     if estimate:

@@ -88,6 +88,27 @@ RepackOpt = Annotated[
         "on builds with AMX kernels; LOCALMIX_REPACK; `localmix doctor` says which).",
     ),
 ]
+RpcOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--rpc",
+        metavar="HOST:PORT,...",
+        callback=not_empty,
+        help="Put the layers on these machines' devices, comma-separated: each runs `localmix "
+        "worker` (llama.cpp's RPC); -ngl N offloads only the last N, the rest stay here.",
+    ),
+]
+
+
+def rpc_endpoints(value: str | None) -> tuple[str, ...]:
+    """--rpc as the door takes it: each HOST:PORT once (UsageError for a malformed one)."""
+    if not value:
+        return ()
+    from localmix.llama.rpc import parse_endpoints
+
+    return tuple(str(endpoint) for endpoint in parse_endpoints(value))
+
+
 OutputOpt = Annotated[
     Optional[Path],  # noqa: UP045
     typer.Option(

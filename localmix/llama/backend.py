@@ -127,8 +127,11 @@ def llama() -> Any:
 
 
 def ggml_library() -> Any:
-    """libggml as llama-cpp-python loaded it (the same handle, so the same device registry)."""
-    llama()
-    from llama_cpp import _ggml
+    """The handle that reaches libllama's own libggml: libllama's, whose symbol lookup walks its
+    dependencies (libggml.so.0, libggml-base.so.0), so ggml_* calls use the device registry that
+    llama.cpp loads models with.
 
-    return _ggml.libggml
+    Not llama_cpp._ggml.libggml: that loads lib/libggml.so, which the wheel installs as a copy
+    of libggml.so.0 (another inode, not a symlink), so the loader maps it a second time with a
+    second registry: a backend registered there (RPC servers) is never seen by llama.cpp."""
+    return llama().llama_cpp._lib

@@ -109,6 +109,7 @@ class Engine:
         mparams.load_mode = _LOAD_MODE_AUTO if config.use_mmap else _LOAD_MODE_NONE
         mparams.use_extra_bufts = config.repack
         mparams.vocab_only = config.vocab_only
+        self._place(mparams, config)
         if config.tensor_overrides:
             from localmix.llama.lib import apply_tensor_overrides
 
@@ -169,6 +170,22 @@ class Engine:
         # Field access on a ctypes struct builds a new pointer object: keep these once.
         self._one_token, self._one_pos = self._one.token, self._one.pos
         self.logits_at = logits_rows(ctx, self.n_vocab)
+
+    def _place(self, mparams: Any, config: EngineConfig) -> None:
+        """model_params.devices and tensor_split: the config's devices, else with RPC workers
+        theirs then the local GPUs; left to llama.cpp otherwise, unless workers joined this
+        process earlier (it would put them first: this config did not ask for them)."""
+        from localmix.llama import rpc
+        from localmix.llama.lib import apply_devices, local_offload_devices
+
+        names = config.devices or None
+        if config.rpc:
+            remote = rpc.add_servers(config.rpc)  # probed first: an error, not llama.cpp's abort
+            names = names or remote + local_offload_devices()
+        elif names is None and rpc.registered():
+            names = local_offload_devices()
+        if names is not None or config.tensor_split:
+            self._devices_keepalive = apply_devices(mparams, names, config.tensor_split)
 
     def _read_model(self, model: Any) -> None:
         """The model's own facts and vocabulary (all a vocab_only engine has)."""

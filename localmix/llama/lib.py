@@ -1,7 +1,7 @@
 """The one room for ctypes that llama-cpp-python 0.3.36 does not bind.
 
 ggml's backend-device API (devices, their memory and buffer types), llama_model_params'
-tensor_buft_overrides, the CPU backend's thread pools and a lean logits getter for the decode
+devices, tensor_split and tensor_buft_overrides, the CPU backend's thread pools and a lean logits getter for the decode
 loop. Nothing ctypes leaves this module: callers get records, plain values and opaque handles.
 """
 
@@ -71,7 +71,7 @@ def _declare(lib: ctypes.CDLL, name: str, restype: Any, *argtypes: Any) -> None:
 
 @functools.lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    """libggml as llama-cpp-python loaded it (same handle, so the same device registry)."""
+    """libggml as libllama reaches it (backend.ggml_library: the same device registry)."""
     from localmix.llama.backend import ggml_library, llama
 
     llama_cpp = llama()  # through backend, the one importer of llama_cpp (C++ runtime first)
@@ -80,6 +80,7 @@ def _ggml() -> ctypes.CDLL:
     size = ctypes.c_size_t
     _declare(lib, "ggml_backend_dev_count", size)
     _declare(lib, "ggml_backend_dev_get", p, size)
+    _declare(lib, "ggml_backend_dev_by_name", p, c)
     _declare(lib, "ggml_backend_dev_name", c, p)
     _declare(lib, "ggml_backend_dev_description", c, p)
     _declare(lib, "ggml_backend_dev_memory", None, p, ctypes.POINTER(size), ctypes.POINTER(size))
@@ -140,6 +141,17 @@ def devices() -> tuple[BackendDevice, ...]:
             )
         )
     return tuple(found)
+
+
+def local_offload_devices() -> tuple[str, ...]:
+    """The local devices llama.cpp offloads to when it chooses (llama_prepare_model_devices): the
+    GPUs, else the integrated GPUs of the first backend that has one; never a remote (RPC) one."""
+    local = [d for d in devices() if d.backend != "RPC"]
+    gpus = [d.name for d in local if d.kind == "gpu"]
+    if gpus:
+        return tuple(gpus)
+    igpus = [d for d in local if d.kind == "igpu"]
+    return tuple(d.name for d in igpus if d.backend == igpus[0].backend)
 
 
 def _buffer_types() -> dict[str, int]:
@@ -250,6 +262,52 @@ def apply_tensor_overrides(
     # 0.3.36 declares the field as c_void_p, so it takes the array's address.
     model_params.tensor_buft_overrides = ctypes.cast(array, ctypes.c_void_p)
     return OverrideKeepalive(array=array, patterns=tuple(patterns), overrides=tuple(overrides))
+
+
+@dataclass(frozen=True)
+class DevicesKeepalive:
+    """The C arrays behind model_params.devices and tensor_split; keep them until the model is
+    loaded."""
+
+    devices: Any
+    split: Any
+
+
+def apply_devices(
+    model_params: Any, names: Sequence[str] | None, split: Sequence[float] = ()
+) -> DevicesKeepalive:
+    """Point model_params.devices at a NULL-terminated array of the named devices (llama.cpp's
+    --device: the devices that take the offloaded layers, in order; None leaves llama.cpp's
+    choice) and tensor_split at each one's share of them (--tensor-split; none: by free
+    memory)."""
+    from localmix.llama.backend import llama
+
+    lib = _ggml()
+    array = None
+    if names is not None:
+        array = _device_array(lib, names)
+        # 0.3.36 declares devices as c_void_p, so it takes the array's address; an empty list
+        # (NULL alone) means no device: every layer on the CPU
+        model_params.devices = ctypes.cast(array, ctypes.c_void_p)
+    shares = None
+    if split:
+        limit = int(llama().llama_max_devices())
+        if len(split) > limit:
+            raise UsageError(f"a tensor split has at most {limit} parts, not {len(split)}")
+        shares = (ctypes.c_float * limit)(*split)
+        model_params.tensor_split = shares
+    return DevicesKeepalive(devices=array, split=shares)
+
+
+def _device_array(lib: ctypes.CDLL, names: Sequence[str]) -> Any:
+    handles = []
+    for name in names:
+        handle = lib.ggml_backend_dev_by_name(name.encode())
+        if not handle:
+            known = ", ".join(d.name for d in devices())
+            raise UsageError(f"no device {name!r} in this llama.cpp", hint=f"it has: {known}")
+        handles.append(handle)
+    return (ctypes.c_void_p * (len(handles) + 1))(*handles)  # the last one stays NULL
 
 
 def system_info() -> str:

@@ -42,7 +42,8 @@ def _choice(what: str, value: str, table: dict[str, int]) -> None:
 @dataclass(frozen=True)
 class EngineConfig:
     """How to load a GGUF: context size (tokens; 0 = the model's trained context), threads, batch
-    sizes (tokens), GPU layers (-1 = all), flash attention, KV cache types and tensor placement."""
+    sizes (tokens), GPU layers (-1 = all), flash attention, KV cache types and tensor placement
+    (devices, local or on RPC workers, and overrides)."""
 
     model_path: Path
     n_ctx: int = 4096
@@ -67,6 +68,15 @@ class EngineConfig:
     # the vocabulary and metadata only, no weights and no context: tokenize and detokenize
     # (serve's HTTP side, while the model itself runs in a worker process)
     vocab_only: bool = False
+    # llama.cpp RPC workers (HOST:PORT, `localmix worker`) whose devices join this process's
+    # (llama/rpc.py). Their CPUs never repack weights; `repack` is for the layers kept here.
+    rpc: tuple[str, ...] = ()
+    # The devices that take the offloaded layers, in order, by name (llama.cpp's --device:
+    # RPC0, CUDA0, CPU...); () is llama.cpp's choice, with rpc: those workers' devices, then the
+    # local GPUs (the last device holds the output, so logits need not cross the network).
+    devices: tuple[str, ...] = ()
+    # each device's share of the offloaded layers (--tensor-split); () splits by free memory
+    tensor_split: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _choice("flash attention mode", self.flash_attn, FLASH_ATTN)
@@ -83,6 +93,17 @@ class EngineConfig:
         for threads in (self.n_threads, self.n_threads_batch):
             if threads is not None and threads < 1:
                 raise UsageError(f"threads must be at least 1, not {threads}")
+        if self.rpc:
+            from localmix.llama.rpc import parse_endpoints
+
+            object.__setattr__(self, "rpc", tuple(str(e) for e in parse_endpoints(self.rpc)))
+        split = tuple(float(share) for share in self.tensor_split)
+        object.__setattr__(self, "tensor_split", split)
+        if split and (any(not 0 <= s < float("inf") for s in split) or not sum(split) > 0):
+            raise UsageError(
+                "a tensor split is shares of 0 or more, at least one above 0",
+                hint="e.g. 3,1 puts three quarters of the offloaded layers on the first device",
+            )
 
 
 @dataclass(frozen=True)

@@ -177,24 +177,12 @@ def lock(name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]
             depth[key] -= 1
         return
     path = disk.ensure_dir(settings.home() / "locks") / f"{key}.lock"
-    with open(path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks; single user
-            yield
-            return
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    with disk.file_lock(path, on_wait):
         depth[key] = 1
         try:
             yield
         finally:
             depth[key] = 0
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def tmp_file(suffix: str = ".gguf") -> contextlib.AbstractContextManager[Path]:
