@@ -99,6 +99,11 @@ class LlamaLog:
             self._callback = lib.llama_log_callback(self._receive)
         lib.llama_log_set(self._callback, None)
 
+    def install_mtmd(self, lib: Any, mtmd: Any) -> None:
+        """Route libmtmd's log here too: it logs every image's steps, at debug level."""
+        self.install(lib)
+        mtmd.mtmd_log_set(self._callback, None)
+
     def last_error(self, default: str) -> str:
         return self.errors[-1] if self.errors else default
 

@@ -102,6 +102,8 @@ class Batch:
             gen, self.engine.n_vocab, self.seq_ctx,
             hint="shorten the prompt or serve with a larger context size",
         )  # fmt: skip
+        if gen.images:  # the scheduler decodes tokens only (Engine.stream takes images)
+            raise UsageError("images are not served yet")
         if self.free == 0:
             raise EngineError("every sequence is busy")
         slot, keep = self._choose(prompt)

@@ -34,7 +34,9 @@ from localmix.llama.records import (
 if TYPE_CHECKING:
     import numpy
 
+    from localmix.llama.generation import ImageSpan
     from localmix.llama.tap import Tap
+    from localmix.llama.vision import Vision
 
 __all__ = ["Chunk", "Engine", "EngineConfig", "Generation", "Sampling", "Stats"]
 
@@ -83,6 +85,9 @@ class Engine:
         self.config = config
         self.last_stats: Stats | None = None
         self._kv: list[int] = []
+        self._kv_images: list[tuple[int, int, str]] = []  # (start, end, key) of cached images
+        self._embd_batch: Any = None
+        self.vision: Vision | None = None  # the vision tower, once attach_vision loads it
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._live: Iterator[Chunk | Stats] | None = None
@@ -135,6 +140,7 @@ class Engine:
         cparams.kv_unified = config.n_seq_max > 1
         cparams.n_threads = threads
         cparams.n_threads_batch = batch_threads
+        self.n_threads = threads
         cparams.flash_attn_type = FLASH_ATTN[config.flash_attn]
         cparams.type_k = KV_CACHE_TYPES[config.type_k]
         cparams.type_v = KV_CACHE_TYPES[config.type_v]
@@ -421,6 +427,7 @@ class Engine:
         self._check()
         self._c.llama_memory_clear(self._mem, True)
         self._kv.clear()
+        self._kv_images.clear()
 
     def shift(self, keep: int, discard: int) -> None:
         """Drop KV positions [keep, keep + discard) and move the rest down (tokens)."""
@@ -436,6 +443,12 @@ class Engine:
             raise EngineError("llama.cpp could not remove part of the KV cache")
         c.llama_memory_seq_add(mem, 0, keep + discard, -1, -discard)
         del self._kv[keep : keep + discard]
+        # images before keep stay, later ones move down; one cut by the shift goes
+        self._kv_images = [
+            (s, e, k) if e <= keep else (s - discard, e - discard, k)
+            for s, e, k in self._kv_images
+            if e <= keep or s >= keep + discard
+        ]
 
     def process(self, tokens: Sequence[int], *, every_output: bool = False) -> None:
         """Append tokens to the KV cache in n_batch batches, without sampling. every_output
@@ -538,6 +551,64 @@ class Engine:
                 each(row, n_out)
             row += n_out
 
+    def _decode_prompt(self, tokens: list[int], images: Sequence[ImageSpan]) -> None:
+        """Decode prompt tokens at the next positions, without outputs; the positions of an
+        image take its embeddings instead of their tokens' (the images not yet in the cache)."""
+        at = len(self._kv)
+        for span in images:
+            if span.end <= at:
+                continue  # reused from the cache
+            before = tokens[: span.start - at]
+            self._decode(before, outputs_from=len(before))
+            self._decode_embeddings(span, tokens[span.start - at : span.end - at])
+            tokens, at = tokens[span.end - at :], span.end
+        self._decode(tokens, outputs_from=len(tokens))
+
+    def _decode_embeddings(self, span: ImageSpan, placeholders: list[int]) -> None:
+        """An image's embeddings at the next positions, in n_batch batches; the cache records
+        its placeholder tokens and its key."""
+        import numpy as np
+
+        rows = np.ascontiguousarray(span.embeddings, dtype=np.float32)
+        if rows.shape[1] != self.n_embd or len(placeholders) != len(rows):
+            raise UsageError(f"an image's embeddings must be {len(placeholders)} x {self.n_embd}")
+        batch = self._embedding_batch()
+        for start in range(0, len(rows), self._n_batch):
+            part = rows[start : start + self._n_batch]
+            n, pos = len(part), len(self._kv)
+            ctypes.memmove(batch.embd, part.ctypes.data, part.nbytes)
+            ctypes.memmove(batch.pos, _int32_array(range(pos, pos + n)), 4 * n)
+            ctypes.memset(batch.logits, 0, n)
+            batch.n_tokens = n
+            rc = self._c.llama_decode(self._ctx, batch)
+            if rc != 0:
+                self._decode_failed(rc)
+            self._kv.extend(placeholders[start : start + n])
+        self._kv_images.append((span.start, span.end, span.key))
+
+    def _embedding_batch(self) -> Any:
+        if self._embd_batch is None:
+            batch = self._c.llama_batch_init(self._n_batch, self.n_embd, 1)
+            if not batch.embd:
+                raise EngineError("llama.cpp could not allocate an embedding batch")
+            self._stack.callback(self._c.llama_batch_free, batch)
+            for i in range(self._n_batch):
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+            self._embd_batch = batch
+        return self._embd_batch
+
+    def attach_vision(self, mmproj: Path, *, gpu: bool = False) -> Vision:
+        """Load the model's vision tower from its mmproj (llama/vision.py), closed with the
+        engine."""
+        from localmix.llama.vision import Vision
+
+        self._check()
+        vision = Vision(self._model, self.n_embd, Path(mmproj), threads=self.n_threads, gpu=gpu)
+        self._stack.callback(vision.close)
+        self.vision = vision
+        return vision
+
     def _step(self, token: int) -> None:
         self._one_token[0] = token
         self._one_pos[0] = len(self._kv)
@@ -556,17 +627,28 @@ class Engine:
         held = int(self._c.llama_memory_seq_pos_max(self._mem, 0)) + 1
         if held < len(self._kv):
             del self._kv[held:]
+            self._kv_images = [s for s in self._kv_images if s[1] <= held]
         elif held > len(self._kv):
             self._c.llama_memory_seq_rm(self._mem, 0, len(self._kv), -1)
 
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        """Keep the longest common prefix of the cache and the prompt; returns its length."""
+    def _reuse_prefix(self, prompt: list[int], images: Sequence[ImageSpan] = ()) -> int:
+        """Keep the longest common prefix of the cache and the prompt; returns its length. An
+        image counts as the same only when its key is (two images of one size have the same
+        token ids); the prefix never ends inside one."""
         kv, n = self._kv, common_prefix(self._kv, prompt)
+        wanted = {(s.start, s.end, s.key) for s in images}
+        for start, end, key in self._kv_images:
+            if start < n and (start, end, key) not in wanted:
+                n = min(n, start)
+        for span in images:
+            if span.start < n < span.end:
+                n = span.start
         if n < len(kv):
             if not self._c.llama_memory_seq_rm(self._mem, 0, n, -1):
                 self._c.llama_memory_clear(self._mem, True)  # e.g. a sliding-window cache
                 n = 0
             del kv[n:]
+        self._kv_images = [s for s in self._kv_images if s[1] <= n]
         return n
 
     # -- generation ----------------------------------------------------------------------------
@@ -604,14 +686,13 @@ class Engine:
         """Drive the generation core (llama/generation.py) on sequence 0."""
         state: Generating | None = None
         try:
-            state = Generating(
-                self, gen, prompt, cached=self._reuse_prefix(prompt), n_ctx=self.n_ctx
-            )
+            cached = self._reuse_prefix(prompt, gen.images)
+            state = Generating(self, gen, prompt, cached=cached, n_ctx=self.n_ctx)
             # The last prompt token is decoded alone, as it is when the rest comes from the
             # cache: a quantized matmul rounds differently in a batch of one than of many, so
             # this keeps a seeded reply the same whether its prompt was cached or not.
             ahead = state.pending[:-1]
-            self._decode(ahead, outputs_from=len(ahead))
+            self._decode_prompt(ahead, gen.images)
             state.decoded(len(ahead))
             step, sample, decoded = self._step, state.sample, state.decoded
             step(state.pending[0])

@@ -55,6 +55,22 @@ class Generation:
     ignore_eos: bool = False
     logprobs: int | None = None
     grammar: str | None = None  # a constraint on the reply (llama/constraint.py): Lark text
+    images: tuple[ImageSpan, ...] = ()  # embeddings that stand in for prompt positions
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """An image in a prompt: the vision tower's embeddings (n, n_embd float32) for the n
+    positions from `start` on (its [IMG] and [IMG_BREAK] tokens); key names the image, so
+    that a cache holding another image at those positions is not reused."""
+
+    start: int
+    key: str
+    embeddings: numpy.ndarray = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.embeddings)
 
 
 def checked_prompt(gen: Generation, n_vocab: int, n_ctx: int, *, hint: str) -> list[int]:
@@ -73,6 +89,11 @@ def checked_prompt(gen: Generation, n_vocab: int, n_ctx: int, *, hint: str) -> l
     if gen.logprobs is not None and not 0 <= gen.logprobs <= MAX_TOP_LOGPROBS:
         raise UsageError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {gen.logprobs}")
     check_tokens([token for token, _ in gen.sampling.logit_bias], n_vocab, what="logit_bias")
+    at = 0
+    for span in gen.images:  # in order, apart, and before the last token (decoded alone)
+        if span.start < at or span.end >= len(prompt) or not len(span.embeddings):
+            raise UsageError("image spans must lie apart, in order, inside the prompt")
+        at = span.end
     return prompt
 
 
