@@ -476,6 +476,11 @@ CHAT_CASES = [
     _c("chat schema missing file", 2, "--schema", "chat", "GGUF", "hi", "--schema", "WORK/no.json"),
     _c("chat schema not JSON", 2, "not JSON", "chat", "GGUF", "hi", "--schema", FILE),
     _c("chat schema a folder", 2, "--schema", "chat", "GGUF", "hi", "--schema", "WORK"),
+    _c("chat image missing", 2, "--image", "chat", "GGUF", "hi", "--image", "WORK/no.png"),
+    _c("chat image not an image", 2, "not an image", "chat", "GGUF", "hi", "--image", FILE),
+    _c("chat mmproj missing", 6, "no such file", "chat", "GGUF", "hi", "--mmproj", "WORK/n.gguf"),
+    _c("chat mmproj not a GGUF", 6, "not a GGUF", "chat", "GGUF", "hi", "--mmproj", FILE),
+    _c("chat mmproj a text model", 6, "not an mmproj", "chat", "GGUF", "hi", "--mmproj", "GGUF"),
     _c("chat vram budget word", 2, "lots", "chat", "GGUF", "--vram-budget", "lots", "--estimate"),
     _c(
         "chat vram budget negative", 2, "-5", "chat", "GGUF", "--vram-budget", "-5GiB", "--estimate"

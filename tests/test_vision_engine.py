@@ -50,7 +50,8 @@ def our_run(engine: Engine, picture: images.Image) -> tuple[np.ndarray, Stats, l
     assert vision is not None
     messages = [Message("user", (QUESTION, picture.picture()))]
     prompt = template.encode("v7", messages, engine.tokenize, images=vision.config)
-    span = ImageSpan(prompt.index(IMG), picture.key, vision.encode(picture))
+    rows = vision.encode(picture)
+    span = ImageSpan(prompt.index(IMG), len(rows), picture.key, rows)
     gen = Generation(prompt, Sampling(temperature=0.0), max_tokens=1, images=(span,))
     stats = next(item for item in engine.generate(gen) if isinstance(item, Stats))
     return np.array(engine.logits_at(-1), copy=True), stats, prompt
@@ -122,7 +123,74 @@ def test_a_bad_image_span_is_refused(engine: Engine) -> None:
     from localmix.errors import UsageError
 
     prompt = [1, 3, IMG, IMG, 13, 4]
-    on_last = ImageSpan(5, "k", np.zeros((1, engine.n_embd), dtype=np.float32))
+    on_last = ImageSpan(5, 1, "k", np.zeros((1, engine.n_embd), dtype=np.float32))
     with pytest.raises(UsageError, match="image spans"):
         list(engine.generate(Generation(prompt, max_tokens=1, images=(on_last,))))
     assert Picture(1, 1).width == 1
+
+
+# -- a conversation with images: Session, and `localmix chat --image` --------------------------
+
+
+def write_png(path: Path, width: int, height: int, seed: int) -> Path:
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path, format="PNG")
+    return path
+
+
+def test_a_session_sees_an_image_and_keeps_it_across_turns(engine: Engine) -> None:
+    from localmix.chat.session import Session
+
+    engine.clear()
+    session = Session(engine, "v7", sampling=Sampling(temperature=0.0), max_tokens=4)
+    assert session.profile.sees_images
+    picture = noise_png(112, 56, seed=5)
+    encoded: list[str] = []
+    vision = engine.vision
+    assert vision is not None
+    real = vision.encode
+
+    def counting(image: images.Image) -> np.ndarray:
+        encoded.append(image.key)
+        return real(image)
+
+    vision.encode = counting  # type: ignore[method-assign]
+    try:
+        first = next(i for i in session.send("What is this?", [picture]) if isinstance(i, Stats))
+        second = next(i for i in session.send("And its colour?") if isinstance(i, Stats))
+    finally:
+        vision.encode = real  # type: ignore[method-assign]
+    assert encoded == [picture.key]  # the second turn found the image in the cache
+    assert second.cached_tokens > first.prompt_tokens  # the whole first turn was reused
+    content = session.messages[0].content
+    assert isinstance(content, tuple) and content[1] == picture.picture()
+
+
+def test_chat_image_one_shot(
+    tmp_path: Path,
+    text_gguf: Path,  # noqa: F811
+    mmprojs: dict[str, Path],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from .cli_run import run_cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # no piped input: the prompt is given
+    photo = write_png(tmp_path / "photo.png", 84, 56, seed=6)
+    base = ["chat", str(text_gguf), "What is in this?", "--format", "v7", "-n", "3",
+            "--temperature", "0", "--json"]  # fmt: skip
+    done = run_cli(capsys, *base, "--image", str(photo), "--mmproj", str(mmprojs["small3"]))
+    assert done.code == 0, done.err
+    import json
+
+    assert json.loads(done.out)["stats"]["generated_tokens"] >= 1
+    blind = run_cli(capsys, *base, "--image", str(photo))
+    assert blind.code == 2 and "does not see images" in blind.err
+    missing = run_cli(capsys, *base, "--image", str(tmp_path / "none.png"))
+    assert missing.code == 2 and "--image" in missing.err and "none.png" in missing.err
+    not_image = run_cli(capsys, *base, "--image", __file__)
+    assert not_image.code == 2 and "not an image" in not_image.err

@@ -89,6 +89,29 @@ def image_tokens(width: int, height: int, config: ImageConfig, ids: ImageIds) ->
     return layout(*config.grid(width, height), ids)
 
 
+def placed(
+    prompt: Sequence[int], pictures: Sequence[Picture], config: ImageConfig, ids: ImageIds
+) -> list[tuple[int, int]]:
+    """(start, length) of each picture's grid in a prompt: its [IMG] and [IMG_BREAK] positions,
+    which the vision tower's embeddings fill ([IMG_END] after them is a token). The pictures
+    come in the conversation's order, which is the prompt's: mistral-common moves an image only
+    ahead of text, never past another image."""
+    starts = [
+        i for i, token in enumerate(prompt)
+        if token == ids.img and (i == 0 or prompt[i - 1] not in (ids.img, ids.img_break))
+    ]  # fmt: skip
+    if len(starts) != len(pictures):
+        raise UsageError(f"the prompt holds {len(starts)} images, not {len(pictures)}")
+    out = []
+    for start, picture in zip(starts, pictures, strict=True):
+        columns, rows = config.grid(picture.width, picture.height)
+        length = embedding_count(columns, rows)
+        if start + length >= len(prompt) or prompt[start + length] != ids.img_end:
+            raise UsageError("an image's grid in the prompt is not the one its size makes")
+        out.append((start, length))
+    return out
+
+
 def embedding_count(columns: int, rows: int) -> int:
     """How many embeddings the vision encoder gives for the grid: every [IMG] and [IMG_BREAK]
     of the layout ([IMG_END] is an ordinary token after them)."""

@@ -140,6 +140,7 @@ def profile_for(
         strip_space=adds_space_prefix(engine.metadata),
         tool_syntax=syntax,
         tool_ids=ids,
+        images=engine.vision.config if engine.vision is not None else None,
     )
 
 

@@ -17,16 +17,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localmix import disk
-from localmix.chat import reasoning
+from localmix.chat import images, reasoning, template
 from localmix.chat.profile import profile_for
 from localmix.chat.reasoning import Thought
-from localmix.chat.template import ChatFormat, Message, MistralFormat, Think
+from localmix.chat.template import ChatFormat, Message, MistralFormat, Picture, Think
 from localmix.errors import ContextTooLong, LocalmixError, OutputError, UsageError
+from localmix.llama.generation import Generation, ImageSpan
 from localmix.llama.records import Chunk, Sampling, Stats
+
+IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 
 if TYPE_CHECKING:
     from localmix.chat.grammars import JsonOutput
@@ -82,6 +86,7 @@ class Session:
         self.thinking = False
         self.set_thinking(self.profile.thinks_by_default if thinking is None else thinking)
         self.output: JsonOutput | None = None  # every reply is JSON of this schema (set_schema)
+        self.images: dict[str, Image] = {}  # the conversation's images' pixels, by key
 
     @property
     def format(self) -> ChatFormat:
@@ -151,6 +156,7 @@ class Session:
                 hint="use a vision model (Mistral Small 3.2, Ministral 3, Magistral) with its "
                 "mmproj",
             )
+        self.images.update((i.key, i) for i in images)
         content = (text, *(i.picture() for i in images)) if images else text
         return self._turn([*self.messages, Message("user", content)], restore=None)
 
@@ -340,9 +346,11 @@ class Session:
         split = reasoning.Splitter(self.profile.think_ids)
         stats: Stats | None = None
         strip = self.profile.strip_space
-        stream = self.engine.stream(
-            prompt, sampling=self.sampling, max_tokens=max_tokens, grammar=self._grammar()
-        )
+        gen = Generation(
+            prompt, self.sampling, max_tokens, grammar=self._grammar(),
+            images=self._image_spans(prompt),
+        )  # fmt: skip
+        stream = self.engine.generate(gen)
         try:
             for item in stream:
                 if isinstance(item, Chunk):
@@ -360,6 +368,30 @@ class Session:
             self.last_stats = stats or getattr(self.engine, "last_stats", None)
             self.last_thought_tokens = split.thought_tokens
             self._record(split.parts(), finished=stats is not None, restore=restore)
+
+    def _image_spans(self, prompt: list[int]) -> tuple[ImageSpan, ...]:
+        """Where the conversation's images sit in the prompt, each encoded only if the engine
+        does not hold it in its cache already (on demand)."""
+        vision = self.engine.vision
+        pictures = [
+            p for m in self.messages if not isinstance(m.content, str)
+            for p in m.content if isinstance(p, Picture)
+        ]  # fmt: skip
+        if not pictures or vision is None:
+            return ()
+        tokenize = self.engine.tokenize
+        ids = images.ImageIds(*(template.control_token(tokenize, t) for t in IMAGE_TOKENS))
+        spans = []
+        for picture, (start, length) in zip(
+            pictures, images.placed(prompt, pictures, vision.config, ids), strict=True
+        ):
+            pixels = self.images.get(picture.key)
+            if pixels is None:
+                raise UsageError(
+                    "an image of this chat is not loaded", hint="/clear, or send the image again"
+                )
+            spans.append(ImageSpan(start, length, picture.key, partial(vision.encode, pixels)))
+        return tuple(spans)
 
     def _record(
         self, reply: tuple[str | Think, ...], *, finished: bool, restore: list[Message] | None
@@ -414,15 +446,19 @@ def open_session(
     max_tokens: int = 512,
     overflow: str = "shift",
     thinking: bool | None = None,
+    mmproj: Path | None = None,
 ) -> tuple[Session, tuple[str, ...]]:
     """Open a model through the door (load.open_model) and start a Session on it, with what the
     user should know about how it was loaded; the caller closes session.engine. chat_format None:
-    the manifest's, else detected from the GGUF; thinking None: the model's own default."""
+    the manifest's, else detected from the GGUF; thinking None: the model's own default;
+    mmproj: a vision model's vision tower, so that it sees images."""
     from localmix import load
 
     target = load.locate(reference)
     loaded = load.open_model(target, settings)
     try:
+        if mmproj is not None:
+            loaded.engine.attach_vision(mmproj)
         session = Session(
             loaded.engine, chat_format or target.chat_format, system=system, sampling=sampling,
             max_tokens=max_tokens, overflow=overflow, model=target.name, thinking=thinking,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -28,8 +28,10 @@ from localmix.cli.plan import (
     VramBudgetOpt,
     cpu_moe_layers,
 )
+from localmix.errors import UsageError
 
 if TYPE_CHECKING:
+    from localmix.chat.images import Image
     from localmix.chat.session import Session
     from localmix.llama.records import Stats
     from localmix.models.store import Located
@@ -120,6 +122,24 @@ HideThinkingOpt = Annotated[
     bool,
     typer.Option("--hide-thinking", help="Show only how long the model thought, not its thinking."),
 ]
+ImageOpt = Annotated[
+    Optional[list[Path]],  # noqa: UP045
+    typer.Option(
+        "--image",
+        metavar="FILE",
+        help="With a prompt: an image file the message shows the model (PNG, JPEG, WebP, GIF, "
+        "BMP; repeat for several). Needs a vision model and its --mmproj.",
+        dir_okay=False,
+    ),
+]
+MmprojOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--mmproj",
+        help="A vision model's vision tower (its mmproj GGUF), so that it sees images.",
+        dir_okay=False,
+    ),
+]
 StatsOpt = Annotated[
     bool, typer.Option("--stats", help="With a prompt: print the stats line on stderr.")
 ]
@@ -154,6 +174,8 @@ def chat_command(
     think: ThinkOpt = None,
     hide_thinking: HideThinkingOpt = False,
     schema: SchemaOpt = None,
+    image: ImageOpt = None,
+    mmproj: MmprojOpt = None,
     stats: StatsOpt = False,
     resume: ResumeOpt = False,
     estimate: EstimateOpt = False,
@@ -189,12 +211,15 @@ def chat_command(
         return
     output = _schema(schema) if schema is not None else None
     message = _message(prompt)
+    pictures = [_image(path) for path in image or ()]
+    if pictures and message is None:
+        raise UsageError("--image goes with a PROMPT", hint='localmix chat MODEL "..." --image F')
 
     def open_chat(reference: str | Located, status: bool = False) -> Session:
         def opener(target: Located) -> tuple[Session, tuple[str, ...]]:
             return open_session(
                 target, settings, chat_format=chat_format, system=system, sampling=sampling,
-                max_tokens=max_tokens, overflow=overflow, thinking=think,
+                max_tokens=max_tokens, overflow=overflow, thinking=think, mmproj=mmproj,
             )  # fmt: skip
 
         return _opened(reference, opener, status=status)
@@ -218,6 +243,7 @@ def chat_command(
                 json_out=json_out,
                 show_stats=stats,
                 show_thoughts=not hide_thinking,
+                images=pictures,
             )
             if resumed is not None:  # the turn goes into the chat it continued
                 session.save(resumed)
@@ -239,6 +265,21 @@ def _resumed(model: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         err_console().print(f"note: no saved chat with {model} yet; a new one", style="dim")
         return path
+
+
+def _image(path: Path) -> Image:
+    """The image in an --image file; UsageError for one that is missing, unreadable or not an
+    image localmix reads."""
+    from localmix.chat import images
+
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as error:
+        raise UsageError(f"--image: cannot read {path}: {error.strerror or error}") from None
+    try:
+        return images.decode(data)
+    except UsageError as error:
+        raise UsageError(f"--image: {path}: {error.message}", hint=error.hint) from None
 
 
 def _schema(path: Path) -> Any:
@@ -333,7 +374,13 @@ def _interactive(
 
 
 def _one_shot(
-    session: Session, message: str, *, json_out: bool, show_stats: bool, show_thoughts: bool
+    session: Session,
+    message: str,
+    *,
+    json_out: bool,
+    show_stats: bool,
+    show_thoughts: bool,
+    images: Sequence[Image] = (),
 ) -> None:
     """Print only the answer (streamed, no colors) or, with --json, the reply and its stats. A
     reasoning model's thinking goes to stderr, dim, when stderr is a terminal; --json has it as
@@ -350,7 +397,7 @@ def _one_shot(
     thought = ThoughtView(err, show=show_thoughts) if err.is_terminal and not json_out else None
     pieces: list[str] = []
     final: Stats | None = None
-    for item in session.send(message):
+    for item in session.send(message, images):
         if isinstance(item, Thought):
             if thought is not None:
                 thought.feed(item.text, item.token)

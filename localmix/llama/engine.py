@@ -569,7 +569,7 @@ class Engine:
         its placeholder tokens and its key."""
         import numpy as np
 
-        rows = np.ascontiguousarray(span.embeddings, dtype=np.float32)
+        rows = np.ascontiguousarray(span.rows(), dtype=np.float32)
         if rows.shape[1] != self.n_embd or len(placeholders) != len(rows):
             raise UsageError(f"an image's embeddings must be {len(placeholders)} x {self.n_embd}")
         batch = self._embedding_batch()

@@ -60,17 +60,22 @@ class Generation:
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """An image in a prompt: the vision tower's embeddings (n, n_embd float32) for the n
-    positions from `start` on (its [IMG] and [IMG_BREAK] tokens); key names the image, so
-    that a cache holding another image at those positions is not reused."""
+    """An image in a prompt: the `length` positions from `start` on (its [IMG] and [IMG_BREAK]
+    tokens) take the vision tower's embeddings (length x n_embd float32), given or made on
+    demand (a callable: an image the cache already holds is not encoded again); key names the
+    image, so that a cache holding another image at those positions is not reused."""
 
     start: int
+    length: int
     key: str
-    embeddings: numpy.ndarray = field(repr=False)
+    embeddings: numpy.ndarray | Callable[[], numpy.ndarray] = field(repr=False)
 
     @property
     def end(self) -> int:
-        return self.start + len(self.embeddings)
+        return self.start + self.length
+
+    def rows(self) -> numpy.ndarray:
+        return self.embeddings() if callable(self.embeddings) else self.embeddings
 
 
 def checked_prompt(gen: Generation, n_vocab: int, n_ctx: int, *, hint: str) -> list[int]:
@@ -91,7 +96,7 @@ def checked_prompt(gen: Generation, n_vocab: int, n_ctx: int, *, hint: str) -> l
     check_tokens([token for token, _ in gen.sampling.logit_bias], n_vocab, what="logit_bias")
     at = 0
     for span in gen.images:  # in order, apart, and before the last token (decoded alone)
-        if span.start < at or span.end >= len(prompt) or not len(span.embeddings):
+        if span.start < at or span.end >= len(prompt) or span.length < 1:
             raise UsageError("image spans must lie apart, in order, inside the prompt")
         at = span.end
     return prompt

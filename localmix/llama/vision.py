@@ -33,6 +33,11 @@ def image_config(mmproj: Path) -> ImageConfig:
     from localmix import gguffile
 
     meta = gguffile.inspect(mmproj).metadata  # InvalidGGUF for what is not a GGUF
+    if "clip.projector_type" not in meta:
+        raise InvalidGGUF(
+            f"{mmproj}: not an mmproj (a vision tower GGUF)",
+            hint="a vision model's mmproj is published beside its GGUF files",
+        )
     if meta.get("clip.projector_type") != "pixtral":
         raise InvalidGGUF(
             f"{mmproj}: projector {meta.get('clip.projector_type')!r}, not pixtral",
