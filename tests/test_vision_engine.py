@@ -194,3 +194,43 @@ def test_chat_image_one_shot(
     assert missing.code == 2 and "--image" in missing.err and "none.png" in missing.err
     not_image = run_cli(capsys, *base, "--image", __file__)
     assert not_image.code == 2 and "not an image" in not_image.err
+
+
+def test_the_repl_attaches_images_and_saves_them_with_the_chat(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from localmix.chat.session import Session, images_folder
+
+    from .test_repl import drive
+
+    engine.clear()
+    session = Session(engine, "v7", sampling=Sampling(temperature=0.0), max_tokens=2)
+    photo = write_png(tmp_path / "photo.png", 56, 56, seed=7)
+    pasted = write_png(tmp_path / "pasted.jpg.png", 28, 56, seed=8)
+    saved = tmp_path / "chat.json"
+    keys = f"/image {photo}\rWhat is this?\r'{pasted}'\rAnd this?\r/save {saved}\r"
+    _, out = drive(session, keys)
+    assert "attached photo.png (56x56)" in out and "attached pasted.jpg.png (28x56)" in out
+    users = [m for m in session.messages if m.role == "user"]
+    assert [len(u.content) for u in users] == [2, 2]  # each: its text, then its image
+    assert sorted(p.name for p in images_folder(saved).iterdir()) == sorted(
+        k.removeprefix("sha256:") + ".png" for k in session.images
+    )
+    again = Session(engine, "v7", max_tokens=2)
+    again.load(saved)
+    assert again.images.keys() == session.images.keys()
+    assert all(again.images[k].rgb == session.images[k].rgb for k in session.images)
+
+
+def test_a_text_models_repl_says_it_does_not_see_images(tmp_path: Path) -> None:
+    from localmix.chat.session import Session
+
+    from .scripted_gguf import write_scripted_gguf
+    from .test_repl import drive
+
+    model = write_scripted_gguf(tmp_path / "text.gguf", {})
+    photo = write_png(tmp_path / "photo.png", 8, 8, seed=9)
+    with Engine(EngineConfig(model, n_ctx=256, n_threads=1)) as text_engine:
+        session = Session(text_engine, "v1", max_tokens=2)
+        _, out = drive(session, f"/image {photo}\r")
+    assert "does not see images" in out and session.messages == []

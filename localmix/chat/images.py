@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from localmix.errors import UsageError
@@ -190,6 +191,24 @@ def decode(data: bytes) -> Image:
         ) from None
     key = "sha256:" + hashlib.sha256(f"{width}x{height}:".encode() + rgb).hexdigest()
     return Image(width, height, rgb, key)
+
+
+def save_png(image: Image, folder: Path) -> Path:
+    """Write the image as a lossless PNG named by its key in folder (once: the key names the
+    pixels), atomically; returns the file."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from localmix import disk
+
+    path = folder / (image.key.removeprefix("sha256:") + ".png")
+    if not path.exists():
+        out = io.BytesIO()
+        PILImage.frombytes("RGB", (image.width, image.height), image.rgb).save(out, format="PNG")
+        with disk.staged(path) as partial:
+            partial.write_bytes(out.getvalue())
+    return path
 
 
 def _rgb(image: Any) -> bytes:

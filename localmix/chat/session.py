@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from localmix import disk
 from localmix.chat import images, reasoning, template
+from localmix.chat.images import Image
 from localmix.chat.profile import profile_for
 from localmix.chat.reasoning import Thought
 from localmix.chat.template import ChatFormat, Message, MistralFormat, Picture, Think
@@ -34,7 +35,6 @@ IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 
 if TYPE_CHECKING:
     from localmix.chat.grammars import JsonOutput
-    from localmix.chat.images import Image
     from localmix.llama.engine import Engine
     from localmix.load import LoadSettings
     from localmix.models.store import Located
@@ -255,10 +255,35 @@ class Session:
             "max_tokens": self.max_tokens,
         }
         try:
+            self._save_images(images_folder(path))
             disk.write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
         except OSError as e:
             raise OutputError(f"cannot save the chat to {path}: {e.strerror}") from None
         return path
+
+    def _pictures(self, messages: Sequence[Message] | None = None) -> list[Picture]:
+        """The Picture parts of the messages (the conversation's), in order."""
+        return [
+            p for m in (self.messages if messages is None else messages)
+            if not isinstance(m.content, str) for p in m.content if isinstance(p, Picture)
+        ]  # fmt: skip
+
+    def _save_images(self, folder: Path) -> None:
+        """The conversation's images as PNG files in folder (the chat file names them by key)."""
+        for picture in self._pictures():
+            pixels = self.images.get(picture.key)
+            if pixels is not None:
+                images.save_png(pixels, folder)
+
+    def _load_images(self, folder: Path, messages: Sequence[Message]) -> dict[str, Image]:
+        loaded: dict[str, Image] = {}
+        for picture in self._pictures(messages):
+            file = folder / (picture.key.removeprefix("sha256:") + ".png")
+            try:
+                loaded[picture.key] = images.decode(file.read_bytes())
+            except (OSError, UsageError):
+                continue  # the turn keeps its place; sending it again needs the image
+        return loaded
 
     def load(self, path: Path | str) -> str | None:
         """Replace messages, system prompt and settings with a saved chat; returns its model name."""
@@ -288,6 +313,7 @@ class Session:
         if not self.format.think:  # this model cannot read thinking back: its text goes on
             messages = [m.without_thinking() for m in messages]
         self.messages = messages
+        self.images = self._load_images(images_folder(path), messages)
         self.system = data.get("system") or None
         self.sampling = sampling
         self.max_tokens = max(1, max_tokens)
@@ -373,10 +399,7 @@ class Session:
         """Where the conversation's images sit in the prompt, each encoded only if the engine
         does not hold it in its cache already (on demand)."""
         vision = self.engine.vision
-        pictures = [
-            p for m in self.messages if not isinstance(m.content, str)
-            for p in m.content if isinstance(p, Picture)
-        ]  # fmt: skip
+        pictures = self._pictures()
         if not pictures or vision is None:
             return ()
         tokenize = self.engine.tokenize
@@ -403,6 +426,11 @@ class Session:
         elif not finished:
             self._abandon(restore)  # interrupted before any text: as if never sent
         # finished with an empty reply: the user message stays; the next one is merged with it
+
+
+def images_folder(chat: Path) -> Path:
+    """Where a saved chat keeps its images: a folder beside it."""
+    return chat.with_name(chat.name + ".images")
 
 
 def _turn_starts(messages: Sequence[Message]) -> list[int]:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from prompt_toolkit.output import Output
     from rich.console import Console
 
+    from localmix.chat.images import Image
     from localmix.chat.session import Session
 
 # Loads a model by name (store reference or .gguf path) into a fresh Session: /model.
@@ -116,6 +117,7 @@ class Repl:
         self._last_save: Path | None = None  # what /load without a file reads
         self.autosave: Path | None = None  # where every turn is saved (chosen at the first)
         self._autosave_failed = False
+        self.attached: list[Image] = []  # images for the next message (/image, a pasted path)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -149,15 +151,46 @@ class Repl:
             except LocalmixError as exc:
                 self._error(exc)
                 return True
+        pasted = image_path(stripped) if self.session.profile.sees_images else None
+        if pasted is not None:  # an image file's path on its own line: attach it
+            try:
+                self.attach(pasted)
+            except LocalmixError as exc:
+                self._error(exc)
+            return True
         # "//" sends a message that starts with a slash
         self.send(message_text(text.lstrip()[1:] if stripped.startswith("//") else text))
         return True
 
     def send(self, text: str) -> Stats | None:
-        """Send a message and show the reply as it streams; Ctrl-C stops the reply."""
+        """Send a message (with the images attached to it) and show the reply as it streams;
+        Ctrl-C stops the reply."""
         if not text.strip():
             return None
-        return self.show(self.session.send(text))
+        attached, self.attached = self.attached, []
+        try:
+            stream = self.session.send(text, attached)
+        except LocalmixError as exc:
+            self._error(exc)
+            return None
+        return self.show(stream)
+
+    def attach(self, path: Path) -> None:
+        """Read an image file for the next message (UsageError for one that is not)."""
+        from localmix.chat import images
+
+        if not self.session.profile.sees_images:
+            raise UsageError(
+                "this model does not see images",
+                hint="start a vision model with its --mmproj",
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+        image = images.decode(data)
+        self.attached.append(image)
+        self.say(f"attached {path.name} ({image.width}x{image.height}) to your next message")
 
     def show(self, stream: Iterator[Chunk | Thought | Stats | Notice]) -> Stats | None:
         """Show a reply stream of the session (send, retry): its thinking (dim, or a count), the
@@ -529,6 +562,26 @@ def _undo(repl: Repl, arg: str) -> None:
     first = removed[0].text
     shown = first if len(first) <= 40 else first[:39] + "…"
     repl.say(f"dropped {len(removed)} message{'s' * (len(removed) != 1)} ({shown!r} …)")
+
+
+@_command("/image", "PATH", "attach an image to your next message (a vision model)")
+def _image(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise UsageError("/image needs a file", hint="/image photo.jpg")
+    repl.attach(image_path(arg) or Path(arg).expanduser())
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+
+
+def image_path(text: str) -> Path | None:
+    """The image file a line names, if the whole line is one (quotes a terminal adds on a
+    drag and drop are taken off)."""
+    candidate = text.strip().strip("'\"")
+    if "\n" in candidate or not candidate.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    path = Path(candidate).expanduser()
+    return path if path.is_file() else None
 
 
 @_command("/save", "[FILE]", "save the conversation as JSON")
