@@ -163,6 +163,7 @@ def test_a_session_sees_an_image_and_keeps_it_across_turns(engine: Engine) -> No
     finally:
         vision.encode = real  # type: ignore[method-assign]
     assert encoded == [picture.key]  # the second turn found the image in the cache
+    assert first.image_s > 0 and second.image_s == 0
     assert second.cached_tokens > first.prompt_tokens  # the whole first turn was reused
     content = session.messages[0].content
     assert isinstance(content, tuple) and content[1] == picture.picture()

@@ -320,6 +320,8 @@ def stats_line(stats: Any) -> str:
         prompt += f" {stats.prompt_tps:.0f} t/s"
     if getattr(stats, "cached_tokens", 0):
         prompt += f" ({stats.cached_tokens} cached)"
+    if getattr(stats, "image_s", 0):
+        prompt += f" (images {stats.image_s:.2f} s)"
     if stats.generated_tokens == 0 and stats.finish_reason == "interrupted":
         return f"{prompt} in {stats.prompt_s:.2f} s · before the first token"
     reply = f"{stats.generated_tokens} tok"

@@ -551,25 +551,34 @@ class Engine:
                 each(row, n_out)
             row += n_out
 
-    def _decode_prompt(self, tokens: list[int], images: Sequence[ImageSpan]) -> None:
+    def _decode_prompt(self, tokens: list[int], images: Sequence[ImageSpan]) -> float:
         """Decode prompt tokens at the next positions, without outputs; the positions of an
-        image take its embeddings instead of their tokens' (the images not yet in the cache)."""
-        at = len(self._kv)
+        image take its embeddings instead of their tokens' (the images not yet in the cache).
+        Returns the seconds spent making those embeddings (the vision tower)."""
+        import time
+
+        at, encoding = len(self._kv), 0.0
         for span in images:
             if span.end <= at:
                 continue  # reused from the cache
             before = tokens[: span.start - at]
             self._decode(before, outputs_from=len(before))
-            self._decode_embeddings(span, tokens[span.start - at : span.end - at])
+            started = time.perf_counter()
+            rows = span.rows()
+            encoding += time.perf_counter() - started
+            self._decode_embeddings(span, rows, tokens[span.start - at : span.end - at])
             tokens, at = tokens[span.end - at :], span.end
         self._decode(tokens, outputs_from=len(tokens))
+        return encoding
 
-    def _decode_embeddings(self, span: ImageSpan, placeholders: list[int]) -> None:
+    def _decode_embeddings(
+        self, span: ImageSpan, embeddings: numpy.ndarray, placeholders: list[int]
+    ) -> None:
         """An image's embeddings at the next positions, in n_batch batches; the cache records
         its placeholder tokens and its key."""
         import numpy as np
 
-        rows = np.ascontiguousarray(span.rows(), dtype=np.float32)
+        rows = np.ascontiguousarray(embeddings, dtype=np.float32)
         if rows.shape[1] != self.n_embd or len(placeholders) != len(rows):
             raise UsageError(f"an image's embeddings must be {len(placeholders)} x {self.n_embd}")
         batch = self._embedding_batch()
@@ -692,7 +701,7 @@ class Engine:
             # cache: a quantized matmul rounds differently in a batch of one than of many, so
             # this keeps a seeded reply the same whether its prompt was cached or not.
             ahead = state.pending[:-1]
-            self._decode_prompt(ahead, gen.images)
+            state.image_s = self._decode_prompt(ahead, gen.images)
             state.decoded(len(ahead))
             step, sample, decoded = self._step, state.sample, state.decoded
             step(state.pending[0])

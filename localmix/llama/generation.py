@@ -147,6 +147,7 @@ class Generating:
         self.finish_reason: str | None = None  # set once done
         self.t_start = self.t_first = self.t_last = time.perf_counter()
         self.t_prompt: float | None = None
+        self.image_s = 0.0  # the driver's time encoding images (the vision tower), in prompt_s
         self._text = TextStream(gen.stop)
         self._bias = _bias_arrays(gen.sampling.logit_bias)
         self._constraint = _constraint(engine, gen.grammar)
@@ -244,6 +245,7 @@ class Generating:
             gen_s=gen_s,
             gen_tps=(self.n_samples - 1) / gen_s if gen_s > 0 else 0.0,
             finish_reason=reason,
+            image_s=self.image_s,
         )
 
     def close(self) -> None:

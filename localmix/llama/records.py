@@ -225,3 +225,4 @@ class Stats:
     gen_s: float
     gen_tps: float
     finish_reason: str  # one of FINISH_REASONS
+    image_s: float = 0.0  # of prompt_s, the vision tower's time encoding the prompt's images
