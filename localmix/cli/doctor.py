@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from localmix.cli.options import JsonOpt, RpcOpt
+from localmix.cli.options import DoctorRpcOpt, JsonOpt
 
 if TYPE_CHECKING:
     from localmix.errors import WorkerError
@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     from localmix.llama.rpc import Worker
 
 
-def doctor_command(json: JsonOpt = False, rpc: RpcOpt = None) -> None:
-    """Show llama.cpp's backends and devices, free memory, threads, RAM and memory bandwidth;
-    whether this build has RPC, and with --rpc (or LOCALMIX_RPC) each worker it can reach."""
+def doctor_command(json: JsonOpt = False, rpc: DoctorRpcOpt = None) -> None:
+    """Show llama.cpp's backends and devices, free memory, threads, RAM and bandwidth, and RPC.
+
+    Whether this build has llama.cpp's RPC backend, and with --rpc (or LOCALMIX_RPC) each
+    worker it can reach: its protocol and devices' memory, or why not (exit 7)."""
     from localmix.cli import render
     from localmix.cli.options import rpc_endpoints
     from localmix.llama import hardware

@@ -96,6 +96,17 @@ _RPC_HELP: dict[str, Any] = {
     "LOCALMIX_RPC; llama.cpp's own tools read LLAMA_ARG_RPC).",
 }
 RpcOpt = Annotated[Optional[str], typer.Option("--rpc", **_RPC_HELP)]  # noqa: UP045
+# doctor: the workers to probe, not to load on
+DoctorRpcOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--rpc",
+        metavar="HOST:PORT,...",
+        callback=not_empty,
+        help="Probe these RPC workers (`localmix worker`), comma-separated: protocol and each "
+        "device's memory (default: LOCALMIX_RPC).",
+    ),
+]
 # bench: llama-bench's spelling too
 BenchRpcOpt = Annotated[Optional[str], typer.Option("--rpc", "-rpc", **_RPC_HELP)]  # noqa: UP045
 
