@@ -15,8 +15,8 @@ ENVIRONMENT = {
     "LOCALMIX_DEBUG": "set to 1 to show tracebacks",
     "LOCALMIX_REPACK": "1 or 0: let llama.cpp repack weights for the CPU, or not (default: yes, "
     "except on builds with AMX kernels; `localmix doctor` says which)",
-    "LOCALMIX_RPC": "llama.cpp RPC workers (`localmix worker`) for every command that loads a "
-    "model, as --rpc HOST:PORT,... (llama.cpp's own tools read LLAMA_ARG_RPC)",
+    "LOCALMIX_RPC": "llama.cpp RPC workers (`localmix worker`) for chat, bench, eval, serve and "
+    "doctor when --rpc is not given: HOST:PORT,... (llama.cpp's own tools read LLAMA_ARG_RPC)",
     "LOCALMIX_API_KEY": "serve: the keys a request must carry, comma-separated "
     "(Authorization: Bearer KEY)",
     "LOCALMIX_ORIGINS": "serve: more web origins that may call it, comma-separated (* for any)",

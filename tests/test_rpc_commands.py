@@ -91,6 +91,21 @@ def test_bench_rows_without_rpc_keep_llama_benchs_columns() -> None:
     )
 
 
+# -- chat: the flag over the variable ---------------------------------------------------------
+
+
+def test_chat_reads_localmix_rpc_and_the_flag_wins_over_it(
+    rpc_cache: Path, one_worker: str, tiny_mistral_gguf_f16: Path
+) -> None:
+    dead = f"127.0.0.1:{_free_port()}"
+    args = ["chat", str(tiny_mistral_gguf_f16), "Say hello", "--temperature", "0"]
+    args += ["--max-tokens", "4", "--no-repack", "--threads", "1", "--ctx", "512"]
+    refused = _localmix(rpc_cache, *args, env={"LOCALMIX_RPC": dead})
+    assert refused.returncode == 7 and f"nothing listens at {dead}" in refused.stderr
+    done = _localmix(rpc_cache, *args, "--rpc", one_worker, env={"LOCALMIX_RPC": dead})
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
+
+
 # -- eval --------------------------------------------------------------------------------------
 
 
