@@ -15,6 +15,8 @@ ENVIRONMENT = {
     "LOCALMIX_DEBUG": "set to 1 to show tracebacks",
     "LOCALMIX_REPACK": "1 or 0: let llama.cpp repack weights for the CPU, or not (default: yes, "
     "except on builds with AMX kernels; `localmix doctor` says which)",
+    "LOCALMIX_RPC": "llama.cpp RPC workers (`localmix worker`) for chat, bench, eval, serve and "
+    "doctor when --rpc is not given: HOST:PORT,... (llama.cpp's own tools read LLAMA_ARG_RPC)",
     "LOCALMIX_API_KEY": "serve: the keys a request must carry, comma-separated "
     "(Authorization: Bearer KEY)",
     "LOCALMIX_ORIGINS": "serve: more web origins that may call it, comma-separated (* for any)",
@@ -183,6 +185,13 @@ def repack() -> bool | None:
         f"LOCALMIX_REPACK={value[:20]!r} is neither 1 nor 0",
         hint="set it to 1 (repack weights) or 0 (never), or unset it for localmix's rule",
     )
+
+
+def rpc_workers() -> str | None:
+    """LOCALMIX_RPC: the workers a command that loads a model uses when --rpc is not given
+    (HOST:PORT,...); None when unset or blank."""
+    value = os.environ.get("LOCALMIX_RPC", "").strip()
+    return value or None
 
 
 def hf_endpoint() -> str:

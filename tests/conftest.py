@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +106,37 @@ def _small_ckpt(factory: pytest.TempPathFactory) -> Path:
     from localmix.build.synth import checkpoints as synth
 
     return synth.checkpoint(factory.mktemp("small-mistral") / "ckpt", size="small", seed=0)
+
+
+# ---- llama.cpp's RPC backend (tests/test_rpc.py, tests/test_rpc_commands.py) ----------------
+
+
+def rpc_env(cache: Path) -> dict[str, str]:
+    """A child's environment: this cache (with the RPC plug-in), this checkout, no debug."""
+    env = {**os.environ, "LOCALMIX_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    env.pop("LOCALMIX_DEBUG", None)
+    env.pop("LOCALMIX_RPC", None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def rpc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache with the RPC plug-in in it, built by two processes at once (the lock makes one
+    build it and the other wait for it): the build the product does where the wheel has none."""
+    cache = tmp_path_factory.mktemp("rpc-cache")
+    from localmix.llama import rpc_plugin
+
+    code = "from localmix.llama import rpc_plugin; print(rpc_plugin.plugin())"
+    command = [sys.executable, "-c", code]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    builders = [subprocess.Popen(command, env=rpc_env(cache), cwd=ROOT, **pipes) for _ in range(2)]
+    results = [builder.communicate(timeout=600) for builder in builders]
+    assert all(b.returncode == 0 for b in builders), [err[-2000:] for _, err in results]
+    (path,) = {out.strip() for out, _ in results}
+    plugin = Path(path)
+    assert plugin.is_file() and plugin.is_relative_to(cache)
+    # nothing half-built left: the plug-in's folder, its lock, no staging folder
+    folder = plugin.parent
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, f"{folder.name}.lock"]
+    assert [p.name for p in folder.iterdir()] == [rpc_plugin.PLUGIN]
+    return cache

@@ -820,7 +820,28 @@ WORKER_CASES = [
     _c(
         "chat rpc with a plan", 2, "RPC workers", "chat", "GGUF", "hi", "--rpc", "h:1", "--estimate"
     ),
-]
+    _c("chat LOCALMIX_RPC no port", 2, "LOCALMIX_RPC: RPC endpoint 'worker' is not HOST:PORT",
+       "chat", "GGUF", "hi", env={"LOCALMIX_RPC": "worker"}),
+    _c("bench -rpc no port", 2, "not HOST:PORT", "bench", "GGUF", "-rpc", "worker"),
+    _c("bench --rpc IPv6", 2, "IPv4 only", "bench", "GGUF", "--rpc", "[::1]:50052"),
+    _c("bench rpc empty", 2, "empty", "bench", "GGUF", "-rpc", ""),
+    _c("bench rpc port", 2, "from 1 to 65535", "bench", "GGUF", "-rpc", "h:0"),
+    _c("bench rpc with a plan", 2, "RPC workers", "bench", "GGUF", "-rpc", "h:1", "--estimate"),
+    _c("bench LOCALMIX_RPC IPv6", 2, "LOCALMIX_RPC: RPC endpoint", "bench", "GGUF",
+       env={"LOCALMIX_RPC": "::1"}),
+    _c("eval rpc no port", 2, "not HOST:PORT", "eval", "GGUF", "--rpc", "worker"),
+    _c("eval rpc empty", 2, "empty", "eval", "GGUF", "--rpc", " "),
+    _c("eval rpc 17 workers", 2, "at most 16", "eval", "GGUF", "--rpc",
+       ",".join(f"h:{p}" for p in range(1, 18))),
+    _c("serve rpc no port", 2, "not HOST:PORT", "serve", "--rpc", "worker"),
+    _c("serve rpc empty", 2, "empty", "serve", "--rpc", " "),
+    # probed at start: nothing listens on port 1 of this machine
+    _c("serve rpc unreachable", 7, "nothing listens at 127.0.0.1:1", "serve", "--rpc",
+       "127.0.0.1:1"),
+    _c("doctor rpc no port", 2, "not HOST:PORT", "doctor", "--rpc", "worker"),
+    _c("doctor rpc unreachable", 7, "1 of 1 RPC workers cannot be used", "doctor", "--rpc",
+       "127.0.0.1:1"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -23,33 +23,12 @@ from pathlib import Path
 import pytest
 
 from localmix.errors import UsageError, WorkerError
-from localmix.llama import rpc, rpc_plugin
+from localmix.llama import rpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def rpc_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache with the RPC plug-in in it, built by two processes at once (the lock makes one
-    build it and the other wait for it): the build the product does where the wheel has none."""
-    cache = tmp_path_factory.mktemp("rpc-cache")
-    code = "from localmix.llama import rpc_plugin; print(rpc_plugin.plugin())"
-    command = [sys.executable, "-c", code]
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    builders = [subprocess.Popen(command, env=_env(cache), cwd=ROOT, **pipes) for _ in range(2)]
-    results = [builder.communicate(timeout=600) for builder in builders]
-    assert all(b.returncode == 0 for b in builders), [err[-2000:] for _, err in results]
-    (path,) = {out.strip() for out, _ in results}
-    plugin = Path(path)
-    assert plugin.is_file() and plugin.is_relative_to(cache)
-    # nothing half-built left: the plug-in's folder, its lock, no staging folder
-    folder = plugin.parent
-    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, f"{folder.name}.lock"]
-    assert [p.name for p in folder.iterdir()] == [rpc_plugin.PLUGIN]
-    return cache
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +37,9 @@ def _same_cache(rpc_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _env(cache: Path) -> dict[str, str]:
-    env = {**os.environ, "LOCALMIX_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
-    env.pop("LOCALMIX_DEBUG", None)
-    return env
+    from tests.conftest import rpc_env
+
+    return rpc_env(cache)
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ from localmix.errors import OutputError
 SAME_TEST = (
     "model_filename", "model_type", "model_size", "model_n_params", "n_prompt", "n_gen",
     "n_depth", "n_batch", "n_ubatch", "type_k", "type_v", "flash_attn", "n_gpu_layers",
-    "tensor_buft_overrides", "repack",
+    "tensor_buft_overrides", "repack", "rpc_servers",
 )  # fmt: skip
 # Settings of the machine and the run: matched when history has such a run; otherwise the
 # comparison falls back to runs that differ here and names the difference.

@@ -55,6 +55,9 @@ class BenchParams:
     seed: int = 1  # random tokens are drawn from this seed, like llama-bench's unseeded rand()
     # Offload hook: (tensor-name regex, buffer type) pairs for every test, e.g. experts on CPU.
     tensor_overrides: tuple[tuple[str, str], ...] = ()
+    # llama-bench's -rpc: RPC workers (HOST:PORT) whose devices every test offloads to; not
+    # swept (llama-bench registers them once for the whole run)
+    rpc: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("type_k", "type_v"):
@@ -76,7 +79,7 @@ class BenchParams:
             )
         for f in fields(self):
             value = getattr(self, f.name)
-            optional = f.name in ("n_threads", "n_pg", "tensor_overrides", "repack")
+            optional = f.name in ("n_threads", "n_pg", "tensor_overrides", "repack", "rpc")
             if isinstance(value, tuple) and not optional and not value:
                 raise UsageError(
                     f"{f.name}: give at least one value",
@@ -114,6 +117,7 @@ class BenchCase:
     flash_attn: str
     tensor_overrides: tuple[tuple[str, str], ...] = ()
     repack: bool = True
+    rpc: tuple[str, ...] = ()
 
     @property
     def test(self) -> str:
@@ -139,6 +143,7 @@ class BenchCase:
             self.flash_attn,
             self.tensor_overrides,
             self.repack,
+            self.rpc,
         )
 
 
@@ -170,7 +175,7 @@ def cases(models: Sequence[Path], params: BenchParams) -> list[BenchCase]:
                                     for nd in params.n_depth:
                                         base = BenchCase(
                                             Path(model), 0, 0, nd, nb, nub, tk, tv, nt, ngl, fa,
-                                            params.tensor_overrides, repack,
+                                            params.tensor_overrides, repack, params.rpc,
                                         )  # fmt: skip
                                         out.extend(_tests(base, params))
     return out
@@ -279,11 +284,15 @@ OPTIONS: dict[str, tuple[str, Callable[[Sequence[str]], tuple[object, ...]]]] = 
 
 
 def from_options(
-    options: dict[str, Sequence[str] | None], *, repetitions: int = 5, warmup: bool = True
+    options: dict[str, Sequence[str] | None],
+    *,
+    repetitions: int = 5,
+    warmup: bool = True,
+    rpc: Sequence[str] = (),
 ) -> BenchParams:
     """BenchParams from llama-bench's options as typed, keyed by flag ({"-p": ["512", "1-8"]});
-    a flag left out (None or empty) keeps BenchParams' default."""
-    sweep: dict[str, object] = {"repetitions": repetitions, "warmup": warmup}
+    a flag left out (None or empty) keeps BenchParams' default. rpc: -rpc's workers, parsed."""
+    sweep: dict[str, object] = {"repetitions": repetitions, "warmup": warmup, "rpc": tuple(rpc)}
     for flag, values in options.items():
         if values:
             field, parse = OPTIONS[flag]

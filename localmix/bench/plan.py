@@ -48,6 +48,7 @@ def load_settings(
         flash_attn=params.flash_attn[0],
         type_k=params.type_k[0],
         type_v=params.type_v[0],
+        rpc=params.rpc,
     )
 
 

@@ -77,9 +77,17 @@ def to_json(results: Sequence[BenchResult]) -> str:
         values = result.fields()
         ns, ts = _samples(result)
         body = "".join(f'    "{n}": {_json_value(n, values[n])},\n' for n in FIELDS)
-        body += f'    "samples_ns": [ {ns} ],\n    "samples_ts": [ {ts} ]\n'
+        body += f'    "samples_ns": [ {ns} ],\n    "samples_ts": [ {ts} ]'
+        body += _rpc_json(result, ",\n    ") + "\n"
         objects.append("  {\n" + body + "  }")
     return "[\n" + ",\n".join(objects) + "\n]\n"
+
+
+def _rpc_json(result: BenchResult, separator: str) -> str:
+    """The -rpc workers after llama-bench's own keys, only when there were some."""
+    if not result.rpc_servers:
+        return ""
+    return f'{separator}"rpc_servers": "{_escape_json(result.rpc_servers)}"'
 
 
 def to_jsonl(results: Sequence[BenchResult]) -> str:
@@ -89,7 +97,8 @@ def to_jsonl(results: Sequence[BenchResult]) -> str:
         values = result.fields()
         ns, ts = _samples(result)
         body = "".join(f'"{n}": {_json_value(n, values[n])}, ' for n in FIELDS)
-        lines.append("{" + body + f'"samples_ns": [ {ns} ],"samples_ts": [ {ts} ]' + "}\n")
+        rpc = _rpc_json(result, ", ")
+        lines.append("{" + body + f'"samples_ns": [ {ns} ],"samples_ts": [ {ts} ]' + rpc + "}\n")
     return "".join(lines)
 
 
@@ -104,6 +113,7 @@ _OPTIONAL = (
     ("flash_attn", "fa", 3, "auto"),
     ("tensor_buft_overrides", "ot", -21, "none"),
     ("repack", "rpk", 3, True),
+    ("rpc_servers", "rpc", -21, ""),  # the workers of -rpc (llama-bench shows only RPC)
 )
 
 

@@ -112,6 +112,9 @@ class BenchResult:
     fit_min_ctx: int = 0
     # Why llama.cpp refused this combination (no samples then); not a llama-bench field.
     error: str = ""
+    # The RPC workers (HOST:PORT,...) the test offloaded to: llama-bench's -rpc, which its
+    # records show only as RPC among the backends; json / jsonl rows carry it when set.
+    rpc_servers: str = ""
 
     @property
     def test(self) -> str:
@@ -159,6 +162,8 @@ class BenchResult:
         data = self.fields()
         data["samples_ns"] = list(self.samples_ns)
         data["samples_ts"] = list(self.samples_ts)
+        if self.rpc_servers:
+            data["rpc_servers"] = self.rpc_servers
         return data
 
     @classmethod

@@ -120,6 +120,7 @@ def load_settings(case: BenchCase, n_ctx: int) -> LoadSettings:
         type_v=case.type_v,
         tensor_overrides=case.tensor_overrides,
         repack=case.repack,
+        rpc=case.rpc,
     )
 
 
@@ -249,13 +250,22 @@ def _row(
         n_depth=case.n_depth,
         test_time=test_time,
         samples_ns=samples,
-        backends=machine.backends,
+        backends=with_rpc(machine.backends, case.rpc),
         cpu_info=machine.cpu_info,
         gpu_info=machine.gpu_info,
         tensor_buft_overrides=";".join(f"{p}={b}" for p, b in case.tensor_overrides) or "none",
         repack=case.repack,
+        rpc_servers=",".join(case.rpc),
         **model,
     )
+
+
+def with_rpc(backends: str, rpc: tuple[str, ...]) -> str:
+    """llama-bench's backends when RPC workers are used: RPC after the others ("RPC" alone on
+    a CPU build, "CUDA,RPC" beside a GPU)."""
+    if not rpc:
+        return backends
+    return "RPC" if backends == "CPU" else f"{backends},RPC"
 
 
 def build_info() -> str:

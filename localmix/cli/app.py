@@ -81,7 +81,7 @@ COMMANDS = {
     ),
     "doctor": Entry(
         "localmix.cli.doctor",
-        "Show llama.cpp's backends and devices, free memory, threads, RAM and memory bandwidth.",
+        "Show llama.cpp's backends and devices, free memory, threads, RAM and bandwidth, and RPC.",
     ),
     "paths": Entry(
         "localmix.cli.doctor",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from localmix.cli.options import BenchRpcOpt
 from localmix.cli.plan import CpuMoeOpt, EstimateOpt, NCpuMoeOpt, VramBudgetOpt, cpu_moe_layers
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ def bench_command(
     vram_budget: VramBudgetOpt = None,
     cpu_moe: CpuMoeOpt = False,
     n_cpu_moe: NCpuMoeOpt = None,
+    rpc: BenchRpcOpt = None,
 ) -> None:
     """Measure tokens/s the way llama-bench does: pp (prompt) and tg (generation), mean ± std."""
     from localmix import load
@@ -109,6 +111,7 @@ def bench_command(
     from localmix.bench.params import from_options
     from localmix.bench.report import FORMATS
     from localmix.cli import render
+    from localmix.cli.options import rpc_endpoints
     from localmix.cli.plan import plan_table
     from localmix.errors import UsageError
 
@@ -119,7 +122,7 @@ def bench_command(
         "-ngl": n_gpu_layers, "-b": n_batch, "-ub": n_ubatch, "-fa": flash_attn,
         "-ctk": cache_type_k, "-ctv": cache_type_v, "--repack": repack,
     }  # fmt: skip
-    params = from_options(options, repetitions=repetitions, warmup=warmup)
+    params = from_options(options, repetitions=repetitions, warmup=warmup, rpc=rpc_endpoints(rpc))
     targets = [load.locate(name) for name in models]  # each name walked once
     settings = bench_plan.load_settings(
         params, explicit_ngl=bool(n_gpu_layers), vram_budget=vram_budget,

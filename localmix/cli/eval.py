@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, ModelArg, RepackOpt, ThreadsOpt
+from localmix.cli.options import JsonOpt, ModelArg, RepackOpt, RpcOpt, ThreadsOpt, rpc_endpoints
 from localmix.cli.plan import NglOpt
 
 DEFAULT_CTX = 512  # quality.evaluate.DEFAULT_CTX, repeated so --help needs no import
@@ -60,6 +60,7 @@ def eval_command(
     threads: ThreadsOpt = None,
     n_gpu_layers: NglOpt = None,
     repack: RepackOpt = None,
+    rpc: RpcOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Measure what a quant loses: PPL ratio, KL divergence and same top token against a reference.
@@ -70,8 +71,9 @@ def eval_command(
     from localmix.quality.evaluate import EvalSettings
 
     settings = EvalSettings(
-        n_ctx=ctx, max_chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers, repack=repack
-    )
+        n_ctx=ctx, max_chunks=chunks, threads=threads, n_gpu_layers=n_gpu_layers, repack=repack,
+        rpc=rpc_endpoints(rpc),
+    )  # fmt: skip
     source = corpus.read(text)
     if quants is not None:
         _table(model, quants.split(","), against, source, settings, json_out)

@@ -88,25 +88,47 @@ RepackOpt = Annotated[
         "on builds with AMX kernels; LOCALMIX_REPACK; `localmix doctor` says which).",
     ),
 ]
-RpcOpt = Annotated[
+_RPC_HELP: dict[str, Any] = {
+    "metavar": "HOST:PORT,...",
+    "callback": not_empty,
+    "help": "Put the layers on these machines' devices, comma-separated: each runs `localmix "
+    "worker` (llama.cpp's RPC); -ngl N offloads only the last N, the rest stay here (default: "
+    "LOCALMIX_RPC; llama.cpp's own tools read LLAMA_ARG_RPC).",
+}
+RpcOpt = Annotated[Optional[str], typer.Option("--rpc", **_RPC_HELP)]  # noqa: UP045
+# doctor: the workers to probe, not to load on
+DoctorRpcOpt = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
         "--rpc",
         metavar="HOST:PORT,...",
         callback=not_empty,
-        help="Put the layers on these machines' devices, comma-separated: each runs `localmix "
-        "worker` (llama.cpp's RPC); -ngl N offloads only the last N, the rest stay here.",
+        help="Probe these RPC workers (`localmix worker`), comma-separated: protocol and each "
+        "device's memory (default: LOCALMIX_RPC).",
     ),
 ]
+# bench: llama-bench's spelling too
+BenchRpcOpt = Annotated[Optional[str], typer.Option("--rpc", "-rpc", **_RPC_HELP)]  # noqa: UP045
 
 
 def rpc_endpoints(value: str | None) -> tuple[str, ...]:
-    """--rpc as the door takes it: each HOST:PORT once (UsageError for a malformed one)."""
-    if not value:
-        return ()
+    """--rpc as the door takes it, else LOCALMIX_RPC: each HOST:PORT once (UsageError for a
+    malformed one, naming the variable when it came from there)."""
+    from localmix import settings
+    from localmix.errors import UsageError
     from localmix.llama.rpc import parse_endpoints
 
-    return tuple(str(endpoint) for endpoint in parse_endpoints(value))
+    if value:
+        return tuple(str(endpoint) for endpoint in parse_endpoints(value))
+    value = settings.rpc_workers()
+    if not value:
+        return ()
+    try:
+        return tuple(str(endpoint) for endpoint in parse_endpoints(value))
+    except UsageError as exc:
+        raise UsageError(
+            f"LOCALMIX_RPC: {exc.message}", hint=exc.hint or "unset it to load on this machine"
+        ) from None
 
 
 OutputOpt = Annotated[

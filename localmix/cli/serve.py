@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from localmix.cli.options import JsonOpt, RepackOpt, ThreadsOpt
+from localmix.cli.options import JsonOpt, RepackOpt, RpcOpt, ThreadsOpt, rpc_endpoints
 from localmix.cli.plan import NglOpt
 
 if TYPE_CHECKING:
@@ -107,6 +107,7 @@ def serve_command(
     threads: ThreadsOpt = None,
     n_gpu_layers: NglOpt = None,
     repack: RepackOpt = None,
+    rpc: RpcOpt = None,
     api_key: ApiKeyOpt = None,
     allow_origin: OriginOpt = None,
     allow_host: AllowHostOpt = None,
@@ -122,6 +123,21 @@ def serve_command(
     from localmix.serve.ollama import keep_alive_seconds
     from localmix.serve.server import Server, is_loopback
 
+    workers = rpc_endpoints(rpc)
+    out = err_console()
+    if workers and max_models > 1:
+        # a worker serves one client at a time, and each loaded model is a client of its own
+        out.print(
+            f"note: with --rpc one model is loaded at a time (not {max_models}): an RPC worker "
+            "serves one client, and each model runs in its own process",
+            style="dim", markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        max_models = 1
+    if workers:
+        from localmix.llama import rpc as rpc_client
+
+        for endpoint in workers:  # a bad one is an error now, not at the first request
+            rpc_client.probe(endpoint)
     seconds = keep_alive_seconds(keep_alive)  # a number or None (forever): the text is given
     budget = None
     if memory is not None:
@@ -132,13 +148,14 @@ def serve_command(
         parallel=parallel, queue=queue, keep_alive=seconds,  # type: ignore[arg-type]
         max_models=max_models, memory_budget=budget,
     )  # fmt: skip
-    settings = load.LoadSettings(ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, repack=repack)
+    settings = load.LoadSettings(
+        ctx=ctx, threads=threads, n_gpu_layers=n_gpu_layers, repack=repack, rpc=workers
+    )
     policy = guard.policy(
         loopback=is_loopback(host), api_keys=api_key or (), origins=allow_origin or (),
         hosts=allow_host or (), unsafe_no_auth=unsafe_no_auth,
     )  # fmt: skip
     named = [(name, load.locate(name)) for name in model or []]  # unknown names: said first
-    out = err_console()
     if not is_loopback(host) and not policy.keys:
         out.print(
             f"warning: serving on {host} with no API key (--unsafe-no-auth): anyone who can "

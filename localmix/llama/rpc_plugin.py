@@ -46,6 +46,26 @@ def _lib_dir() -> Path:
     return Path(llama().llama_cpp._base_path)
 
 
+def _plugin_path() -> tuple[str, Path]:
+    """The plug-in's cache key (llama-cpp-python version and ggml commit) and where it lives."""
+    from localmix import settings
+    from localmix.llama.backend import llama
+
+    version = str(llama().__version__)
+    key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{version}-{ggml_commit()}")
+    return version, settings.cache_dir() / "llama.cpp-rpc" / key / PLUGIN
+
+
+def available() -> tuple[str, Path | None]:
+    """Whether this install has the RPC backend, without building it: ("wheel", its
+    libggml-rpc), ("plug-in", the one built into the cache), or ("none", None)."""
+    shipped = _lib_dir() / PLUGIN
+    if shipped.is_file():
+        return "wheel", shipped
+    _, built = _plugin_path()
+    return ("plug-in", built) if built.is_file() else ("none", None)
+
+
 def plugin() -> Path:
     """The RPC backend to load into llama.cpp: the wheel's own libggml-rpc if it has one, else
     the plug-in built for this llama.cpp under the cache (built first if missing, once, under a
@@ -53,15 +73,13 @@ def plugin() -> Path:
     shipped = _lib_dir() / PLUGIN
     if shipped.is_file():
         return shipped
-    from localmix import disk, settings
-    from localmix.llama.backend import llama
+    from localmix import disk
 
-    version = str(llama().__version__)
-    key = re.sub(r"[^A-Za-z0-9._-]", "_", f"{version}-{ggml_commit()}")
-    root = disk.ensure_dir(settings.cache_dir() / "llama.cpp-rpc")
-    built = root / key / PLUGIN
+    version, built = _plugin_path()
     if built.is_file():
         return built
+    root = disk.ensure_dir(built.parent.parent)
+    key = built.parent.name
     with disk.file_lock(root / f"{key}.lock"):
         if not built.is_file():  # another process may have built it while this one waited
             _build(version, built)

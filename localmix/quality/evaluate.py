@@ -53,6 +53,7 @@ class EvalSettings:
     threads: int | None = None
     n_gpu_layers: int | None = None
     repack: bool | None = None  # None: the door's CPU rule
+    rpc: tuple[str, ...] = ()  # RPC workers both models' layers go to (HOST:PORT)
 
     def __post_init__(self) -> None:
         from localmix.load import MIN_CTX
@@ -74,6 +75,7 @@ class EvalSettings:
             threads_batch=self.threads,
             n_gpu_layers=self.n_gpu_layers,
             repack=self.repack,
+            rpc=self.rpc,
         )
 
 
