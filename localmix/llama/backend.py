@@ -131,6 +131,16 @@ def llama() -> Any:
     return llama_cpp
 
 
+def mtmd() -> Any:
+    """llama-cpp-python's libmtmd bindings (images, audio), after llama() is ready; their log
+    routed to LOG."""
+    lib = llama()
+    import llama_cpp.mtmd_cpp as bindings
+
+    LOG.install_mtmd(lib, bindings)
+    return bindings
+
+
 def ggml_library() -> Any:
     """The handle that reaches libllama's own libggml: libllama's, whose symbol lookup walks its
     dependencies (libggml.so.0, libggml-base.so.0), so ggml_* calls use the device registry that

@@ -54,11 +54,9 @@ class Vision:
     """libmtmd over an Engine's model and an mmproj; encode() one image at a time."""
 
     def __init__(self, model: Any, n_embd: int, mmproj: Path, *, threads: int, gpu: bool) -> None:
-        import llama_cpp.mtmd_cpp as mtmd
+        from localmix.llama.backend import mtmd as bindings
 
-        from localmix.llama.backend import LOG, llama
-
-        LOG.install_mtmd(llama(), mtmd)
+        mtmd = bindings()
         self.config = image_config(mmproj)
         self.n_embd = n_embd
         self._mtmd = mtmd
