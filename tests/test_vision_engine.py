@@ -235,3 +235,32 @@ def test_a_text_models_repl_says_it_does_not_see_images(tmp_path: Path) -> None:
         session = Session(text_engine, "v1", max_tokens=2)
         _, out = drive(session, f"/image {photo}\r")
     assert "does not see images" in out and session.messages == []
+
+
+def test_an_imported_vision_model_keeps_its_mmproj(
+    tmp_path: Path,
+    text_gguf: Path,  # noqa: F811
+    mmprojs: dict[str, Path],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`import --mmproj`: the store keeps the vision tower with the model, `show` names it, and
+    `chat NAME --image` sees without being told the mmproj again."""
+    import json
+    import sys
+
+    from .cli_run import run_cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    imported = run_cli(capsys, "import", str(text_gguf), "--name", "tiny-vision", "--format",
+                       "v7", "--mmproj", str(mmprojs["small3"]))  # fmt: skip
+    assert imported.code == 0, imported.err
+    shown = run_cli(capsys, "show", "tiny-vision")
+    assert shown.code == 0 and "small3.gguf" in shown.out.replace("\n", "")
+    photo = write_png(tmp_path / "photo.png", 56, 28, seed=10)
+    done = run_cli(capsys, "chat", "tiny-vision", "What is it?", "--image", str(photo), "-n",
+                   "2", "--json")  # fmt: skip
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["stats"]["image_s"] > 0
+    wrong = run_cli(capsys, "import", str(text_gguf), "--name", "x", "--mmproj", str(text_gguf))
+    assert wrong.code == 6 and "not an mmproj" in wrong.err

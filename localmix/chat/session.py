@@ -485,8 +485,9 @@ def open_session(
     target = load.locate(reference)
     loaded = load.open_model(target, settings)
     try:
-        if mmproj is not None:
-            loaded.engine.attach_vision(mmproj)
+        vision = mmproj or target.mmproj  # the flag, else the one the store keeps with it
+        if vision is not None:
+            loaded.engine.attach_vision(vision)
         session = Session(
             loaded.engine, chat_format or target.chat_format, system=system, sampling=sampling,
             max_tokens=max_tokens, overflow=overflow, model=target.name, thinking=thinking,

@@ -32,7 +32,7 @@ COMMANDS = {
     ),
     "import": Entry(
         "localmix.cli.pull",
-        "Register a GGUF file already on disk (validated first); chats remember its --format.",
+        "Register a GGUF file on disk (validated first); chats remember its --format and --mmproj.",
     ),
     "chat": Entry(
         "localmix.cli.chat",

@@ -94,13 +94,22 @@ def import_command(
         bool, typer.Option("--copy", help="Copy the file into the store instead of referencing it.")
     ] = False,
     chat_format: ChatFormatOpt = None,
+    mmproj: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--mmproj",
+            metavar="FILE",
+            dir_okay=False,
+            help="The model's vision tower (its mmproj GGUF), kept with it: chats see images.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Register a GGUF file already on disk (validated first); chats remember its --format."""
+    """Register a GGUF file on disk (validated first); chats remember its --format and --mmproj."""
     from localmix.cli import render
     from localmix.models import pull
 
-    manifest = pull.import_gguf(path, name=name, copy=copy, chat_format=chat_format)
+    manifest = pull.import_gguf(path, name=name, copy=copy, chat_format=chat_format, mmproj=mmproj)
     if json_out:
         render.print_json(manifest.to_json())
         return

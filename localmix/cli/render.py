@@ -277,6 +277,7 @@ def show_panel(manifest: Any, info: Any) -> Any:
         ("file size", f"{human_size(info.file_size)} ({info.file_size:,} bytes)"),
         ("context", f"{info.context_length} tokens"),
         ("chat format", manifest.chat_format or "from the GGUF's template"),
+        ("vision", manifest.mmproj or "none (text only; add one with import --mmproj)"),
         ("source", manifest.source),
         ("file", manifest.path + ("" if manifest.owned else "  (not owned: rm keeps it)")),
         ("sha256", manifest.sha256),

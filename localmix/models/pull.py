@@ -364,16 +364,41 @@ def _name_from_file(path: Path) -> str:
     return stem.lower() or "model"
 
 
+def check_mmproj(path: Path | str) -> Path:
+    """path, resolved, if it is a pixtral mmproj (the vision tower of Mistral's vision models);
+    InvalidGGUF otherwise."""
+    from localmix import gguffile
+    from localmix.errors import InvalidGGUF
+
+    resolved = Path(path).expanduser().resolve()
+    projector = gguffile.inspect(resolved).metadata.get("clip.projector_type")
+    if projector is None:
+        raise InvalidGGUF(
+            f"{resolved}: not an mmproj (a vision tower GGUF)",
+            hint="a vision model's mmproj is published beside its GGUF files",
+        )
+    if projector != "pixtral":
+        raise InvalidGGUF(f"{resolved}: projector {projector!r}, not pixtral (Mistral's)")
+    return resolved
+
+
 def import_gguf(
-    path: Path | str, *, name: str | None = None, copy: bool = False, chat_format: str | None = None
+    path: Path | str,
+    *,
+    name: str | None = None,
+    copy: bool = False,
+    chat_format: str | None = None,
+    mmproj: Path | str | None = None,
 ) -> Manifest:
     """Register a GGUF already on disk, by reference (or copied into the store), validated first.
-    chat_format (v1, v3, ...) is kept in the manifest; None: detected from the vocabulary."""
+    chat_format (v1, v3, ...) is kept in the manifest; None: detected from the vocabulary.
+    mmproj: a vision model's vision tower, kept with it (by reference) so that chats see images."""
     from localmix import gguffile
     from localmix.chat import template
 
     if chat_format is not None:
         template.get(chat_format)  # UsageError naming the known formats
+    vision = str(check_mmproj(mmproj)) if mmproj is not None else None
 
     if name is not None and (not name.strip() or name != name.strip()):
         raise UsageError(
@@ -387,10 +412,12 @@ def import_gguf(
     quant = info.quant.upper()
     for manifest in store.find(f"{name}:{quant}"):
         if Path(manifest.path) == path and not copy:
-            if chat_format is None or chat_format == manifest.chat_format:
+            # importing the same file again with --format or --mmproj: remember them from now on
+            changes = {"chat_format": chat_format, "mmproj": vision}
+            changes = {k: v for k, v in changes.items() if v is not None}
+            if all(getattr(manifest, k) == v for k, v in changes.items()):
                 return manifest
-            # importing the same file again with --format: remember the format from now on
-            return store.add(dataclasses.replace(manifest, chat_format=chat_format))
+            return store.add(dataclasses.replace(manifest, **changes))
         raise UsageError(
             f"{manifest.ref} is already installed (from {manifest.source})",
             hint="choose another name with --name, or remove it first with `localmix rm`",
@@ -409,6 +436,7 @@ def import_gguf(
         source=f"path:{path}",
         owned=copy,
     )
+    manifest = dataclasses.replace(manifest, mmproj=vision)
     if not copy:
         return store.add(manifest)
     with store.tmp_file(".gguf") as tmp:

@@ -64,6 +64,7 @@ class Manifest:
     hub_files: tuple[
         str, ...
     ] = ()  # files in the HF cache this model came from (for --purge-cache)
+    mmproj: str | None = None  # a vision model's vision tower (its mmproj GGUF), by path
     version: int = MANIFEST_VERSION
 
     @property
@@ -517,6 +518,7 @@ class Located:
     name: str
     chat_format: str | None
     context_length: int
+    mmproj: Path | None = None  # the vision tower the store keeps with it
 
     @functools.cached_property
     def info(self) -> GGUFInfo:
@@ -542,4 +544,7 @@ def locate(reference: str) -> Located:
         located.__dict__["info"] = info  # already read: the plan reuses it
         return located
     manifest = get(reference)
-    return Located(manifest.file, manifest.ref, manifest.chat_format, manifest.context_length)
+    mmproj = Path(manifest.mmproj) if manifest.mmproj else None
+    return Located(
+        manifest.file, manifest.ref, manifest.chat_format, manifest.context_length, mmproj
+    )
