@@ -22,7 +22,9 @@ from .served import make_store, scripted_chat_gguf, serving, shared_home  # noqa
 KEY = "test-key-0123456789abcdef"
 CHAT = {"model": "scripted", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 GENERATE = {"model": "scripted", "prompt": "Hi", "stream": False, "options": {"num_predict": 4}}
-ROUTES = (("/v1/chat/completions", CHAT), ("/api/generate", GENERATE), ("/api/chat", CHAT))
+RESPONSES = {"model": "scripted", "input": "Hi", "max_output_tokens": 4}
+ROUTES = (("/v1/chat/completions", CHAT), ("/v1/responses", RESPONSES),
+          ("/api/generate", GENERATE), ("/api/chat", CHAT))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
