@@ -27,13 +27,18 @@ IMG = 10  # [IMG] in the tekken vocabulary
 QUESTION = "What is this?"
 
 
-def noise_png(width: int, height: int, seed: int) -> images.Image:
+def png_bytes(width: int, height: int, seed: int) -> bytes:
+    """A PNG of seeded noise: every pixel and channel matters to the comparisons."""
     from PIL import Image
 
     rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     out = io.BytesIO()
     Image.fromarray(rgb).save(out, format="PNG")
-    return images.decode(out.getvalue())
+    return out.getvalue()
+
+
+def noise_png(width: int, height: int, seed: int) -> images.Image:
+    return images.decode(png_bytes(width, height, seed))
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +138,7 @@ def test_a_bad_image_span_is_refused(engine: Engine) -> None:
 
 
 def write_png(path: Path, width: int, height: int, seed: int) -> Path:
-    from PIL import Image
-
-    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path, format="PNG")
+    path.write_bytes(png_bytes(width, height, seed))
     return path
 
 
